@@ -1,0 +1,66 @@
+"""Shared fixtures. Each backing service (S3 now, Redis later) gets its own section."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+# --------------------------------------------------------------------------- S3 (moto)
+
+# Fake credentials: moto accepts any, and setting them keeps boto3 from finding real ones.
+_FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# Anything that could point boto3 at a real account or another endpoint.
+_UNSET_AWS_ENV = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real moto S3 server over HTTP on a free local port; yields its endpoint URL.
+
+    For the whole session the environment holds fake credentials and AWS_ENDPOINT_URL,
+    so code under test finds the server through boto3's normal configuration chain.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    # An empty directory for config files, so ~/.aws cannot add profiles or endpoints.
+    no_config = tmp_path_factory.mktemp("aws-config")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in _UNSET_AWS_ENV:
+                mp.delenv(name, raising=False)
+            for name, value in _FAKE_AWS_ENV.items():
+                mp.setenv(name, value)
+            mp.setenv("AWS_CONFIG_FILE", str(no_config / "config"))
+            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(no_config / "credentials"))
+            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            mp.setenv("AWS_ENDPOINT_URL", endpoint)
+            yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A new, empty bucket on the moto server; unique so tests never see each other's keys."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.session.Session().client("s3").create_bucket(Bucket=name)
+    return name
