@@ -1,0 +1,3 @@
+from explainctl.cli import main
+
+main()

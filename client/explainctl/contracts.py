@@ -1,0 +1,133 @@
+"""Shapes both sides agree on: method parameters, model specs, result.json, artifact names.
+
+The client validates with these models before anything runs or is queued; the worker
+reads the same models back, so a parameter means the same thing on both sides.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Files written for every explained item, in OUT/<item>/ (locally) or <prefix>/<job>/<item>/.
+MASK_NPY = "mask.npy"
+MASK_PNG = "mask.png"
+HEATMAP_PNG = "heatmap.png"
+OVERLAY_PNG = "overlay.png"
+PERTURBED_PNG = "perturbed.png"
+RESULT_JSON = "result.json"
+ARTIFACT_FILES = (MASK_NPY, MASK_PNG, HEATMAP_PNG, OVERLAY_PNG, PERTURBED_PNG, RESULT_JSON)
+
+Substrate = Literal["average", "gaussian", "median"]
+Upsample = Literal["bilinear", "nearest"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ExplainParams(_Strict):
+    """Parameters of the meaningful-perturbation optimisation (defaults follow the seed).
+
+    loss(m) = l1_coeff * mean|1 - m| + tv_coeff * TV_beta(m) + softmax(f(x_m))_c
+    with x_m = up(m) * x + (1 - up(m)) * substrate(x) + N(0, noise_std^2).
+    """
+
+    iterations: int = Field(500, ge=1, le=100_000)
+    lr: float = Field(0.1, gt=0)
+    mask_size: int = Field(28, ge=2, le=512)
+    image_size: int = Field(224, ge=8, le=2048)
+    l1_coeff: float = Field(0.01, ge=0)
+    tv_coeff: float = Field(0.2, ge=0)
+    tv_beta: float = Field(3.0, ge=1)
+    noise_std: float = Field(0.2, ge=0)
+    substrate: Substrate = "average"
+    blur_kernel: int = Field(11, ge=1, le=101)
+    blur_sigma: float = Field(5.0, gt=0)
+    median_kernel: int = Field(11, ge=1, le=101)
+    upsample: Upsample = "bilinear"
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    early_stop: bool = False
+    early_stop_window: int = Field(50, ge=1)
+    early_stop_tol: float = Field(1e-3, ge=0)
+
+    @field_validator("blur_kernel", "median_kernel")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("kernel sizes must be odd")
+        return value
+
+    @model_validator(mode="after")
+    def _mask_fits(self):
+        if self.mask_size > self.image_size:
+            raise ValueError("mask_size cannot exceed image_size")
+        return self
+
+
+class ModelSpec(_Strict):
+    """Which classifier to explain and how its inputs are normalised.
+
+    `name` is a torchvision model name (``vgg19``), a TorchScript file path, or
+    ``module:callable`` returning an ``nn.Module``.
+    """
+
+    name: str = "vgg19"
+    weights: str | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @field_validator("name")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model name must not be empty")
+        return value.strip()
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value):
+        if any(not (math.isfinite(s) and s > 0) for s in value):
+            raise ValueError("std values must be positive")
+        return value
+
+
+class Target(_Strict):
+    """The class to explain: the top-1 class when both fields are empty."""
+
+    index: int | None = Field(None, ge=0)
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> Target:
+        if text is None or text.strip() == "" or text.strip().lower() == "top1":
+            return cls()
+        text = text.strip()
+        if text.lstrip("-").isdigit():
+            return cls(index=int(text))
+        return cls(name=text)
+
+
+class ItemResult(_Strict):
+    """result.json: what one explained image produced."""
+
+    source: str
+    item: str
+    model: str
+    target_index: int
+    target_name: str | None
+    prob_before: float
+    prob_after: float
+    mask_area: float = Field(description="mean(1 - mask): the fraction of the image deleted")
+    iterations: int
+    seconds: float
+    image_width: int
+    image_height: int
+    params: ExplainParams
+    versions: dict[str, str]
+    artifacts: list[str] = list(ARTIFACT_FILES)

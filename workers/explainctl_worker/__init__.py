@@ -1,0 +1,1 @@
+"""The torch side of explainctl: models, the perturbation engine, artifacts, the worker."""

@@ -1,0 +1,103 @@
+"""Rendering one explanation into the files of its item (numpy and Pillow only).
+
+Everything is drawn at the original image's resolution: the low-resolution mask is
+upsampled to (H, W) and the substrate, already a blur, is resized up to it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+from PIL import Image
+
+from explainctl.contracts import (
+    HEATMAP_PNG,
+    MASK_NPY,
+    MASK_PNG,
+    OVERLAY_PNG,
+    PERTURBED_PNG,
+    RESULT_JSON,
+    ItemResult,
+)
+
+OVERLAY_ALPHA = 0.5
+
+# Control points of a blue-cyan-yellow-red ramp (value, r, g, b).
+_RAMP = np.array(
+    [
+        (0.00, 0.00, 0.00, 0.50),
+        (0.15, 0.00, 0.00, 1.00),
+        (0.40, 0.00, 1.00, 1.00),
+        (0.60, 1.00, 1.00, 0.00),
+        (0.85, 1.00, 0.00, 0.00),
+        (1.00, 0.50, 0.00, 0.00),
+    ]
+)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] of shape (H, W) to colours (H, W, 3) uint8; high = red."""
+    v = np.clip(values, 0.0, 1.0)
+    channels = [np.interp(v, _RAMP[:, 0], _RAMP[:, i]) for i in (1, 2, 3)]
+    return (np.stack(channels, axis=-1) * 255 + 0.5).astype(np.uint8)
+
+
+def upsample_mask(mask: np.ndarray, width: int, height: int, mode: str = "bilinear") -> np.ndarray:
+    """(h, w) float mask -> (height, width) float32 in [0, 1]."""
+    resample = Image.Resampling.NEAREST if mode == "nearest" else Image.Resampling.BILINEAR
+    image = Image.fromarray(mask.astype(np.float32), mode="F").resize((width, height), resample)
+    return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array.astype(np.float32))
+    return buffer.getvalue()
+
+
+def render(
+    image: Image.Image,
+    mask: np.ndarray,
+    substrate: np.ndarray,
+    result: ItemResult,
+    upsample_mode: str = "bilinear",
+) -> dict[str, bytes]:
+    """All artifact files of one item, by file name.
+
+    image: the decoded RGB original (W, H); mask: (h, w) in [0, 1], 1 = kept;
+    substrate: (3, S, S) pixel-space substrate in [0, 1] the engine used.
+    """
+    width, height = image.size
+    original = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    m = upsample_mask(mask, width, height, upsample_mode)[..., None]  # (H, W, 1)
+    substrate_hw = np.transpose(substrate, (1, 2, 0)).astype(np.float32)
+    substrate_image = Image.fromarray((np.clip(substrate_hw, 0, 1) * 255 + 0.5).astype(np.uint8))
+    blurred = np.asarray(
+        substrate_image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32
+    )
+    blurred /= 255.0
+
+    saliency = 1.0 - m[..., 0]
+    heatmap = colormap(saliency)
+    overlay = (1 - OVERLAY_ALPHA) * original + OVERLAY_ALPHA * heatmap.astype(np.float32) / 255.0
+    perturbed = m * original + (1 - m) * blurred
+
+    def to_u8(array: np.ndarray) -> np.ndarray:
+        return (np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+    return {
+        MASK_NPY: _npy(mask),
+        MASK_PNG: _png(to_u8(m[..., 0])),
+        HEATMAP_PNG: _png(heatmap),
+        OVERLAY_PNG: _png(to_u8(overlay)),
+        PERTURBED_PNG: _png(to_u8(perturbed)),
+        RESULT_JSON: (json.dumps(result.model_dump(mode="json"), indent=2) + "\n").encode(),
+    }
