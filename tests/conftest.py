@@ -64,3 +64,75 @@ def s3_bucket(s3_server: str) -> str:
     name = f"test-{uuid.uuid4().hex[:16]}"
     boto3.session.Session().client("s3").create_bucket(Bucket=name)
     return name
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis: EXPLAINCTL_TEST_REDIS_URL (a database of the tests' own, emptied before
+    and after), or else a redis-server started for the session."""
+    import os
+
+    import redis
+
+    from tests.services import RedisServer
+
+    given = os.environ.get("EXPLAINCTL_TEST_REDIS_URL")
+    if given:
+        client = redis.Redis.from_url(given)
+        client.flushdb()
+        yield given
+        client.flushdb()
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def job_store(redis_url: str):
+    from explainctl.job import JobStore
+
+    return JobStore.connect(redis_url)
+
+
+# --------------------------------------------------------------------------- Workers
+
+
+@pytest.fixture
+def worker_env(redis_url: str, s3_server: str, tmp_path) -> dict[str, str]:
+    """Environment for worker processes and CLI calls of one test: its own queue."""
+    return {
+        "EXPLAINCTL_BROKER_URL": redis_url,
+        "EXPLAINCTL_QUEUE": f"test-{uuid.uuid4().hex[:8]}",
+        "EXPLAINCTL_ALLOWED_MODELS": "*",
+        "EXPLAINCTL_DEVICE": "cpu",
+        "EXPLAINCTL_OUTPUT": str(tmp_path / "output"),
+        # Workers share the machine's 2 cores: one thread each keeps them from fighting.
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@pytest.fixture
+def start_workers(worker_env, tmp_path):
+    """Call with n to start n real worker processes; all are stopped after the test."""
+    from tests.services import Worker
+
+    started: list[Worker] = []
+
+    def start(n: int = 1, **extra_env: str) -> list[Worker]:
+        new = [
+            Worker({**worker_env, **extra_env}, tmp_path / f"worker-{len(started) + i}.log")
+            for i in range(n)
+        ]
+        for worker in new:
+            started.append(worker.start())
+        return new
+
+    yield start
+    for worker in started:
+        worker.stop()

@@ -6,12 +6,21 @@ Errors are domain exceptions; `main` turns them into one line on stderr and an e
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from explainctl import __version__
 from explainctl.contracts import Substrate, Target
@@ -179,6 +188,296 @@ def _outcome_line(outcome) -> str:
     )
 
 
+BrokerOpt = Annotated[
+    str | None, typer.Option("--broker", help="Redis URL [env EXPLAINCTL_BROKER_URL].")
+]
+OutputOpt = Annotated[
+    str | None,
+    typer.Option("--output", help="s3://bucket/prefix or directory [env EXPLAINCTL_OUTPUT]."),
+]
+QueueOpt = Annotated[str | None, typer.Option("--queue", help="Queue [env EXPLAINCTL_QUEUE].")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+JobArg = Annotated[str, typer.Argument(help="Job ID.")]
+
+
+def _client(broker: str | None = None, output: str | None = None, queue: str | None = None):
+    from explainctl.client import Client
+    from explainctl.config import Settings
+
+    return Client(Settings.load(broker_url=broker, output=output, queue=queue))
+
+
+@app.command()
+def submit(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Images, directories, s3:// prefixes, lists of URIs (.txt/.csv, @FILE), or -."
+        ),
+    ],
+    model: ModelOpt = "vgg19",
+    weights: WeightsOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    target: TargetOpt = None,
+    iterations: IterationsOpt = None,
+    lr: LrOpt = None,
+    mask_size: MaskSizeOpt = None,
+    image_size: ImageSizeOpt = None,
+    l1_coeff: L1Opt = None,
+    tv_coeff: TvOpt = None,
+    noise_std: NoiseOpt = None,
+    substrate: SubstrateOpt = None,
+    seed: SeedOpt = None,
+    early_stop: EarlyStopOpt = None,
+    param: ParamOpt = None,
+    chunk_size: Annotated[
+        int, typer.Option("--chunk-size", min=1, help="Images per task (one GPU batch).")
+    ] = 16,
+    broker: BrokerOpt = None,
+    output: OutputOpt = None,
+    queue: QueueOpt = None,
+    wait_: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue images for the workers; prints the job ID."""
+    from explainctl.inputs import expand_inputs
+
+    params = build_params(
+        {
+            "iterations": iterations,
+            "lr": lr,
+            "mask_size": mask_size,
+            "image_size": image_size,
+            "l1_coeff": l1_coeff,
+            "tv_coeff": tv_coeff,
+            "noise_std": noise_std,
+            "substrate": substrate,
+            "seed": seed,
+            "early_stop": early_stop,
+        },
+        param,
+    )
+    spec = build_model_spec(model, weights, mean, std)
+    Target.parse(target)
+    client = _client(broker, output, queue)
+    items = expand_inputs(inputs, stdin=sys.stdin)
+    if target is not None:
+        items = (i if i.target is not None else type(i)(i.uri, target) for i in items)
+    done = client.submit(items, spec, params, chunk_size=chunk_size)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "job_id": done.job_id,
+                    "total": done.total,
+                    "chunks": done.chunks,
+                    "output": done.output,
+                }
+            ),
+            flush=True,
+        )
+    else:
+        print(done.job_id, flush=True)
+        err.print(
+            f"queued {done.total} images in {done.chunks} chunks; output {done.output}",
+            highlight=False,
+        )
+    if wait_:
+        _follow(client, done.job_id, as_json=as_json)
+
+
+@app.command()
+def status(job: JobArg, broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
+    """Show a job's state and a count of its items per state."""
+    current = _client(broker).status(job)
+    if as_json:
+        print(json.dumps(current.as_json()))
+        return
+    counts = ", ".join(f"{n} {s}" for s, n in current.counts.items())
+    print(f"{current.job_id} {current.state}: {counts} (of {current.total})")
+
+
+def _follow(client, job_id: str, as_json: bool = False, interval: float = 1.0) -> None:
+    final = None
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[failed]} failed"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(job_id, total=None, failed=0, rate="")
+        started, first_settled = time.monotonic(), None
+        for current in client.watch(job_id, interval):
+            settled = sum(current.counts[s] for s in ("done", "failed", "cancelled"))
+            first_settled = settled if first_settled is None else first_settled
+            elapsed = time.monotonic() - started
+            rate = (settled - first_settled) / elapsed if elapsed > 0 else 0.0
+            bar.update(
+                task,
+                total=current.total or None,
+                completed=settled,
+                failed=current.counts["failed"],
+                rate=f"{rate:.2f} img/s",
+            )
+            final = current
+    if as_json:
+        print(json.dumps(final.as_json()))
+    else:
+        counts = ", ".join(f"{n} {s}" for s, n in final.counts.items() if n)
+        print(f"{final.job_id} {final.state}: {counts}")
+    if final.counts["failed"] or final.counts["cancelled"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def wait(
+    job: JobArg,
+    broker: BrokerOpt = None,
+    interval: Annotated[float, typer.Option("--interval", min=0.05)] = 1.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Follow a job with a progress bar; exits 1 if any item failed or was cancelled."""
+    _follow(_client(broker), job, as_json=as_json, interval=interval)
+
+
+RESULT_COLUMNS = (
+    "index",
+    "uri",
+    "item",
+    "state",
+    "target_index",
+    "target_name",
+    "prob_before",
+    "prob_after",
+    "mask_area",
+    "seconds",
+    "error_code",
+    "error",
+)
+
+
+@app.command()
+def results(
+    job: JobArg,
+    broker: BrokerOpt = None,
+    output: OutputOpt = None,
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row.")] = False,
+    state: Annotated[str | None, typer.Option("--state", help="Only items in this state.")] = None,
+) -> None:
+    """List a job's items with their results or errors (JSON lines with --json)."""
+    records = _client(broker, output).results(job)
+    if state:
+        records = (r for r in records if r.state == state)
+    if as_csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow([*RESULT_COLUMNS, "artifacts"])
+        for r in records:
+            row = r.model_dump()
+            artifacts = r.artifacts.get("overlay.png", "").rsplit("/", 1)[0]
+            writer.writerow(
+                [*("" if row[c] is None else row[c] for c in RESULT_COLUMNS), artifacts]
+            )
+        return
+    for r in records:
+        if as_json:
+            print(r.model_dump_json())
+        elif r.state == "done":
+            print(
+                f"{r.index}\t{r.state}\t{r.uri}\tclass {r.target_index} {r.target_name or ''}"
+                f"\tp {r.prob_before:.3f}->{r.prob_after:.3f}\tarea {r.mask_area:.3f}"
+            )
+        else:
+            detail = f"\t{r.error_code}: {r.error}" if r.error else ""
+            print(f"{r.index}\t{r.state}\t{r.uri}{detail}")
+
+
+@app.command()
+def download(
+    job: JobArg,
+    directory: Annotated[str, typer.Argument(help="Where to put <item>/ folders.")],
+    broker: BrokerOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Copy a job's artifacts to a local directory."""
+    copied = _client(broker, output).download(job, directory)
+    print(f"copied {copied} files to {directory}")
+
+
+@app.command()
+def cancel(job: JobArg, broker: BrokerOpt = None) -> None:
+    """Stop a job: queued items are not run; finished ones are kept."""
+    count = _client(broker).cancel(job)
+    print(f"cancelled {count} queued items of {job}")
+
+
+@app.command()
+def retry(
+    job: JobArg,
+    failed: Annotated[bool, typer.Option("--failed", help="Only failed items.")] = False,
+    broker: BrokerOpt = None,
+) -> None:
+    """Queue a job's failed (and cancelled) items again."""
+    count = _client(broker).retry(job, failed_only=failed)
+    print(f"requeued {count} items of {job}")
+
+
+@app.command()
+def jobs(
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
+    broker: BrokerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recent jobs, newest first."""
+    for current in _client(broker).jobs(limit):
+        if as_json:
+            print(json.dumps(current.as_json()))
+        else:
+            stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(current.info.created))
+            settled = current.counts["done"] + current.counts["failed"]
+            print(
+                f"{current.job_id}  {stamp}  {current.state:<24} {settled}/{current.total}"
+                f"  {current.info.model.name}"
+            )
+
+
+@app.command()
+def worker(
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu or cuda [env EXPLAINCTL_DEVICE].")
+    ] = None,
+    gpus: Annotated[
+        str | None, typer.Option("--gpus", help="GPU indices (0,1) or all: one process each.")
+    ] = None,
+    queue: QueueOpt = None,
+    preload: Annotated[
+        list[str] | None, typer.Option("--preload", help="Model to load at start (repeatable).")
+    ] = None,
+    broker: BrokerOpt = None,
+    loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
+) -> None:
+    """Run worker processes that explain queued chunks (needs the worker extra)."""
+    from explainctl.config import Settings
+
+    settings = Settings.load(
+        broker_url=broker, queue=queue, device=device, preload=tuple(preload) if preload else None
+    )
+    try:
+        from explainctl_worker import launcher
+    except ImportError as error:
+        raise MissingDependency(
+            f"workers need the worker extra (pip install 'explainctl[worker]'): {error}"
+        ) from None
+    raise typer.Exit(launcher.run_workers(settings, launcher.parse_gpus(gpus), loglevel))
+
+
 @app.command()
 def version() -> None:
     """Print the version."""
@@ -203,5 +502,16 @@ def main() -> None:
         if isinstance(error, ClickException):
             error.show()
             sys.exit(error.exit_code)
-        raise
+        if os.environ.get("EXPLAINCTL_DEBUG"):
+            raise
+        # A bug, not a user error: one line here; EXPLAINCTL_DEBUG=1 shows the traceback.
+        first = str(error).splitlines()[0] if str(error) else ""
+        err.print(
+            f"error: internal error {type(error).__name__}: {first} "
+            "(set EXPLAINCTL_DEBUG=1 for details)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        sys.exit(70)
     sys.exit(code if isinstance(code, int) else 0)

@@ -131,3 +131,92 @@ class ItemResult(_Strict):
     params: ExplainParams
     versions: dict[str, str]
     artifacts: list[str] = list(ARTIFACT_FILES)
+
+
+# --- The queue: task names and payloads ------------------------------------------------
+
+TASK_EXPLAIN_CHUNK = "explainctl.explain_chunk"
+
+
+class ChunkItem(_Strict):
+    index: int = Field(ge=0)
+    uri: str
+    target: str | None = None
+
+
+class ChunkPayload(_Strict):
+    """One task message: a chunk of a job's items, explained as one batch.
+
+    Holds no credentials: workers reach storage with their own configuration.
+    """
+
+    job_id: str
+    chunk: int = Field(ge=0)
+    model: ModelSpec
+    params: ExplainParams
+    output: str
+    items: list[ChunkItem]
+
+
+# --- Storage layout: <output>/<job_id>/... ---------------------------------------------
+
+JOB_JSON = "job.json"
+ITEMS_JSONL = "items.jsonl"
+
+
+def item_name(index: int, uri: str) -> str:
+    """Folder of an item among its job's artifacts: `000042-cat`, unique and path-safe."""
+    tail = uri.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    stem = tail.rsplit(".", 1)[0] if "." in tail else tail
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:60].strip("_")
+    return f"{index:06d}-{safe or 'image'}"
+
+
+def artifact_key(job_id: str, item: str, filename: str) -> str:
+    return f"{job_id}/{item}/{filename}"
+
+
+def job_key(job_id: str, filename: str) -> str:
+    return f"{job_id}/{filename}"
+
+
+# --- Job records -----------------------------------------------------------------------
+
+ItemState = Literal["queued", "running", "done", "failed", "cancelled"]
+ITEM_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "cancelled")
+TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})
+JobState = Literal[
+    "submitting", "queued", "running", "completed", "completed_with_failures", "cancelled"
+]
+
+
+class JobInfo(_Strict):
+    """What a job was asked to do; fixed at submission (job.json holds it with the status)."""
+
+    job_id: str
+    created: float
+    model: ModelSpec
+    params: ExplainParams
+    output: str
+    queue: str
+    chunk_size: int
+
+
+class ItemRecord(_Strict):
+    """One line of items.jsonl and of `results --json`."""
+
+    index: int
+    uri: str
+    item: str
+    state: ItemState
+    target: str | None = None
+    error_code: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    artifacts: dict[str, str] = {}
+    target_index: int | None = None
+    target_name: str | None = None
+    prob_before: float | None = None
+    prob_after: float | None = None
+    mask_area: float | None = None
+    seconds: float | None = None

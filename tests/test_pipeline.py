@@ -1,0 +1,96 @@
+"""End to end: `explainctl submit` -> Redis/Celery -> real worker processes -> S3 (moto)."""
+
+import io
+import json
+
+import boto3
+import numpy as np
+from PIL import Image
+
+from explainctl.contracts import ARTIFACT_FILES, ItemRecord
+from tests import cli
+
+TINY = [
+    "--model", "tests.models:tiny_classifier", "--image-size", "32", "--mask-size", "8",
+    "--iterations", "5",
+]  # fmt: skip
+
+
+def _encoded(seed: int, fmt: str, mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (40 + seed, 48, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    if mode == "I;16":
+        image = Image.fromarray((rng.integers(0, 65535, (40, 40))).astype(np.uint16))
+    elif mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _dataset() -> dict[str, bytes]:
+    """20 good images in mixed formats and modes, and 2 broken ones."""
+    files = {}
+    kinds = [("png", "PNG", "RGB"), ("jpg", "JPEG", "RGB"), ("webp", "WEBP", "RGB"),
+             ("bmp", "BMP", "RGB"), ("gif", "GIF", "P"), ("tif", "TIFF", "RGB"),
+             ("png", "PNG", "L"), ("png", "PNG", "RGBA"), ("png", "PNG", "I;16"),
+             ("jpg", "JPEG", "CMYK")]  # fmt: skip
+    for n in range(20):
+        ext, fmt, mode = kinds[n % len(kinds)]
+        files[f"images/batch{n % 2}/img{n:02d}.{ext}"] = _encoded(n, fmt, mode)
+    files["images/broken-text.jpg"] = b"definitely not a jpeg"
+    files["images/broken-truncated.png"] = _encoded(99, "PNG")[:200]
+    return files
+
+
+def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env):
+    s3 = boto3.session.Session().client("s3")
+    for key, data in _dataset().items():
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=data)
+    start_workers(2)
+
+    output = f"s3://{s3_bucket}/audits"
+    submitted = cli.run("submit", f"s3://{s3_bucket}/images/", "--output", output, "--chunk-size",
+                        "4", "--json", *TINY, **worker_env)  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)
+    assert job["total"] == 22 and job["chunks"] == 6
+
+    waited = cli.run(
+        "wait", job["job_id"], "--json", "--interval", "0.2", timeout=240, **worker_env
+    )
+    assert waited.returncode == 1, waited.stderr + waited.stdout  # two items failed
+    assert waited.stdout, waited.stderr
+    final = json.loads(waited.stdout)
+    assert final["state"] == "completed_with_failures"
+    assert final["counts"] == {"queued": 0, "running": 0, "done": 20, "failed": 2, "cancelled": 0}
+
+    listed = cli.run("results", job["job_id"], "--json", **worker_env)
+    records = [ItemRecord.model_validate_json(line) for line in listed.stdout.splitlines()]
+    assert len(records) == 22 and sorted(r.index for r in records) == list(range(22))
+    failed = {r.uri.rsplit("/", 1)[1]: r for r in records if r.state == "failed"}
+    assert set(failed) == {"broken-text.jpg", "broken-truncated.png"}
+    assert failed["broken-text.jpg"].error_code == "unsupported-format"
+    assert failed["broken-truncated.png"].error_code == "corrupt"
+    assert all(r.error and "\n" not in r.error for r in failed.values())
+
+    prefix = f"audits/{job['job_id']}/"
+    for record in (r for r in records if r.state == "done"):
+        assert sorted(record.artifacts) == sorted(ARTIFACT_FILES)
+        for name, uri in record.artifacts.items():
+            assert uri == f"s3://{s3_bucket}/{prefix}{record.item}/{name}"
+            body = s3.get_object(Bucket=s3_bucket, Key=uri.split("/", 3)[3])["Body"].read()
+            if name.endswith(".png"):
+                Image.open(io.BytesIO(body)).verify()
+            elif name == "mask.npy":
+                assert np.load(io.BytesIO(body)).shape == (8, 8)
+            else:
+                assert json.loads(body)["item"] == record.item
+
+    manifest = s3.get_object(Bucket=s3_bucket, Key=f"{prefix}items.jsonl")["Body"].read()
+    lines = [ItemRecord.model_validate_json(line) for line in manifest.splitlines()]
+    assert [line.model_dump() for line in lines] == [r.model_dump() for r in records]
+    job_json = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"{prefix}job.json")["Body"].read())
+    assert job_json["status"]["counts"] == final["counts"]
+    assert job_json["info"]["params"]["iterations"] == 5

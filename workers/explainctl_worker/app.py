@@ -1,0 +1,61 @@
+"""The worker's Celery app: `celery -A explainctl_worker.app worker -Q explain`.
+
+Configuration comes from the environment (explainctl.config), so `explainctl worker` and a
+plain `celery` command behave the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery.signals import worker_process_init
+from pydantic import ValidationError
+
+from explainctl.config import Settings
+from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload, ModelSpec
+from explainctl.queue import make_app
+from explainctl_worker.chunk import WorkerContext, run_chunk
+
+log = logging.getLogger("explainctl.worker")
+settings = Settings.load()
+app = make_app(settings)
+
+_context: WorkerContext | None = None
+_context_lock = threading.Lock()
+
+
+def context() -> WorkerContext:
+    """This pool process's context, made on first use (after the fork, never before)."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            _context = WorkerContext.from_settings(settings)
+        return _context
+
+
+@worker_process_init.connect
+def _preload(**_) -> None:
+    # Loading a model can take minutes; the signal handler must return within seconds, so
+    # the load runs in a thread and the first chunk waits on the cache's lock if needed.
+    def load() -> None:
+        for name in settings.preload:
+            try:
+                context().models.get(ModelSpec(name=name), context().torch_device())
+                log.info("preloaded model %s", name)
+            except Exception as error:  # noqa: BLE001 - a failed preload must not kill the worker
+                log.error("cannot preload %s: %s", name, error)
+
+    if settings.preload:
+        threading.Thread(target=load, name="preload", daemon=True).start()
+
+
+@app.task(name=TASK_EXPLAIN_CHUNK)
+def explain_chunk_task(payload: dict) -> None:
+    try:
+        chunk = ChunkPayload.model_validate(payload)
+    except ValidationError as error:
+        # Nothing in it can be trusted, not even the job ID: log it and drop it.
+        log.error("dropping a malformed chunk message: %s", str(error).splitlines()[0])
+        return
+    run_chunk(chunk, context())

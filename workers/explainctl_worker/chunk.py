@@ -1,0 +1,210 @@
+"""Running one chunk of a job on a worker: read inputs, explain as a batch, store, record.
+
+Safe to run twice for the same chunk (a redelivery after a lost worker): items already
+settled are skipped, and the job store refuses to count an item twice. An item is marked
+done only after all its artifacts are stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from explainctl.config import Settings
+from explainctl.contracts import (
+    TERMINAL_STATES,
+    ChunkItem,
+    ChunkPayload,
+    ModelSpec,
+    Target,
+    artifact_key,
+    item_name,
+)
+from explainctl.errors import ExplainctlError, ItemError
+from explainctl.fetch import HttpPolicy, fetch_http
+from explainctl.job import JobStore
+from explainctl.manifest import write_manifest
+from explainctl.storage import Storage, open_storage, read_uri
+from explainctl_worker.decode import DecodeLimits
+from explainctl_worker.explain import ItemInput, ItemOutcome, explain_chunk
+from explainctl_worker.model import ModelCache, pick_device
+
+log = logging.getLogger("explainctl.worker")
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process keeps between chunks: connections, loaded models, limits."""
+
+    settings: Settings
+    store: JobStore
+    models: ModelCache = field(default_factory=ModelCache)
+    device: torch.device | None = None
+    _storages: dict[str, Storage] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerContext:
+        return cls(settings=settings, store=JobStore.connect(settings.broker_url))
+
+    def torch_device(self) -> torch.device:
+        # Chosen on first use, inside the pool process: CUDA must not start before fork.
+        if self.device is None:
+            self.device = pick_device(self.settings.device)
+        return self.device
+
+    def storage(self, root: str) -> Storage:
+        with self._lock:
+            if root not in self._storages:
+                self._storages[root] = open_storage(root)
+            return self._storages[root]
+
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(
+            max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_pixels
+        )
+
+    def read(self, uri: str) -> bytes:
+        if uri.startswith(("http://", "https://")):
+            policy = HttpPolicy(
+                enabled=self.settings.allow_http,
+                allowed_hosts=self.settings.http_allowed_hosts,
+            )
+            return fetch_http(uri, max_bytes=self.settings.max_image_bytes, policy=policy)
+        return read_uri(
+            uri,
+            max_bytes=self.settings.max_image_bytes,
+            allowed_roots=self.settings.allowed_roots or None,
+        )
+
+    def model_allowed(self, spec: ModelSpec) -> bool:
+        from torchvision import models
+
+        if spec.name in models.list_models(module=models) and spec.weights is None:
+            return True
+        allowed = self.settings.allowed_models
+        return "*" in allowed or spec.name in allowed
+
+
+def _failure(code: str, message: str) -> dict:
+    return {"error_code": code, "error": message}
+
+
+def _store_outcome(context: WorkerContext, payload: ChunkPayload, outcome: ItemOutcome) -> dict:
+    storage = context.storage(payload.output)
+    artifacts = {}
+    for filename, data in outcome.files.items():
+        key = artifact_key(payload.job_id, outcome.name, filename)
+        content_type = {"png": "image/png", "json": "application/json"}.get(
+            filename.rsplit(".", 1)[-1], "application/octet-stream"
+        )
+        artifacts[filename] = storage.put(key, data, content_type)
+    r = outcome.result
+    return {
+        "artifacts": artifacts,
+        "target_index": r.target_index,
+        "target_name": r.target_name,
+        "prob_before": r.prob_before,
+        "prob_after": r.prob_after,
+        "mask_area": r.mask_area,
+        "seconds": r.seconds,
+    }
+
+
+def _explain_group(
+    context: WorkerContext, payload: ChunkPayload, group: Sequence[ChunkItem], loaded
+) -> bool:
+    store = context.store
+    attempts = store.begin(payload.job_id, [item.index for item in group])
+    changes: list[tuple[int, str, dict]] = []
+    runnable = []
+    for item, attempt in zip(group, attempts, strict=True):
+        if attempt > context.settings.max_deliveries:
+            lost = attempt - 1
+            message = f"the worker was lost {lost} times while explaining this item"
+            changes.append((item.index, "failed", _failure("worker-lost", message)))
+        else:
+            runnable.append(item)
+    finished = store.settle(payload.job_id, changes) if changes else False
+    if not runnable:
+        return finished
+
+    inputs = [
+        ItemInput(
+            name=item_name(item.index, item.uri),
+            source=item.uri,
+            load=lambda uri=item.uri: context.read(uri),
+            target=Target.parse(item.target),
+        )
+        for item in runnable
+    ]
+    outcomes = explain_chunk(inputs, loaded, payload.params, context.limits())
+    for item, outcome in zip(runnable, outcomes, strict=True):
+        if outcome.ok:
+            try:
+                fields = _store_outcome(context, payload, outcome)
+            except ItemError as error:
+                finished |= store.finish(
+                    payload.job_id, item.index, "failed", _failure(error.code, error.message)
+                )
+                continue
+            finished |= store.finish(payload.job_id, item.index, "done", fields)
+        else:
+            failure = _failure(outcome.error_code, outcome.error)
+            finished |= store.finish(payload.job_id, item.index, "failed", failure)
+    return finished
+
+
+def run_chunk(payload: ChunkPayload, context: WorkerContext) -> None:
+    store = context.store
+    job = payload.job_id
+    deliveries = store.record_delivery(job, payload.chunk)
+    states = store.states(job, [item.index for item in payload.items])
+    pending = [
+        item
+        for item, state in zip(payload.items, states, strict=True)
+        if state is not None and state not in TERMINAL_STATES
+    ]
+    log.info(
+        "job %s chunk %d: %d pending, delivery %d", job, payload.chunk, len(pending), deliveries
+    )
+    if not pending:
+        return
+
+    finished = False
+    if store.is_cancelled(job):
+        finished = store.settle(job, [(item.index, "cancelled", {}) for item in pending])
+    elif not context.model_allowed(payload.model):
+        message = f"this worker does not accept model {payload.model.name!r}"
+        finished = store.settle(
+            job, [(i.index, "failed", _failure("model-not-allowed", message)) for i in pending]
+        )
+    else:
+        try:
+            loaded = context.models.get(payload.model, context.torch_device())
+        except ExplainctlError as error:
+            failure = _failure("model-unavailable", str(error))
+            finished = store.settle(job, [(i.index, "failed", failure) for i in pending])
+        else:
+            finished = _run_pending(context, payload, pending, loaded, deliveries)
+    if finished:
+        write_manifest(store, context.storage(payload.output), job)
+
+
+def _run_pending(context, payload, pending, loaded, deliveries) -> bool:
+    # After a lost delivery, run items one at a time: a poison item that kills the worker
+    # then takes only itself down, and reaches the attempt cap alone.
+    groups = [[item] for item in pending] if deliveries > 1 else [pending]
+    finished = False
+    for position, group in enumerate(groups):
+        if context.store.is_cancelled(payload.job_id):
+            rest = [item for g in groups[position:] for item in g]
+            return context.store.settle(
+                payload.job_id, [(item.index, "cancelled", {}) for item in rest]
+            )
+        finished |= _explain_group(context, payload, group, loaded)
+    return finished
