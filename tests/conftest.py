@@ -124,9 +124,13 @@ def start_workers(worker_env, tmp_path):
 
     started: list[Worker] = []
 
-    def start(n: int = 1, **extra_env: str) -> list[Worker]:
+    def start(n: int = 1, command: list[str] | None = None, **extra_env: str) -> list[Worker]:
         new = [
-            Worker({**worker_env, **extra_env}, tmp_path / f"worker-{len(started) + i}.log")
+            Worker(
+                {**worker_env, **extra_env},
+                tmp_path / f"worker-{len(started) + i}.log",
+                command,
+            )
             for i in range(n)
         ]
         for worker in new:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -73,16 +74,16 @@ class RedisServer:
 class Worker:
     """A real `explainctl worker` process group (main process and its pool child)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, name: str = "w"):
+    def __init__(self, env: dict[str, str], log_path: Path, command: list[str] | None = None):
         self.env = env
         self.log_path = log_path
-        self.name = name
+        self.command = command or [cli.EXPLAINCTL, "worker", "--loglevel", "INFO"]
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> Worker:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [cli.EXPLAINCTL, "worker", "--loglevel", "INFO"],
+            self.command,
             env=cli.env(**self.env),
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -95,18 +96,28 @@ class Worker:
             time.sleep(0.2)
         return self
 
-    def signal(self, signum: int) -> None:
-        os.killpg(self.process.pid, signum)
+    def terminate(self) -> None:
+        """SIGTERM to the main process only, as Kubernetes or Slurm sends it."""
+        self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the worker, as when its node disappears."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30) -> int | None:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
+                self.kill()
                 self.process.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # nothing may outlive the test
         self._log.close()
         return self.process.returncode

@@ -265,7 +265,9 @@ def submit(
     if target is not None:
         items = (i if i.target is not None else type(i)(i.uri, target) for i in items)
     done = client.submit(items, spec, params, chunk_size=chunk_size)
-    if as_json:
+    if as_json and wait_:
+        pass  # the final status, printed by _follow, carries the job ID
+    elif as_json:
         print(
             json.dumps(
                 {
@@ -484,23 +486,30 @@ def version() -> None:
     print(__version__)
 
 
+def _usage_error(error: Exception) -> bool:
+    # Typer carries its own copy of click, so its usage errors are recognised by shape.
+    return hasattr(error, "format_message") and isinstance(getattr(error, "exit_code", None), int)
+
+
 def main() -> None:
     try:
-        # Without standalone mode click returns the code of typer.Exit instead of exiting.
+        # Without standalone mode click returns the code of typer.Exit instead of exiting,
+        # and leaves usage errors to us, so they too are one line.
         code = app(standalone_mode=False)
     except ExplainctlError as error:
         err.print(f"error: {error}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(error.exit_code)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         err.print("aborted", highlight=False)
         sys.exit(130)
-    except Exception as error:  # click usage errors carry their own exit code
-        from click.exceptions import ClickException
-
-        if isinstance(error, ClickException):
-            error.show()
+    except Exception as error:
+        if _usage_error(error):
+            err.print(
+                f"error: {error.format_message()} (see --help)",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
             sys.exit(error.exit_code)
         if os.environ.get("EXPLAINCTL_DEBUG"):
             raise

@@ -143,20 +143,17 @@ def _explain_group(
         for item in runnable
     ]
     outcomes = explain_chunk(inputs, loaded, payload.params, context.limits())
+    settled: list[tuple[int, str, dict]] = []
     for item, outcome in zip(runnable, outcomes, strict=True):
-        if outcome.ok:
-            try:
-                fields = _store_outcome(context, payload, outcome)
-            except ItemError as error:
-                finished |= store.finish(
-                    payload.job_id, item.index, "failed", _failure(error.code, error.message)
-                )
-                continue
-            finished |= store.finish(payload.job_id, item.index, "done", fields)
-        else:
-            failure = _failure(outcome.error_code, outcome.error)
-            finished |= store.finish(payload.job_id, item.index, "failed", failure)
-    return finished
+        if not outcome.ok:
+            settled.append((item.index, "failed", _failure(outcome.error_code, outcome.error)))
+            continue
+        try:
+            settled.append((item.index, "done", _store_outcome(context, payload, outcome)))
+        except ItemError as error:
+            settled.append((item.index, "failed", _failure(error.code, error.message)))
+    # One round trip for the group, after every artifact of it is stored.
+    return store.settle(payload.job_id, settled) or finished
 
 
 def run_chunk(payload: ChunkPayload, context: WorkerContext) -> None:
@@ -201,7 +198,8 @@ def _run_pending(context, payload, pending, loaded, deliveries) -> bool:
     groups = [[item] for item in pending] if deliveries > 1 else [pending]
     finished = False
     for position, group in enumerate(groups):
-        if context.store.is_cancelled(payload.job_id):
+        # The caller checked before the first group; later groups may have been cancelled.
+        if position and context.store.is_cancelled(payload.job_id):
             rest = [item for g in groups[position:] for item in g]
             return context.store.settle(
                 payload.job_id, [(item.index, "cancelled", {}) for item in rest]

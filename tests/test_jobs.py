@@ -1,0 +1,174 @@
+"""Following, reading, cancelling and retrying jobs through the CLI, with real workers."""
+
+import csv
+import io
+import json
+import sys
+import time
+
+import numpy as np
+import redis
+from PIL import Image
+
+from tests import cli
+
+TINY = [
+    "--model", "tests.models:tiny_classifier", "--image-size", "32", "--mask-size", "4",
+    "--iterations", "3",
+]  # fmt: skip
+
+
+def _folder(tmp_path, good: int = 5, broken: int = 1):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for n in range(good):
+        pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{n}.png")
+    for n in range(broken):
+        (folder / f"zbroken{n}.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def _json(done):
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_cancel_retry_results_download(tmp_path, start_workers, worker_env):
+    folder = _folder(tmp_path)
+    job = _json(cli.run("submit", str(folder), "--chunk-size", "2", "--json", *TINY,
+                        **worker_env))["job_id"]  # fmt: skip
+    status = _json(cli.run("status", job, "--json", **worker_env))
+    assert status["state"] == "queued" and status["counts"]["queued"] == 6
+
+    # No worker yet: cancelling leaves nothing to run.
+    assert cli.run("cancel", job, **worker_env).stdout.startswith("cancelled 6")
+    assert _json(cli.run("status", job, "--json", **worker_env))["state"] == "cancelled"
+    start_workers(1)
+    waited = cli.run("wait", job, "--json", "--interval", "0.2", **worker_env)
+    assert waited.returncode == 1 and json.loads(waited.stdout)["counts"]["cancelled"] == 6
+
+    assert cli.run("retry", job, **worker_env).stdout.startswith("requeued 6")
+    waited = cli.run("wait", job, "--json", "--interval", "0.2", **worker_env)
+    counts = json.loads(waited.stdout)["counts"]
+    assert waited.returncode == 1 and counts["done"] == 5 and counts["failed"] == 1
+
+    rows = list(csv.DictReader(io.StringIO(cli.run("results", job, "--csv", **worker_env).stdout)))
+    assert len(rows) == 6 and {r["state"] for r in rows} == {"done", "failed"}
+    failed = [r for r in rows if r["state"] == "failed"]
+    assert failed[0]["error_code"] == "unsupported-format" and failed[0]["uri"].endswith(".jpg")
+    assert all(r["artifacts"] for r in rows if r["state"] == "done")
+
+    # Only failed items go again; done ones are not redone.
+    assert cli.run("retry", job, "--failed", **worker_env).stdout.startswith("requeued 1")
+    waited = cli.run("wait", job, "--json", "--interval", "0.2", **worker_env)
+    assert json.loads(waited.stdout)["counts"]["done"] == 5
+    records = [
+        json.loads(line)
+        for line in cli.run("results", job, "--json", **worker_env).stdout.splitlines()
+    ]
+    # A retry resets the attempt count that guards against poison items.
+    assert [r["attempts"] for r in records if r["state"] == "failed"] == [1]
+    assert {r["attempts"] for r in records if r["state"] == "done"} == {1}
+
+    copied = cli.run("download", job, str(tmp_path / "copy"), **worker_env)
+    assert copied.returncode == 0 and copied.stdout.startswith("copied 30 files")
+    assert Image.open(tmp_path / "copy" / "000000-img0" / "overlay.png").size == (24, 24)
+
+    listed = [
+        json.loads(line) for line in cli.run("jobs", "--json", **worker_env).stdout.splitlines()
+    ]
+    assert job in [entry["job_id"] for entry in listed]
+
+
+def test_lists_stdin_and_per_item_targets(tmp_path, start_workers, worker_env):
+    folder = _folder(tmp_path, good=3, broken=0)
+    table = tmp_path / "audit.csv"
+    table.write_text("uri,target,note\nimages/img0.png,3,x\nimages/img1.png,,y\n")
+    start_workers(1)
+    job = _json(cli.run("submit", str(table), "-", "--target", "7", "--json", "--wait", *TINY,
+                        input=f"{folder / 'img2.png'}\n", **worker_env))  # fmt: skip
+    records = [
+        json.loads(line)
+        for line in cli.run("results", job["job_id"], "--json", **worker_env).stdout.splitlines()
+    ]
+    assert [(r["uri"].rsplit("/", 1)[1], r["target_index"]) for r in records] == [
+        ("img0.png", 3),  # the list's own target
+        ("img1.png", 7),  # no target in the list: --target applies
+        ("img2.png", 7),  # from stdin
+    ]
+
+
+def test_bad_input_is_refused_before_anything_is_queued(tmp_path, worker_env):
+    folder = _folder(tmp_path, good=1, broken=0)
+    queue_length = redis.Redis.from_url(worker_env["EXPLAINCTL_BROKER_URL"]).llen
+    for args, code, fragment in (
+        (["--iterations", "0"], 2, "iterations"),
+        (["--param", "tv_coeff=nan"], 2, "finite"),
+        (["--mean", "1,2"], 2, "three"),
+        (["--chunk-size", "0"], 2, "chunk-size"),
+    ):
+        done = cli.run("submit", str(folder), *TINY, *args, **worker_env)
+        assert done.returncode == code and fragment in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1
+    missing = cli.run("submit", str(tmp_path / "nope"), *TINY, **worker_env)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert queue_length(worker_env["EXPLAINCTL_QUEUE"]) == 0
+
+
+def test_unknown_jobs_and_unreachable_redis(worker_env):
+    unknown = cli.run("status", "01m8m2bepx3dmf8zm3", **worker_env)
+    assert unknown.returncode == 5 and "no job" in unknown.stderr
+    malformed = cli.run("status", "../../etc/passwd", **worker_env)
+    assert malformed.returncode == 2 and "not a job ID" in malformed.stderr
+    down = cli.run(
+        "status", "01m8m2bepx3dmf8zm3", "--broker", "redis://127.0.0.1:1/0", **worker_env
+    )
+    assert down.returncode == 6 and len(down.stderr.strip().splitlines()) == 1
+
+
+def test_results_outlive_redis(tmp_path, start_workers, worker_env):
+    folder = _folder(tmp_path, good=2, broken=0)
+    start_workers(1)
+    job = _json(cli.run("submit", str(folder), "--wait", "--json", *TINY, **worker_env))["job_id"]
+    client = redis.Redis.from_url(worker_env["EXPLAINCTL_BROKER_URL"])
+    client.delete(*client.keys(f"explainctl:job:{job}:*"))
+    listed = cli.run("results", job, "--json", **worker_env)
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line)["state"] for line in listed.stdout.splitlines()] == ["done", "done"]
+
+
+def test_worker_refuses_models_it_was_not_allowed(tmp_path, start_workers, worker_env):
+    folder = _folder(tmp_path, good=1, broken=0)
+    start_workers(1, EXPLAINCTL_ALLOWED_MODELS="")
+    done = cli.run("submit", str(folder), "--wait", "--json", *TINY, **worker_env)
+    job = json.loads(done.stdout)
+    assert done.returncode == 1 and job["counts"]["failed"] == 1
+    record = json.loads(cli.run("results", job["job_id"], "--json", **worker_env).stdout)
+    assert record["error_code"] == "model-not-allowed"
+
+
+def test_sigterm_finishes_the_running_chunk(tmp_path, start_workers, worker_env):
+    folder = _folder(tmp_path, good=4, broken=0)
+    (worker,) = start_workers(1)
+    slow = [*TINY[:-1], "4000"]  # a chunk that runs for several seconds
+    job = _json(cli.run("submit", str(folder), "--chunk-size", "4", "--json", *slow, **worker_env))
+    deadline = time.monotonic() + 60
+    while _json(cli.run("status", job["job_id"], "--json", **worker_env))["counts"]["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    worker.terminate()
+    assert worker.process.wait(120) == 0, worker.log()[-2000:]
+    final = _json(cli.run("status", job["job_id"], "--json", **worker_env))
+    assert final["state"] == "completed" and final["counts"]["done"] == 4
+
+
+def test_plain_celery_worker_runs_jobs(tmp_path, start_workers, worker_env):
+    folder = _folder(tmp_path, good=2, broken=0)
+    queue = worker_env["EXPLAINCTL_QUEUE"]
+    command = [sys.executable, "-m", "celery", "-A", "explainctl_worker.app", "worker",
+               "--queues", queue, "--concurrency", "1", "--loglevel", "INFO"]  # fmt: skip
+    start_workers(1, command=command)
+    job = _json(cli.run("submit", str(folder), "--wait", "--json", *TINY, **worker_env))
+    assert job["state"] == "completed" and job["counts"]["done"] == 2
