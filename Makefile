@@ -3,10 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-OUT ?= out/demo
 DEMO_ARGS ?=
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean browser
 
 install: $(STAMP)
 
@@ -17,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/explainctl explain client/explainctl/examples/*.jpg --out $(OUT) $(DEMO_ARGS)
+	$(BIN)/explainctl demo $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
@@ -27,8 +26,13 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: install lint
+test: install lint browser
 	bash scripts/test.sh
+
+# The report is tested in a real headless browser: Debian's chromium.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 bench: install
 	PYTHONPATH=. $(BIN)/python benchmarks/engine.py --model tests.models:tiny_classifier --image-size 64 --mask-size 16 --batch-size 16

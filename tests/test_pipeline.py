@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from explainctl.contracts import ARTIFACT_FILES, ItemRecord
-from tests import cli
+from tests import browser, cli
 
 TINY = [
     "--model", "tests.models:tiny_classifier", "--image-size", "32", "--mask-size", "8",
@@ -44,7 +44,7 @@ def _dataset() -> dict[str, bytes]:
     return files
 
 
-def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env):
+def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env, tmp_path):
     s3 = boto3.session.Session().client("s3")
     for key, data in _dataset().items():
         s3.put_object(Bucket=s3_bucket, Key=key, Body=data)
@@ -94,3 +94,18 @@ def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env):
     job_json = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"{prefix}job.json")["Body"].read())
     assert job_json["status"]["counts"] == final["counts"]
     assert job_json["info"]["params"]["iterations"] == 5
+
+    # The audit report of that job, with images fetched from S3, in a real browser.
+    page = tmp_path / "report.html"
+    made = cli.run("report", job["job_id"], "--out", str(page), **worker_env)
+    assert made.returncode == 0, made.stderr
+    dom = browser.dump_dom(page, tmp_path / "profile")
+    data = browser.body_data(dom)
+    assert data["rendered"] == "22"
+    assert data["images-total"] == "60" and data["images-loaded"] == "60"
+    cards = browser.card_values(dom)
+    assert (cards["items"], cards["done"], cards["failed"]) == ("22", "20", "2")
+    assert dom.count('data-state="failed"') == 2 and "unsupported-format:" in dom
+    stored = cli.run("report", job["job_id"], **worker_env)
+    assert stored.stdout.strip() == f"s3://{s3_bucket}/{prefix}report.html"
+    s3.head_object(Bucket=s3_bucket, Key=f"{prefix}report.html")

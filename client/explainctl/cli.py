@@ -300,7 +300,9 @@ def status(job: JobArg, broker: BrokerOpt = None, as_json: JsonOpt = False) -> N
     print(f"{current.job_id} {current.state}: {counts} (of {current.total})")
 
 
-def _follow(client, job_id: str, as_json: bool = False, interval: float = 1.0) -> None:
+def _follow(
+    client, job_id: str, as_json: bool = False, interval: float = 1.0, check: bool = True
+) -> None:
     final = None
     with Progress(
         TextColumn("{task.description}"),
@@ -332,7 +334,7 @@ def _follow(client, job_id: str, as_json: bool = False, interval: float = 1.0) -
     else:
         counts = ", ".join(f"{n} {s}" for s, n in final.counts.items() if n)
         print(f"{final.job_id} {final.state}: {counts}")
-    if final.counts["failed"] or final.counts["cancelled"]:
+    if check and (final.counts["failed"] or final.counts["cancelled"]):
         raise typer.Exit(1)
 
 
@@ -470,7 +472,7 @@ def worker(
 
     settings = Settings.load(
         broker_url=broker, queue=queue, device=device, preload=tuple(preload) if preload else None
-    )
+    ).resolve()
     try:
         from explainctl_worker import launcher
     except ImportError as error:
@@ -478,6 +480,82 @@ def worker(
             f"workers need the worker extra (pip install 'explainctl[worker]'): {error}"
         ) from None
     raise typer.Exit(launcher.run_workers(settings, launcher.parse_gpus(gpus), loglevel))
+
+
+@app.command()
+def report(
+    job: JobArg,
+    out: Annotated[
+        str | None, typer.Option("--out", help="HTML file (default: next to the artifacts).")
+    ] = None,
+    broker: BrokerOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Write a job's self-contained HTML audit report."""
+    print(_client(broker, output).report(job, out))
+
+
+@app.command()
+def up(
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Local workers to start.")] = 1,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
+) -> None:
+    """Start the embedded Redis and local workers in the background."""
+    from explainctl import embedded
+    from explainctl.config import Settings
+
+    settings = Settings.load(device=device).resolve()
+    running = embedded.running_workers(settings.home_dir)
+    if not running:
+        running = embedded.start_workers(workers, settings.environment(), settings.home_dir)
+    print(f"broker: {settings.broker_url.split('@')[-1]} (embedded under {settings.home_dir})")
+    print(f"workers: {len(running)} running, log {settings.home_dir / 'workers.log'}")
+    print(f"output: {settings.output}")
+
+
+@app.command()
+def down() -> None:
+    """Stop the local workers (warm) and the embedded Redis."""
+    from explainctl import embedded
+    from explainctl.config import Settings
+
+    root = Settings.load().home_dir
+    stopped = embedded.stop_workers(root)
+    redis_stopped = embedded.stop_redis(root)
+    print(f"stopped {stopped} workers" + (" and the embedded Redis" if redis_stopped else ""))
+
+
+@app.command()
+def demo(
+    model: ModelOpt = "vgg19",
+    weights: WeightsOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    iterations: IterationsOpt = None,
+    image_size: ImageSizeOpt = None,
+    mask_size: MaskSizeOpt = None,
+    param: ParamOpt = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
+    broker: BrokerOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Explain the bundled example photos end to end and write the audit report.
+
+    For a quick run on a laptop CPU: --iterations 50 --image-size 160, or a smaller
+    --model such as resnet18.
+    """
+    from explainctl.config import Settings
+    from explainctl.demo import run_demo
+
+    params = build_params(
+        {"iterations": iterations, "image_size": image_size, "mask_size": mask_size}, param
+    )
+    spec = build_model_spec(model, weights, mean, std)
+    settings = Settings.load(broker_url=broker, output=output)
+    result = run_demo(settings, spec, params, lambda c, j: _follow(c, j, check=False), device)
+    print(f"report: {result.report}")
+    if result.counts["failed"]:
+        raise typer.Exit(1)
 
 
 @app.command()

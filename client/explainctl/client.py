@@ -14,6 +14,7 @@ from kombu.exceptions import OperationalError
 
 from explainctl.config import Settings
 from explainctl.contracts import (
+    REPORT_HTML,
     TASK_EXPLAIN_CHUNK,
     ChunkItem,
     ChunkPayload,
@@ -21,6 +22,7 @@ from explainctl.contracts import (
     ItemRecord,
     JobInfo,
     ModelSpec,
+    job_key,
 )
 from explainctl.errors import (
     ExplainctlError,
@@ -34,9 +36,11 @@ from explainctl.inputs import InputItem
 from explainctl.job import JobStatus, JobStore
 from explainctl.manifest import read_manifest, write_job_json, write_manifest
 from explainctl.queue import make_app
-from explainctl.storage import Storage, open_storage, parse_uri
+from explainctl.report import build_report
+from explainctl.storage import Storage, open_storage, parse_uri, read_uri
 
 DEFAULT_CHUNK_SIZE = 16
+ARTIFACT_MAX_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ def _chunks(items: Iterable[ChunkItem], size: int) -> Iterator[list[ChunkItem]]:
 
 class Client:
     def __init__(self, settings: Settings):
-        self.settings = settings
+        self.settings = settings.resolve()
 
     @cached_property
     def store(self) -> JobStore:
@@ -200,15 +204,33 @@ class Client:
         return copied
 
     def _read_artifact(self, uri: str) -> bytes:
-        location = parse_uri(uri)
-        if location.scheme == "s3":
-            storage = open_storage(f"s3://{location.bucket}")
-            return storage.get(location.key)
-        directory, name = os.path.split(location.key)
         try:
-            return open_storage(directory).get(name)
+            return read_uri(uri, max_bytes=ARTIFACT_MAX_BYTES)
         except ItemError as error:
             raise ServiceUnavailable(f"cannot read {uri}: {error.message}") from None
+
+    def report(self, job_id: str, out: str | None = None) -> str:
+        """Write the job's HTML audit report to `out` (a file), or next to its artifacts;
+        returns where it went."""
+        check_job_id(job_id)
+        try:
+            status = self.store.status(job_id)
+            summary = {**status.as_json(), "info": status.info.model_dump(mode="json")}
+            records = list(self.store.items(job_id))
+            output = status.info.output
+        except JobNotFound:
+            job, items = read_manifest(self.storage(), job_id)
+            summary = {**job["status"], "info": job["info"]}
+            records = list(items)
+            output = job["info"]["output"]
+        page = build_report(
+            summary, records, lambda uri: read_uri(uri, max_bytes=ARTIFACT_MAX_BYTES)
+        ).encode()
+        if out:
+            with open(out, "wb") as handle:
+                handle.write(page)
+            return os.path.abspath(out)
+        return self.storage(output).put(job_key(job_id, REPORT_HTML), page, "text/html")
 
     # --- changing ---------------------------------------------------------------------
 

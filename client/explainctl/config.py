@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from explainctl.errors import InvalidInput
-
-DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
 
 def _split(text: str, sep: str = ",") -> tuple[str, ...]:
@@ -26,8 +25,9 @@ def _flag(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    broker_url: str = DEFAULT_BROKER_URL
-    output: str = "./explainctl-output"
+    broker_url: str = ""  # empty: the embedded Redis (explainctl.embedded)
+    output: str = ""  # empty: <home>/output
+    home: str = ""  # empty: ~/.local/share/explainctl
     queue: str = "explain"
     chunk_time_limit: int = 1800
     visibility_timeout: int = 2100
@@ -45,6 +45,7 @@ class Settings:
     _ENV = {
         "broker_url": ("EXPLAINCTL_BROKER_URL", str),
         "output": ("EXPLAINCTL_OUTPUT", str),
+        "home": ("EXPLAINCTL_HOME", str),
         "queue": ("EXPLAINCTL_QUEUE", str),
         "chunk_time_limit": ("EXPLAINCTL_CHUNK_TIME_LIMIT", int),
         "visibility_timeout": ("EXPLAINCTL_VISIBILITY_TIMEOUT", int),
@@ -88,6 +89,23 @@ class Settings:
             )
         if not self.queue or not all(c.isalnum() or c in "-_." for c in self.queue):
             raise InvalidInput(f"bad queue name {self.queue!r}")
+
+    @property
+    def home_dir(self) -> Path:
+        from explainctl import embedded
+
+        return Path(self.home).expanduser() if self.home else embedded.home()
+
+    def resolve(self) -> Settings:
+        """Fill in the embedded defaults: the embedded Redis (started if need be) and
+        <home>/output, so one machine works with no configuration at all."""
+        if self.broker_url and self.output:
+            return self
+        from explainctl import embedded
+
+        broker = self.broker_url or embedded.ensure_redis(self.home_dir)
+        output = self.output or str(self.home_dir / "output")
+        return replace(self, broker_url=broker, output=output)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

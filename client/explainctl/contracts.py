@@ -162,6 +162,7 @@ class ChunkPayload(_Strict):
 
 JOB_JSON = "job.json"
 ITEMS_JSONL = "items.jsonl"
+REPORT_HTML = "report.html"
 
 
 def item_name(index: int, uri: str) -> str:

@@ -18,7 +18,7 @@ from explainctl.queue import make_app
 from explainctl_worker.chunk import WorkerContext, run_chunk
 
 log = logging.getLogger("explainctl.worker")
-settings = Settings.load()
+settings = Settings.load().resolve()
 app = make_app(settings)
 
 _context: WorkerContext | None = None

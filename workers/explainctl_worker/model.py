@@ -49,13 +49,17 @@ def _torchvision_model(spec: ModelSpec) -> tuple[nn.Module, list[str] | None]:
     try:
         module = models.get_model(spec.name, weights=default)
     except (OSError, RuntimeError) as error:
-        # OSError covers URLError and socket errors: no network, or a proxy that refuses.
-        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
-        raise ModelUnavailable(
-            f"cannot download the weights of {spec.name} ({reason}); pass --weights PATH "
-            "to a local state dict, or choose another --model"
-        ) from None
+        raise _download_failed(spec, error) from None
     return module, categories
+
+
+def _download_failed(spec: ModelSpec, error: Exception) -> ModelUnavailable:
+    # OSError covers URLError and socket errors: no network, or a proxy that refuses.
+    reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+    return ModelUnavailable(
+        f"cannot download the weights of {spec.name} ({reason}); pass --weights PATH "
+        "to a local state dict, or choose another --model"
+    )
 
 
 def _read_state_dict(path: str) -> dict:
@@ -110,6 +114,21 @@ def _file_model(path: str) -> nn.Module:
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same failure
         kind = "torch.export program" if path.endswith(".pt2") else "TorchScript model"
         raise ModelUnavailable(f"{path} is not a {kind}: {type(error).__name__}") from None
+
+
+def ensure_weights(spec: ModelSpec) -> None:
+    """Download a torchvision model's weights into torch's cache unless they are there,
+    so a missing network shows up as one ModelUnavailable line before any work starts."""
+    from torchvision import models
+
+    if spec.weights or os.path.isfile(spec.name) or ":" in spec.name:
+        return
+    if spec.name not in models.list_models(module=models):
+        raise ModelUnavailable(f"unknown model {spec.name!r}")
+    try:
+        models.get_model_weights(spec.name).DEFAULT.get_state_dict(progress=False)
+    except (OSError, RuntimeError) as error:
+        raise _download_failed(spec, error) from None
 
 
 def _load(spec: ModelSpec, device: torch.device) -> LoadedModel:
