@@ -134,9 +134,25 @@ def start_workers(worker_env, tmp_path):
             for i in range(n)
         ]
         for worker in new:
-            started.append(worker.start())
+            started.append(worker)  # stopped at teardown even if it fails to start
+            worker.start()
         return new
 
     yield start
     for worker in started:
         worker.stop()
+
+
+# --------------------------------------------------------------------------- Reliability
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the fault suite's table (and save it where EXPLAINCTL_RELIABILITY_TABLE says)."""
+    import os
+
+    from tests import reliability
+
+    if reliability.ROWS:
+        terminalreporter.write_sep("=", "reliability: 0 lost and 0 duplicated is the target")
+        terminalreporter.write_line(reliability.table())
+        reliability.write(os.environ.get("EXPLAINCTL_RELIABILITY_TABLE"))

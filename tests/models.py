@@ -78,3 +78,24 @@ def tiny_classifier() -> nn.Module:
         return TinyClassifier()
     finally:
         torch.random.set_rng_state(generator_state)
+
+
+class PoisonedClassifier(TinyClassifier):
+    """TinyClassifier that kills its own process on a magenta image, as the OOM killer
+    would: the poison item of the fault tests."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # ImageNet-normalised magenta: red and blue high, green low, everywhere.
+        magenta = (x[:, 0] > 1.5) & (x[:, 1] < -1.5) & (x[:, 2] > 1.5)
+        if bool((magenta.flatten(1).float().mean(dim=1) > 0.9).any()):
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
+
+
+def poisoned_classifier() -> nn.Module:
+    model = PoisonedClassifier()
+    model.load_state_dict(tiny_classifier().state_dict())
+    return model

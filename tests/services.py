@@ -35,15 +35,23 @@ def redis_binary() -> str:
 class RedisServer:
     """A redis-server process of the test's own, on a free port, optionally persistent."""
 
-    def __init__(self, directory: Path, port: int | None = None, persistent: bool = False):
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        persistent: bool = False,
+        password: str | None = None,
+    ):
         self.directory = directory
         self.port = port or free_port()
         self.persistent = persistent
+        self.password = password
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -52,9 +60,10 @@ class RedisServer:
             "--dir", str(self.directory), "--save", "",
             "--appendonly", "yes" if self.persistent else "no",
             "--maxmemory-policy", "noeviction",
+            *(["--requirepass", self.password] if self.password else []),
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -108,7 +117,7 @@ class Worker:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30) -> int | None:
-        if self.process is None:
+        if self.process is None or not hasattr(self, "_log"):
             return None
         if self.process.poll() is None:
             self.terminate()

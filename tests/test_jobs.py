@@ -4,7 +4,6 @@ import csv
 import io
 import json
 import sys
-import time
 
 import numpy as np
 import redis
@@ -147,21 +146,6 @@ def test_worker_refuses_models_it_was_not_allowed(tmp_path, start_workers, worke
     assert done.returncode == 1 and job["counts"]["failed"] == 1
     record = json.loads(cli.run("results", job["job_id"], "--json", **worker_env).stdout)
     assert record["error_code"] == "model-not-allowed"
-
-
-def test_sigterm_finishes_the_running_chunk(tmp_path, start_workers, worker_env):
-    folder = _folder(tmp_path, good=4, broken=0)
-    (worker,) = start_workers(1)
-    slow = [*TINY[:-1], "4000"]  # a chunk that runs for several seconds
-    job = _json(cli.run("submit", str(folder), "--chunk-size", "4", "--json", *slow, **worker_env))
-    deadline = time.monotonic() + 60
-    while _json(cli.run("status", job["job_id"], "--json", **worker_env))["counts"]["running"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    worker.terminate()
-    assert worker.process.wait(120) == 0, worker.log()[-2000:]
-    final = _json(cli.run("status", job["job_id"], "--json", **worker_env))
-    assert final["state"] == "completed" and final["counts"]["done"] == 4
 
 
 def test_plain_celery_worker_runs_jobs(tmp_path, start_workers, worker_env):

@@ -32,6 +32,7 @@ class Settings:
     chunk_time_limit: int = 1800
     visibility_timeout: int = 2100
     max_deliveries: int = 3
+    lease_seconds: int = 60
     device: str = "auto"
     preload: tuple[str, ...] = ()
     allowed_models: tuple[str, ...] = ()
@@ -50,6 +51,7 @@ class Settings:
         "chunk_time_limit": ("EXPLAINCTL_CHUNK_TIME_LIMIT", int),
         "visibility_timeout": ("EXPLAINCTL_VISIBILITY_TIMEOUT", int),
         "max_deliveries": ("EXPLAINCTL_MAX_DELIVERIES", int),
+        "lease_seconds": ("EXPLAINCTL_LEASE_SECONDS", int),
         "device": ("EXPLAINCTL_DEVICE", str),
         "preload": ("EXPLAINCTL_PRELOAD", _split),
         "allowed_models": ("EXPLAINCTL_ALLOWED_MODELS", _split),
@@ -78,8 +80,8 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        if self.chunk_time_limit <= 0 or self.max_deliveries <= 0:
-            raise InvalidInput("chunk time limit and max deliveries must be positive")
+        if min(self.chunk_time_limit, self.max_deliveries, self.lease_seconds) <= 0:
+            raise InvalidInput("chunk time limit, max deliveries and lease must be positive")
         # A chunk still running when the visibility timeout passes is handed to a second
         # worker while the first goes on: the timeout must outlast the longest chunk.
         if self.visibility_timeout <= self.chunk_time_limit:

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from explainctl.contracts import (
     ITEM_STATES,
@@ -129,7 +131,16 @@ class JobStore:
 
     @classmethod
     def connect(cls, url: str) -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=25))
+        # Ride out a Redis restart of several seconds instead of failing the chunk.
+        retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=12)
+        client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            health_check_interval=25,
+            retry=retry,
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        return cls(client)
 
     def ping(self) -> None:
         try:

@@ -46,9 +46,10 @@ def make_app(settings: Settings) -> Celery:
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        # A chunk cannot be acknowledged on a connection that is gone; stop it so the
-        # redelivered copy is the only one running.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A chunk running when the broker connection drops goes on: its results reach the
+        # job records once Redis is back (JobStore retries), and the copy Redis redelivers
+        # later finds its items settled and does nothing.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from explainctl.config import Settings
 from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload, ModelSpec
 from explainctl.queue import make_app
+from explainctl_worker import lease
 from explainctl_worker.chunk import WorkerContext, run_chunk
 
 log = logging.getLogger("explainctl.worker")
@@ -32,6 +33,11 @@ def context() -> WorkerContext:
         if _context is None:
             _context = WorkerContext.from_settings(settings)
         return _context
+
+
+@worker_process_init.connect
+def _start_reaper(**_) -> None:
+    lease.start_reaper(context().store.redis, app, settings.lease_seconds)
 
 
 @worker_process_init.connect
@@ -58,4 +64,5 @@ def explain_chunk_task(payload: dict) -> None:
         # Nothing in it can be trusted, not even the job ID: log it and drop it.
         log.error("dropping a malformed chunk message: %s", str(error).splitlines()[0])
         return
-    run_chunk(chunk, context())
+    with lease.hold(context().store.redis, chunk, settings.queue, settings.lease_seconds):
+        run_chunk(chunk, context())

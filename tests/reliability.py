@@ -1,0 +1,75 @@
+"""The reliability table: for each fault, what was submitted, done, failed as expected,
+lost and duplicated. Rows are collected by the fault tests and printed at the end of the
+run (pytest_terminal_summary in conftest)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from explainctl.contracts import ITEMS_JSONL, job_key
+from explainctl.job import JobStore
+from explainctl.storage import open_storage, read_uri
+
+ROWS: list[Row] = []
+
+
+@dataclass
+class Row:
+    fault: str
+    submitted: int
+    done: int
+    failed_as_expected: int
+    lost: int
+    duplicated: int
+
+    def markdown(self) -> str:
+        return (
+            f"| {self.fault} | {self.submitted} | {self.done} | {self.failed_as_expected} "
+            f"| {self.lost} | {self.duplicated} |"
+        )
+
+
+HEADER = (
+    "| fault or input | submitted | done | failed as expected | lost | duplicated |\n"
+    "|---|---|---|---|---|---|"
+)
+
+
+def audit(store: JobStore, job_id: str, fault: str, expected_failed: set[int] = frozenset(),
+          expected_cancelled: int = 0) -> Row:  # fmt: skip
+    """Check a settled job against its records, its manifest and its artifacts."""
+    status = store.status(job_id)
+    records = list(store.items(job_id))
+    failed = {r.index for r in records if r.state == "failed"}
+    done = [r for r in records if r.state == "done"]
+    missing_artifacts = 0
+    for record in done:
+        for uri in record.artifacts.values():
+            try:
+                read_uri(uri, max_bytes=512 * 1024 * 1024)
+            except Exception:  # noqa: BLE001 - any unreadable artifact counts as lost
+                missing_artifacts += 1
+                break
+    settled = status.counts["done"] + status.counts["failed"] + status.counts["cancelled"]
+    unsettled = status.total - settled
+    manifest = open_storage(status.info.output).get(job_key(job_id, ITEMS_JSONL)).splitlines()
+    indices = [json.loads(line)["index"] for line in manifest if line.strip()]
+    lost = unsettled + missing_artifacts + (status.total - len(set(indices)))
+    lost += len(failed - expected_failed) + max(0, status.counts["cancelled"] - expected_cancelled)
+    duplicated = (sum(status.counts.values()) - status.total) + (len(indices) - len(set(indices)))
+    row = Row(fault, status.total, len(done), len(failed & expected_failed), lost, duplicated)
+    ROWS.append(row)
+    return row
+
+
+def table() -> str:
+    return "\n".join([HEADER, *(row.markdown() for row in ROWS)])
+
+
+def write(path: str | None) -> None:
+    if path and ROWS:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(table() + "\n")

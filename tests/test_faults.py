@@ -1,0 +1,218 @@
+"""Faults injected into real processes: killed and stopped workers, a restarted Redis, an
+unreachable S3, poison items, duplicates and cancellation. Each test adds a row to the
+reliability table (tests/reliability.py): the target is 0 lost and 0 duplicated."""
+
+import json
+import subprocess
+import time
+import uuid
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+from explainctl.config import Settings
+from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkItem, ChunkPayload
+from explainctl.job import JobStore
+from explainctl.queue import make_app
+from tests import cli
+from tests.reliability import audit
+from tests.services import RedisServer, free_port
+
+pytestmark = pytest.mark.reliability
+
+
+def tiny(iterations: int) -> list[str]:
+    return ["--model", "tests.models:tiny_classifier", "--image-size", "32", "--mask-size",
+            "4", "--iterations", str(iterations)]  # fmt: skip
+
+
+def images(folder, n: int, start: int = 0):
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(start)
+    paths = []
+    for i in range(start, start + n):
+        path = folder / f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def submit(env, *args) -> str:
+    done = cli.run("submit", *args, "--json", **env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["job_id"]
+
+
+def status(env, job: str) -> dict:
+    return json.loads(cli.run("status", job, "--json", **env).stdout)
+
+
+def until(predicate, timeout: float = 60, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+    return value
+
+
+def wait(env, job: str, timeout: float = 180) -> dict:
+    done = cli.run("wait", job, "--json", "--interval", "0.2", timeout=timeout, **env)
+    return json.loads(done.stdout)
+
+
+def test_worker_killed_mid_chunk(tmp_path, start_workers, worker_env):
+    env = {**worker_env, "EXPLAINCTL_LEASE_SECONDS": "4"}
+    images(tmp_path / "in", 4)
+    (victim,) = start_workers(1, **env)
+    job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(1500))
+    until(lambda: status(env, job)["counts"]["running"] > 0)
+    victim.kill()  # SIGKILL to the main process and its pool child: a lost node
+    start_workers(1, **env)
+    final = wait(env, job, timeout=240)
+    assert final["state"] == "completed", final
+    store = JobStore.connect(env["EXPLAINCTL_BROKER_URL"])
+    assert max(r.attempts for r in store.items(job)) == 2  # the lost chunk ran again
+    row = audit(store, job, "worker SIGKILLed mid-chunk")
+    assert (row.done, row.lost, row.duplicated) == (4, 0, 0)
+
+
+def test_worker_sigterm_mid_chunk_is_a_warm_shutdown(tmp_path, start_workers, worker_env):
+    images(tmp_path / "in", 4)
+    (worker,) = start_workers(1)
+    job = submit(worker_env, str(tmp_path / "in"), "--chunk-size", "4", *tiny(4000))
+    until(lambda: status(worker_env, job)["counts"]["running"] > 0)
+    worker.terminate()
+    assert worker.process.wait(120) == 0, worker.log()[-2000:]
+    assert status(worker_env, job)["state"] == "completed"
+    row = audit(JobStore.connect(worker_env["EXPLAINCTL_BROKER_URL"]), job, "worker SIGTERMed")
+    assert (row.done, row.lost, row.duplicated) == (4, 0, 0)
+
+
+def test_redis_restarted_during_a_job(tmp_path, start_workers, worker_env):
+    server = RedisServer(tmp_path / "redis", persistent=True).start()
+    env = {**worker_env, "EXPLAINCTL_BROKER_URL": server.url}
+    try:
+        images(tmp_path / "in", 6)
+        start_workers(1, **env)
+        job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(800))
+        follower = subprocess.Popen(
+            [cli.EXPLAINCTL, "wait", job, "--json", "--interval", "0.2"],
+            env=cli.env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        until(lambda: status(env, job)["counts"]["done"] >= 1)
+        server.stop()
+        time.sleep(3)
+        server.start()
+        out, err = follower.communicate(timeout=180)
+        assert follower.returncode == 0, err[-2000:]
+        assert json.loads(out)["state"] == "completed"
+        row = audit(JobStore.connect(server.url), job, "Redis restarted mid-job")
+        assert (row.done, row.lost, row.duplicated) == (6, 0, 0)
+    finally:
+        server.stop()
+
+
+def test_s3_unreachable_during_uploads(tmp_path, start_workers, worker_env, s3_server):
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    flaky = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    flaky.start()
+    bucket = f"flaky-{uuid.uuid4().hex[:8]}"
+    boto3.session.Session().client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    env = {**worker_env, "AWS_ENDPOINT_URL": endpoint}
+    try:
+        images(tmp_path / "in", 6)
+        start_workers(1, **env)
+        job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", "--output",
+                     f"s3://{bucket}/out", *tiny(600))  # fmt: skip
+        until(lambda: status(env, job)["counts"]["running"] > 0)
+        flaky.stop()
+        done_at_outage = status(env, job)["counts"]["done"]
+        time.sleep(5)
+        # Nothing can be marked done while its artifacts cannot be stored.
+        assert status(env, job)["counts"]["done"] == done_at_outage
+        flaky = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        flaky.start()
+        final = wait(env, job)
+        assert final["state"] == "completed", final
+        row = audit(JobStore.connect(env["EXPLAINCTL_BROKER_URL"]), job, "S3 down 5 s")
+        assert (row.done, row.lost, row.duplicated) == (6, 0, 0)
+    finally:
+        flaky.stop()
+
+
+def test_poison_item_fails_after_the_cap_and_the_rest_completes(
+    tmp_path, start_workers, worker_env
+):
+    folder = tmp_path / "in"
+    images(folder, 5)
+    Image.new("RGB", (24, 24), (255, 0, 255)).save(folder / "img02b-poison.png")
+    env = {**worker_env, "EXPLAINCTL_MAX_DELIVERIES": "2"}
+    (worker,) = start_workers(1, **env)
+    model = ["--model", "tests.models:poisoned_classifier", *tiny(20)[2:]]
+    job = submit(env, str(folder), "--chunk-size", "3", *model)
+    final = wait(env, job, timeout=240)
+    assert final["counts"] == {"queued": 0, "running": 0, "done": 5, "failed": 1, "cancelled": 0}
+    store = JobStore.connect(env["EXPLAINCTL_BROKER_URL"])
+    (poison,) = [r for r in store.items(job) if r.state == "failed"]
+    assert poison.uri.endswith("poison.png") and poison.error_code == "worker-lost"
+    assert "lost 2 times" in poison.error
+    row = audit(store, job, "poison item (kills its worker)", expected_failed={poison.index})
+    assert (row.lost, row.duplicated) == (0, 0)
+    # The worker is not stuck: it takes the next job.
+    assert worker.process.poll() is None
+    again = submit(env, str(folder / "img00.png"), *tiny(5))
+    assert wait(env, again)["state"] == "completed"
+
+
+def test_same_job_twice_and_a_chunk_delivered_twice(tmp_path, start_workers, worker_env):
+    images(tmp_path / "in", 4)
+    start_workers(1)
+    first = submit(worker_env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(30))
+    second = submit(worker_env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(30))
+    assert wait(worker_env, first)["state"] == "completed"
+    assert wait(worker_env, second)["state"] == "completed"
+    output = tmp_path / "output"
+    masks = sorted((output / first).glob("*/mask.npy"))
+    assert len(masks) == 4
+    for mask in masks:  # the same inputs and seed give the same artifacts
+        assert mask.read_bytes() == (output / second / mask.parent.name / "mask.npy").read_bytes()
+    store = JobStore.connect(worker_env["EXPLAINCTL_BROKER_URL"])
+    audit(store, first, "same job submitted twice (1st)")
+    audit(store, second, "same job submitted twice (2nd)")
+
+    before = {p: p.read_bytes() for p in (output / first).rglob("*.npy")}
+    info = store.info(first)
+    items = [ChunkItem(index=r.index, uri=r.uri) for r in store.items(first)][:2]
+    payload = ChunkPayload(job_id=first, chunk=0, model=info.model, params=info.params,
+                           output=info.output, items=items)  # fmt: skip
+    app = make_app(Settings.load(broker_url=worker_env["EXPLAINCTL_BROKER_URL"]))
+    app.send_task(TASK_EXPLAIN_CHUNK, args=[payload.model_dump(mode="json")],
+                  queue=worker_env["EXPLAINCTL_QUEUE"])  # fmt: skip
+    deliveries = f"explainctl:job:{first}:deliveries"
+    until(lambda: store.redis.hget(deliveries, "0") == "2")
+    time.sleep(0.5)
+    assert {p: p.read_bytes() for p in (output / first).rglob("*.npy")} == before
+    row = audit(store, first, "chunk delivered twice")
+    assert (row.done, row.lost, row.duplicated) == (4, 0, 0)
+
+
+def test_cancel_during_a_running_job(tmp_path, start_workers, worker_env):
+    images(tmp_path / "in", 6)
+    start_workers(1)
+    job = submit(worker_env, str(tmp_path / "in"), "--chunk-size", "1", *tiny(1500))
+    until(lambda: status(worker_env, job)["counts"]["done"] >= 1)
+    assert cli.run("cancel", job, **worker_env).returncode == 0
+    final = wait(worker_env, job)
+    assert final["state"] == "cancelled"
+    done, cancelled = final["counts"]["done"], final["counts"]["cancelled"]
+    assert done + cancelled == 6 and cancelled >= 3
+    time.sleep(3)  # queued chunks reach the worker, which must not run them
+    assert status(worker_env, job)["counts"]["done"] == done
+    row = audit(JobStore.connect(worker_env["EXPLAINCTL_BROKER_URL"]), job,
+                "cancel mid-job", expected_cancelled=cancelled)  # fmt: skip
+    assert (row.lost, row.duplicated) == (0, 0)

@@ -1,0 +1,94 @@
+"""Chunk leases: a lost chunk runs again within seconds, not after the visibility timeout.
+
+While a worker runs a chunk it holds a lease in Redis (`explainctl:leases`, a sorted set
+scored by expiry time) and renews it from a heartbeat thread. When the whole worker
+vanishes (SIGKILL, a lost node or spot instance) the renewals stop; every worker's reaper
+thread looks for expired leases, and the one whose ZREM succeeds sends the chunk again.
+The original message is still redelivered by Redis after the visibility timeout; by then
+its items are settled and the second run does nothing (explainctl.job keeps items final).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import redis
+
+from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload
+
+LEASES = "explainctl:leases"
+log = logging.getLogger("explainctl.worker")
+
+
+def _key(payload: ChunkPayload) -> str:
+    return f"{payload.job_id}:{payload.chunk}"
+
+
+def _payload_key(key: str) -> str:
+    return f"explainctl:lease:{key}"
+
+
+@contextlib.contextmanager
+def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float) -> Iterator[None]:
+    """Hold the chunk's lease while the block runs. The lease is released only when the
+    block finishes normally: after an exception it expires and the chunk is sent again
+    (the attempt counts of explainctl.job bound how often)."""
+    key = _key(payload)
+    body = json.dumps({"queue": queue, "payload": payload.model_dump(mode="json")})
+    client.set(_payload_key(key), body)
+    client.zadd(LEASES, {key: time.time() + seconds})
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(seconds / 4):
+            with contextlib.suppress(redis.RedisError):  # a blip: the next beat retries
+                client.zadd(LEASES, {key: time.time() + seconds}, xx=True)
+
+    beat = threading.Thread(target=renew, name=f"lease-{key}", daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+    pipe = client.pipeline()
+    pipe.zrem(LEASES, key)
+    pipe.delete(_payload_key(key))
+    pipe.execute()
+
+
+def reap(client: redis.Redis, app, now: float | None = None, limit: int = 20) -> int:
+    """Send again the chunks whose leases expired; returns how many."""
+    expired = client.zrangebyscore(LEASES, "-inf", now or time.time(), start=0, num=limit)
+    sent = 0
+    for member in expired:
+        key = member.decode() if isinstance(member, bytes) else member
+        if not client.zrem(LEASES, key):
+            continue  # another worker's reaper claimed it first
+        body = client.get(_payload_key(key))
+        if body is None:
+            continue
+        lease = json.loads(body)
+        app.send_task(TASK_EXPLAIN_CHUNK, args=[lease["payload"]], queue=lease["queue"])
+        log.warning("chunk %s lost its worker; sent it again", key)
+        sent += 1
+    return sent
+
+
+def start_reaper(client: redis.Redis, app, seconds: float) -> threading.Thread:
+    def loop() -> None:
+        while True:
+            time.sleep(seconds / 2)
+            try:
+                reap(client, app)
+            except Exception as error:  # noqa: BLE001 - the reaper must outlive any blip
+                log.warning("lease reaper: %s", error)
+
+    thread = threading.Thread(target=loop, name="lease-reaper", daemon=True)
+    thread.start()
+    return thread
