@@ -150,7 +150,7 @@ class ChunkPayload(_Strict):
     Holds no credentials: workers reach storage with their own configuration.
     """
 
-    job_id: str
+    job_id: str = Field(pattern=r"^[0-9a-hjkmnp-tv-z]{18}$")  # explainctl.ids
     chunk: int = Field(ge=0)
     model: ModelSpec
     params: ExplainParams

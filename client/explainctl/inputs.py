@@ -23,7 +23,6 @@ from typing import Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from explainctl.contracts import Target
 from explainctl.errors import InvalidInput, ItemError
 from explainctl.storage import (
     DEFAULT_IMAGE_EXTENSIONS,
@@ -342,20 +341,13 @@ def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
 
 
 def _item(text: str, target: str | None, where: str, relative: _Relative) -> InputItem:
+    """One entry of a list. An unusable URI or target is passed on as it is: the worker
+    fails that item alone with its code, and one bad line cannot sink a long audit."""
     if not _SCHEME_RE.match(text):
         text = relative(text, where)
     try:
         location = parse_uri(text)
-    except ItemError as err:
-        raise InvalidInput(f"{where}: {err.message}") from None
+    except ItemError:
+        return InputItem(text, target)
     uri = f"s3://{location.bucket}/{location.key}" if location.scheme == "s3" else location.key
-    if target is not None:
-        try:
-            Target.parse(target)
-        except ValueError:
-            # Found now rather than by a worker after the job is queued.
-            raise InvalidInput(
-                f"{where}: invalid target {_one_line(target)!r} "
-                "(a class index >= 0, a class name, or top1)"
-            ) from None
     return InputItem(uri, target)

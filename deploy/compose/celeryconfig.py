@@ -4,12 +4,13 @@ Flower runs Celery's default app, which imports this module. Its Redis client al
 messages left unacknowledged for longer than the visibility timeout, so it must use the
 workers' value rather than Celery's default of one hour: with EXPLAINCTL_VISIBILITY_TIMEOUT
 above 3600 s, Flower would otherwise requeue a chunk that a worker is still running.
-Keep the default below equal to explainctl's (tests/deploy checks it).
+The broker is the workers' EXPLAINCTL_BROKER_URL; keep the default visibility timeout
+equal to explainctl's (tests/deploy checks it).
 """
 
 import os
 
-broker_url = os.environ.get("EXPLAINCTL_BROKER_URL") or "redis://127.0.0.1:6379/0"
+broker_url = os.environ["EXPLAINCTL_BROKER_URL"]
 broker_transport_options = {
     "visibility_timeout": int(os.environ.get("EXPLAINCTL_VISIBILITY_TIMEOUT") or 2100),
 }

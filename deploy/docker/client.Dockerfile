@@ -23,7 +23,7 @@ COPY workers ./workers
 RUN pip install --no-cache-dir . \
  && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
  && explainctl version \
- && cd / && rm -rf /tmp/explainctl-src
+ && rm -rf /tmp/explainctl-src
 
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/explainctl \
         --shell /usr/sbin/nologin explainctl

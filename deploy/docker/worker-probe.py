@@ -45,12 +45,16 @@ def _give_up(_signum, _frame):
     os._exit(1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="explainctl-probe", description=__doc__.split("\n")[0])
     parser.add_argument("--gpus", default=None, help="the worker's --gpus value (all, 0,1)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for pongs")
     parser.add_argument("--stopping-file", default=STOPPING_FILE, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if os.path.exists(args.stopping_file):
         print("ok: warm shutdown in progress, finishing the current chunk")
@@ -65,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     from explainctl.queue import make_app
 
     try:
+        settings = Settings.load()
+        if not settings.broker_url:
+            # Unset, the settings fall back to an embedded Redis that no worker here uses.
+            print("unhealthy: EXPLAINCTL_BROKER_URL is not set")
+            return 1
         nodes = node_names(args.gpus, socket.gethostname())
-        app = make_app(Settings.load())
+        app = make_app(settings)
         replies = app.control.inspect(destination=nodes, timeout=args.timeout).ping() or {}
     except ExplainctlError as error:
         print(f"unhealthy: {error}")

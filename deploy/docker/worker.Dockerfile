@@ -34,7 +34,7 @@ RUN { pip list --format=freeze | grep -iE '^(torch|torchvision)==' || true; } > 
  && pip install --no-cache-dir --constraint /tmp/base-torch.txt ".[worker]" \
  && chmod 0755 /usr/local/bin/explainctl-probe \
  && explainctl version \
- && cd / && rm -rf /tmp/explainctl-src /tmp/base-torch.txt
+ && rm -rf /tmp/explainctl-src /tmp/base-torch.txt
 
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/explainctl \
         --shell /usr/sbin/nologin explainctl
@@ -53,7 +53,7 @@ WORKDIR /home/explainctl
 
 # Every Celery node of `explainctl worker --gpus all` must answer a ping through the broker.
 # Run the image with another worker command and the probe needs the matching --gpus value.
-HEALTHCHECK --interval=60s --timeout=30s --start-period=120s --retries=3 \
+HEALTHCHECK --interval=60s --timeout=45s --start-period=120s --retries=3 \
     CMD ["explainctl-probe", "--gpus", "all"]
 
 # SIGTERM starts Celery's warm shutdown: the current chunk finishes first (stop timeouts must

@@ -210,8 +210,6 @@ def test_csv_without_uri_column(tmp_path):
     ("body", "fragment"),
     [
         ("uri,target\na.jpg,1\n,5\n", "list.csv:3: empty 'uri' value"),
-        ("uri,target\na.jpg,-1\n", "list.csv:2: invalid target '-1'"),
-        ("uri\nftp://host/a.jpg\n", "list.csv:2: unsupported URI scheme"),
     ],
 )
 def test_bad_csv_rows_name_the_line(tmp_path, body, fragment):
@@ -219,9 +217,15 @@ def test_bad_csv_rows_name_the_line(tmp_path, body, fragment):
     assert fragment in invalid([str(tmp_path / "list.csv")])
 
 
-def test_bad_line_in_txt_names_the_line(tmp_path):
-    touch(tmp_path / "l.txt").write_text("a.jpg\n\nfile://remote/x.jpg\n")
-    assert "l.txt:3: file URI with a remote host" in invalid([str(tmp_path / "l.txt")])
+def test_unusable_entries_pass_through_for_the_worker_to_fail_alone(tmp_path):
+    touch(tmp_path / "l.csv").write_text(
+        "uri,target\nftp://host/a.jpg,\nfile://remote/x.jpg,\nb.jpg,-1\n"
+    )
+    assert list(expand_inputs([str(tmp_path / "l.csv")])) == [
+        InputItem("ftp://host/a.jpg"),
+        InputItem("file://remote/x.jpg"),
+        InputItem(str(tmp_path / "b.jpg"), "-1"),
+    ]
 
 
 def test_non_utf8_list(tmp_path):

@@ -112,6 +112,11 @@ def _store_outcome(context: WorkerContext, payload: ChunkPayload, outcome: ItemO
         "prob_after": r.prob_after,
         "mask_area": r.mask_area,
         "seconds": r.seconds,
+        "method": r.method,
+        "deletion_auc": r.deletion_auc,
+        "deletion_auc_blur": r.deletion_auc_blur,
+        "insertion_auc": r.insertion_auc,
+        "prob_keep": r.prob_keep,
     }
 
 
@@ -120,31 +125,30 @@ def _explain_group(
 ) -> bool:
     store = context.store
     attempts = store.begin(payload.job_id, [item.index for item in group])
-    changes: list[tuple[int, str, dict]] = []
-    runnable = []
+    settled: list[tuple[int, str, dict]] = []
+    runnable: list[tuple[ChunkItem, Target]] = []
     for item, attempt in zip(group, attempts, strict=True):
         if attempt > context.settings.max_deliveries:
-            lost = attempt - 1
-            message = f"the worker was lost {lost} times while explaining this item"
-            changes.append((item.index, "failed", _failure("worker-lost", message)))
-        else:
-            runnable.append(item)
-    finished = store.settle(payload.job_id, changes) if changes else False
-    if not runnable:
-        return finished
+            message = f"the worker was lost {attempt - 1} times while explaining this item"
+            settled.append((item.index, "failed", _failure("worker-lost", message)))
+            continue
+        try:
+            runnable.append((item, Target.parse(item.target)))
+        except ValueError:
+            message = f"invalid target {item.target!r}: a class index >= 0, a name, or top1"
+            settled.append((item.index, "failed", _failure("bad-target", message)))
 
     inputs = [
         ItemInput(
             name=item_name(item.index, item.uri),
             source=item.uri,
             load=lambda uri=item.uri: context.read(uri),
-            target=Target.parse(item.target),
+            target=target,
         )
-        for item in runnable
+        for item, target in runnable
     ]
-    outcomes = explain_chunk(inputs, loaded, payload.params, context.limits())
-    settled: list[tuple[int, str, dict]] = []
-    for item, outcome in zip(runnable, outcomes, strict=True):
+    outcomes = explain_chunk(inputs, loaded, payload.params, context.limits()) if inputs else []
+    for (item, _), outcome in zip(runnable, outcomes, strict=True):
         if not outcome.ok:
             settled.append((item.index, "failed", _failure(outcome.error_code, outcome.error)))
             continue
@@ -153,7 +157,7 @@ def _explain_group(
         except ItemError as error:
             settled.append((item.index, "failed", _failure(error.code, error.message)))
     # One round trip for the group, after every artifact of it is stored.
-    return store.settle(payload.job_id, settled) or finished
+    return store.settle(payload.job_id, settled)
 
 
 def run_chunk(payload: ChunkPayload, context: WorkerContext) -> None:
