@@ -112,11 +112,6 @@ def _store_outcome(context: WorkerContext, payload: ChunkPayload, outcome: ItemO
         "prob_after": r.prob_after,
         "mask_area": r.mask_area,
         "seconds": r.seconds,
-        "method": r.method,
-        "deletion_auc": r.deletion_auc,
-        "deletion_auc_blur": r.deletion_auc_blur,
-        "insertion_auc": r.insertion_auc,
-        "prob_keep": r.prob_keep,
     }
 
 
