@@ -10,25 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import torch
+from machine import describe  # benchmarks/machine.py, beside this script
 
 from explainctl.contracts import ExplainParams, ModelSpec
 from explainctl_worker.engine import explain_batch
 from explainctl_worker.model import ModelCache, pick_device
-
-
-def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next(line.split(":", 1)[1].strip() for line in handle if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} cpus, {model}"
 
 
 def load(name: str, random_weights: bool, device: torch.device) -> torch.nn.Module:
@@ -84,7 +73,7 @@ def main() -> None:
         ),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "machine": machine(),
+        "machine": describe(),
     }
     print(json.dumps(result))
     if args.json_path:

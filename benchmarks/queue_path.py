@@ -36,6 +36,8 @@ import time
 import uuid
 from pathlib import Path
 
+from machine import describe  # benchmarks/machine.py, beside this script
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 ROOT = Path(_HERE).parent
@@ -49,16 +51,6 @@ TASK_DONE = re.compile(rb"succeeded in ([0-9.]+)s")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next(line.split(":", 1)[1].strip() for line in handle if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} cpus, {model}"
 
 
 def child_env(broker: str, queue: str, output: str, **extra: str) -> dict[str, str]:
@@ -455,7 +447,7 @@ def context() -> dict:
     return {
         "explainctl": explainctl.__version__,
         "python": platform.python_version(),
-        "machine": machine(),
+        "machine": describe(),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -41,29 +41,55 @@ class RedisServer:
         port: int | None = None,
         persistent: bool = False,
         password: str | None = None,
+        tls: bool = False,
     ):
         self.directory = directory
         self.port = port or free_port()
         self.persistent = persistent
         self.password = password
+        self.tls = tls
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            ca = self.directory / "ca.crt"
+            return (
+                f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+            )
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _certificates(self) -> list[str]:
+        """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+        d = self.directory
+        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        for command in (
+            f"req -x509 -newkey rsa:2048 -nodes -keyout {d}/ca.key -out {d}/ca.crt -days 1 "
+            "-subj /CN=explainctl-test-ca",
+            f"req -newkey rsa:2048 -nodes -keyout {d}/srv.key -out {d}/srv.csr -subj /CN=127.0.0.1",
+            f"x509 -req -in {d}/srv.csr -CA {d}/ca.crt -CAkey {d}/ca.key -CAcreateserial "
+            f"-out {d}/srv.crt -days 1 -extfile {d}/san.ext",
+        ):
+            subprocess.run(["openssl", *command.split()], check=True, capture_output=True)
+        return [
+            "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", f"{d}/srv.crt",
+            "--tls-key-file", f"{d}/srv.key", "--tls-ca-cert-file", f"{d}/ca.crt",
+            "--tls-auth-clients", "no",
+        ]  # fmt: skip
 
     def start(self) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
+        listen = self._certificates() if self.tls else ["--port", str(self.port)]
         args = [
-            redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            redis_binary(), *listen, "--bind", "127.0.0.1",
             "--dir", str(self.directory), "--save", "",
             "--appendonly", "yes" if self.persistent else "no",
             "--maxmemory-policy", "noeviction",
             *(["--requirepass", self.password] if self.password else []),
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 15
         while True:
             try:

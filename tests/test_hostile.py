@@ -207,3 +207,19 @@ def test_secrets_never_leave_the_environment(tmp_path, s3_bucket, start_workers,
             assert redis_secret not in text and aws_secret not in text
     finally:
         server.stop()
+
+
+def test_tls_redis_with_a_password(tmp_path, start_workers, worker_env):
+    server = RedisServer(tmp_path / "redis", password="s3cret-pass", tls=True).start()
+    env = {**worker_env, "EXPLAINCTL_BROKER_URL": server.url}
+    try:
+        plain = redis.Redis(port=server.port, password="s3cret-pass", socket_connect_timeout=1)
+        with pytest.raises(redis.ConnectionError):
+            plain.ping()  # the port speaks TLS only
+        (tmp_path / "in").mkdir()
+        Image.new("RGB", (20, 20), "white").save(tmp_path / "in" / "a.png")
+        start_workers(1, **env)
+        done = cli.run("submit", str(tmp_path / "in"), "--wait", "--json", *TINY, **env)
+        assert json.loads(done.stdout)["state"] == "completed", done.stderr
+    finally:
+        server.stop()

@@ -9,7 +9,7 @@ import numpy as np
 import redis
 from PIL import Image
 
-from tests import cli
+from tests import browser, cli
 
 TINY = [
     "--model", "tests.models:tiny_classifier", "--image-size", "32", "--mask-size", "4",
@@ -156,3 +156,47 @@ def test_plain_celery_worker_runs_jobs(tmp_path, start_workers, worker_env):
     start_workers(1, command=command)
     job = _json(cli.run("submit", str(folder), "--wait", "--json", *TINY, **worker_env))
     assert job["state"] == "completed" and job["counts"]["done"] == 2
+
+
+def test_worker_metrics(tmp_path, start_workers, worker_env):
+    import urllib.request
+
+    from tests.services import free_port
+
+    folder = _folder(tmp_path, good=3, broken=1)
+    port = free_port()
+    start_workers(1, EXPLAINCTL_METRICS_PORT=str(port))
+    cli.run("submit", str(folder), "--wait", *TINY, **worker_env)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+    assert float(samples['explainctl_items_total{error_code="",state="done"}']) == 3
+    failed = 'explainctl_items_total{error_code="unsupported-format",state="failed"}'
+    assert float(samples[failed]) == 1
+    assert float(samples["explainctl_queue_wait_seconds_count"]) == 1
+    assert float(samples["explainctl_item_seconds_count"]) == 3
+
+
+def test_methods_and_metrics_through_the_queue(tmp_path, start_workers, worker_env):
+    folder = _folder(tmp_path, good=3, broken=0)
+    start_workers(1)
+    small = ["--model", "tests.models:tiny_classifier", "--image-size", "32", "--iterations", "5"]
+    for method in (["--method", "paper", "--mask-size", "8"], ["--method", "extremal",
+                   "--area", "0.2", "--variant", "preserve"]):  # fmt: skip
+        done = cli.run("submit", str(folder), "--metrics", "--wait", "--json", *small, *method,
+                       **worker_env)  # fmt: skip
+        job = json.loads(done.stdout)
+        assert job["state"] == "completed", done.stderr
+        ordered = cli.run("results", job["job_id"], "--json", "--sort", "deletion_auc", "--desc",
+                          **worker_env)  # fmt: skip
+        records = [json.loads(line) for line in ordered.stdout.splitlines()]
+        assert {r["method"] for r in records} == {method[1]}
+        aucs = [r["deletion_auc"] for r in records]
+        assert len(aucs) == 3 and aucs == sorted(aucs, reverse=True)
+        assert all(0 <= r["insertion_auc"] <= 1 and 0 <= r["prob_keep"] <= 1 for r in records)
+    page = tmp_path / "report.html"
+    cli.run("report", job["job_id"], "--out", str(page), **worker_env)
+    assert "mean deletion auc" in browser.dump_dom(page, tmp_path / "profile")
+    wrong = cli.run("submit", str(folder), "--area", "0.2", *small, **worker_env)
+    assert wrong.returncode == 2 and "extremal" in wrong.stderr  # --area needs --method extremal

@@ -23,8 +23,8 @@ from rich.progress import (
 )
 
 from explainctl import __version__
-from explainctl.contracts import Substrate, Target
-from explainctl.errors import ExplainctlError, MissingDependency
+from explainctl.contracts import Method, Substrate, Target, Variant
+from explainctl.errors import ExplainctlError, InvalidInput, MissingDependency
 from explainctl.options import build_model_spec, build_params
 
 app = typer.Typer(
@@ -64,6 +64,21 @@ SubstrateOpt = Annotated[
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of the noise (0).")]
 EarlyStopOpt = Annotated[
     bool | None, typer.Option("--early-stop/--no-early-stop", help="Stop each mask early.")
+]
+MethodOpt = Annotated[
+    Method | None,
+    typer.Option("--method", help="seed (default), paper (2017 blur pyramid) or extremal (2019)."),
+]
+AreaOpt = Annotated[
+    list[float] | None,
+    typer.Option("--area", help="extremal: target area(s) of the preserved region, e.g. 0.1."),
+]
+VariantOpt = Annotated[
+    Variant | None, typer.Option("--variant", help="extremal: preserve, delete or dual.")
+]
+MetricsOpt = Annotated[
+    bool | None,
+    typer.Option("--metrics/--no-metrics", help="Deletion/insertion AUC and p(keep) per item."),
 ]
 ParamOpt = Annotated[
     list[str] | None,
@@ -112,27 +127,17 @@ def explain(
     substrate: SubstrateOpt = None,
     seed: SeedOpt = None,
     early_stop: EarlyStopOpt = None,
+    method: MethodOpt = None,
+    areas: AreaOpt = None,
+    variant: VariantOpt = None,
+    metrics: MetricsOpt = None,
     param: ParamOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda[:N] or auto.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
 ) -> None:
     """Explain local images on this machine, writing OUT/<image>/ for each."""
-    params = build_params(
-        {
-            "iterations": iterations,
-            "lr": lr,
-            "mask_size": mask_size,
-            "image_size": image_size,
-            "l1_coeff": l1_coeff,
-            "tv_coeff": tv_coeff,
-            "noise_std": noise_std,
-            "substrate": substrate,
-            "seed": seed,
-            "early_stop": early_stop,
-        },
-        param,
-    )
+    params = build_params(locals(), param)  # every flag named like a method parameter
     spec = build_model_spec(model, weights, mean, std)
     wanted = Target.parse(target)
     explain_mod, model_mod = _worker_side()
@@ -182,10 +187,16 @@ def _outcome_line(outcome) -> str:
         return f"FAILED {outcome.name}: {outcome.error} [{outcome.error_code}]"
     r = outcome.result
     label = f"{r.target_index} {r.target_name}" if r.target_name else str(r.target_index)
-    return (
+    line = (
         f"ok {outcome.name}: class {label}, p {r.prob_before:.3f} -> {r.prob_after:.3f}, "
         f"area {r.mask_area:.3f}, {r.seconds:.2f}s"
     )
+    if r.deletion_auc is not None:
+        line += (
+            f", deletion AUC {r.deletion_auc:.3f} (blur {r.deletion_auc_blur:.3f}),"
+            f" insertion AUC {r.insertion_auc:.3f}"
+        )
+    return line
 
 
 BrokerOpt = Annotated[
@@ -230,6 +241,10 @@ def submit(
     substrate: SubstrateOpt = None,
     seed: SeedOpt = None,
     early_stop: EarlyStopOpt = None,
+    method: MethodOpt = None,
+    areas: AreaOpt = None,
+    variant: VariantOpt = None,
+    metrics: MetricsOpt = None,
     param: ParamOpt = None,
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", min=1, help="Images per task (one GPU batch).")
@@ -243,21 +258,7 @@ def submit(
     """Queue images for the workers; prints the job ID."""
     from explainctl.inputs import expand_inputs
 
-    params = build_params(
-        {
-            "iterations": iterations,
-            "lr": lr,
-            "mask_size": mask_size,
-            "image_size": image_size,
-            "l1_coeff": l1_coeff,
-            "tv_coeff": tv_coeff,
-            "noise_std": noise_std,
-            "substrate": substrate,
-            "seed": seed,
-            "early_stop": early_stop,
-        },
-        param,
-    )
+    params = build_params(locals(), param)  # every flag named like a method parameter
     spec = build_model_spec(model, weights, mean, std)
     Target.parse(target)
     client = _client(broker, output, queue)
@@ -360,9 +361,16 @@ RESULT_COLUMNS = (
     "prob_after",
     "mask_area",
     "seconds",
+    "method",
+    "deletion_auc",
+    "deletion_auc_blur",
+    "insertion_auc",
+    "prob_keep",
     "error_code",
     "error",
 )
+SORT_KEYS = ("index", "mask_area", "drop", "prob_before", "prob_after", "deletion_auc",
+             "deletion_auc_blur", "insertion_auc", "prob_keep")  # fmt: skip
 
 
 @app.command()
@@ -373,11 +381,19 @@ def results(
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row.")] = False,
     state: Annotated[str | None, typer.Option("--state", help="Only items in this state.")] = None,
+    sort: Annotated[
+        str | None, typer.Option("--sort", help=f"Order by one of: {', '.join(SORT_KEYS)}.")
+    ] = None,
+    desc: Annotated[bool, typer.Option("--desc", help="Largest first.")] = False,
 ) -> None:
     """List a job's items with their results or errors (JSON lines with --json)."""
+    if sort is not None and sort not in SORT_KEYS:
+        raise InvalidInput(f"--sort takes one of {', '.join(SORT_KEYS)}, not {sort!r}")
     records = _client(broker, output).results(job)
     if state:
         records = (r for r in records if r.state == state)
+    if sort:
+        records = _sorted(list(records), sort, desc)
     if as_csv:
         import csv
 
@@ -401,6 +417,21 @@ def results(
         else:
             detail = f"\t{r.error_code}: {r.error}" if r.error else ""
             print(f"{r.index}\t{r.state}\t{r.uri}{detail}")
+
+
+def _sorted(records: list, key: str, desc: bool) -> list:
+    """Items that have the key in the asked order, then those without it (failed ones)."""
+
+    def value(record):
+        if key == "drop":
+            if record.prob_before is None or record.prob_after is None:
+                return None
+            return record.prob_before - record.prob_after
+        return getattr(record, key)
+
+    present = [r for r in records if value(r) is not None]
+    absent = [r for r in records if value(r) is None]
+    return sorted(present, key=value, reverse=desc) + absent
 
 
 @app.command()
@@ -465,14 +496,28 @@ def worker(
         list[str] | None, typer.Option("--preload", help="Model to load at start (repeatable).")
     ] = None,
     broker: BrokerOpt = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port", help="Serve Prometheus metrics [env EXPLAINCTL_METRICS_PORT]."
+        ),
+    ] = None,
     loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
 ) -> None:
     """Run worker processes that explain queued chunks (needs the worker extra)."""
+    import importlib.util
+
     from explainctl.config import Settings
 
     settings = Settings.load(
-        broker_url=broker, queue=queue, device=device, preload=tuple(preload) if preload else None
+        broker_url=broker,
+        queue=queue,
+        device=device,
+        preload=tuple(preload) if preload else None,
+        metrics_port=metrics_port,
     ).resolve()
+    if importlib.util.find_spec("torch") is None:
+        raise MissingDependency("workers need the worker extra: pip install 'explainctl[worker]'")
     try:
         from explainctl_worker import launcher
     except ImportError as error:
@@ -534,6 +579,8 @@ def demo(
     iterations: IterationsOpt = None,
     image_size: ImageSizeOpt = None,
     mask_size: MaskSizeOpt = None,
+    method: MethodOpt = None,
+    metrics: MetricsOpt = None,
     param: ParamOpt = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
     broker: BrokerOpt = None,
@@ -547,9 +594,7 @@ def demo(
     from explainctl.config import Settings
     from explainctl.demo import run_demo
 
-    params = build_params(
-        {"iterations": iterations, "image_size": image_size, "mask_size": mask_size}, param
-    )
+    params = build_params(locals(), param)
     spec = build_model_spec(model, weights, mean, std)
     settings = Settings.load(broker_url=broker, output=output)
     result = run_demo(settings, spec, params, lambda c, j: _follow(c, j, check=False), device)

@@ -140,6 +140,7 @@ class Client:
             params=info.params,
             output=info.output,
             items=items,
+            sent_at=time.time(),
         )
         try:
             self.app.send_task(
@@ -180,11 +181,10 @@ class Client:
         """Item records from Redis, or from the manifest when Redis no longer has the job."""
         check_job_id(job_id)
         try:
-            info = self.store.info(job_id)
+            self.store.info(job_id)
         except JobNotFound:
             _, records = read_manifest(self.storage(), job_id)
             return records
-        del info
         return self.store.items(job_id)
 
     def jobs(self, limit: int = 20) -> list[JobStatus]:

@@ -33,6 +33,7 @@ class Settings:
     visibility_timeout: int = 2100
     max_deliveries: int = 3
     lease_seconds: int = 60
+    metrics_port: int = 0
     device: str = "auto"
     preload: tuple[str, ...] = ()
     allowed_models: tuple[str, ...] = ()
@@ -52,6 +53,7 @@ class Settings:
         "visibility_timeout": ("EXPLAINCTL_VISIBILITY_TIMEOUT", int),
         "max_deliveries": ("EXPLAINCTL_MAX_DELIVERIES", int),
         "lease_seconds": ("EXPLAINCTL_LEASE_SECONDS", int),
+        "metrics_port": ("EXPLAINCTL_METRICS_PORT", int),
         "device": ("EXPLAINCTL_DEVICE", str),
         "preload": ("EXPLAINCTL_PRELOAD", _split),
         "allowed_models": ("EXPLAINCTL_ALLOWED_MODELS", _split),

@@ -25,6 +25,57 @@ ARTIFACT_FILES = (MASK_NPY, MASK_PNG, HEATMAP_PNG, OVERLAY_PNG, PERTURBED_PNG, R
 
 Substrate = Literal["average", "gaussian", "median"]
 Upsample = Literal["bilinear", "nearest"]
+Method = Literal["seed", "paper", "extremal"]
+Variant = Literal["preserve", "delete", "dual"]
+METHODS: tuple[str, ...] = ("seed", "paper", "extremal")
+
+# Parameters that only some methods read: (methods, names). Setting one for another method
+# is refused, so a flag given with the wrong --method fails at submit time, not silently.
+_ONLY_FOR = (
+    (("paper", "extremal"), ("blur_levels",)),
+    (("extremal",), ("areas", "variant", "area_coeff", "area_growth", "momentum")),
+)
+
+
+def _method_defaults(method: str, values: dict) -> dict:
+    """Defaults of `method` that differ from the seed's (Fong & Vedaldi 2017 and Fong,
+    Patrick & Vedaldi 2019 reference settings)."""
+    if method == "paper":
+        return {
+            "iterations": 300,
+            "lr": 0.1,
+            "mask_size": 28,
+            "l1_coeff": 1e-4,
+            "tv_coeff": 1e-2,
+            "tv_beta": 3.0,
+            "noise_std": 0.0,
+            "upsample": "nearest",
+            "blur_sigma": 10.0,
+            "blur_levels": 8,
+            "jitter": 4,
+        }
+    if method == "extremal":
+        try:
+            side = int(values.get("image_size", 224))
+        except (TypeError, ValueError):
+            side = 224  # the field validator reports the bad image_size itself
+        return {
+            "iterations": 800,
+            "lr": 0.01,
+            # One parameter per ~7 px of the model input, as in the reference setting.
+            "mask_size": max(2, min(side, round(side / 7))),
+            "l1_coeff": 0.0,
+            "tv_coeff": 0.0,
+            "noise_std": 0.0,
+            "blur_sigma": 20.0,
+            "blur_levels": 8,
+            "areas": (0.1,),
+            "variant": "preserve",
+            "area_coeff": 300.0,
+            "area_growth": 1.0035,
+            "momentum": 0.9,
+        }
+    return {}
 
 
 class _Strict(BaseModel):
@@ -32,12 +83,25 @@ class _Strict(BaseModel):
 
 
 class ExplainParams(_Strict):
-    """Parameters of the meaningful-perturbation optimisation (defaults follow the seed).
+    """Parameters of one explanation method; defaults follow the seed unless `method` says.
 
-    loss(m) = l1_coeff * mean|1 - m| + tv_coeff * TV_beta(m) + softmax(f(x_m))_c
-    with x_m = up(m) * x + (1 - up(m)) * substrate(x) + N(0, noise_std^2).
+    method "seed" (the default), after the seed script:
+      loss(m) = l1_coeff * mean|1 - m| + tv_coeff * TV_beta(m) + softmax(f(x_m))_c
+      with x_m = up(m) * x + (1 - up(m)) * substrate(x) + N(0, noise_std^2).
+    method "paper", Fong & Vedaldi (2017) as published: sums instead of means,
+      loss(m) = l1_coeff * sum|1 - m| + tv_coeff * sum((dx^2 + dy^2)^(tv_beta/2))
+                + softmax(f(jitter(Phi(x; m))))_c,
+      Phi a blur whose sigma falls from blur_sigma (m = 0) to 0 (m = 1) over blur_levels.
+    method "extremal", Fong, Patrick & Vedaldi (2019): for each area a in `areas`,
+      max_p  score(p) - area_coeff * area_growth^t * mean((sort(p) - r_a)^2),
+      p a smooth mask of area a (the preserved region), r_a = (1-a)N zeros then aN ones.
+
+    Parameters a method does not read keep their seed defaults (or None) and do nothing;
+    method defaults fill only the keys the input leaves out, so the values recorded with a
+    result are the values used.
     """
 
+    method: Method = "seed"
     iterations: int = Field(500, ge=1, le=100_000)
     lr: float = Field(0.1, gt=0)
     mask_size: int = Field(28, ge=2, le=512)
@@ -55,6 +119,50 @@ class ExplainParams(_Strict):
     early_stop: bool = False
     early_stop_window: int = Field(50, ge=1)
     early_stop_tol: float = Field(1e-3, ge=0)
+    jitter: int = Field(0, ge=0, le=64, description="random shift of up to this many px")
+    blur_levels: int | None = Field(None, ge=2, le=32, description="levels of the blur pyramid")
+    areas: tuple[float, ...] | None = Field(None, min_length=1, max_length=16)
+    variant: Variant | None = None
+    area_coeff: float | None = Field(None, gt=0)
+    area_growth: float | None = Field(None, ge=1, le=1.1)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    metrics: bool = False
+    metric_steps: int | None = Field(None, ge=1, description="curve steps; None: image side")
+    metric_batch: int = Field(64, ge=1, le=4096, description="most images per metric pass")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_method_defaults(cls, data):
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method", "seed")
+        if not isinstance(method, str):
+            return data  # the field validator reports it
+        defaults = _method_defaults(method.strip(), data)
+        missing = {k: v for k, v in defaults.items() if data.get(k) is None}
+        return {**data, **missing} if missing else data
+
+    @field_validator("method", "variant", mode="before")
+    @classmethod
+    def _strip(cls, value):
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("areas", mode="before")
+    @classmethod
+    def _split_areas(cls, value):
+        # `--param areas=0.05,0.1` arrives as one string.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, int | float):
+            return [value]
+        return value
+
+    @field_validator("areas")
+    @classmethod
+    def _areas_in_unit_interval(cls, value):
+        if value is not None and any(not (0 < a < 1) for a in value):
+            raise ValueError("areas must lie strictly between 0 and 1")
+        return value
 
     @field_validator("blur_kernel", "median_kernel")
     @classmethod
@@ -67,6 +175,21 @@ class ExplainParams(_Strict):
     def _mask_fits(self):
         if self.mask_size > self.image_size:
             raise ValueError("mask_size cannot exceed image_size")
+        for methods, names in _ONLY_FOR:
+            if self.method not in methods:
+                for name in names:
+                    if getattr(self, name) is not None:
+                        used_by = " and ".join(methods)
+                        raise ValueError(f"{name} applies only to method {used_by}")
+        if self.method != "seed" and self.blur_sigma > 100:
+            raise ValueError("blur_sigma above 100 px would need kernels wider than any image")
+        if self.method == "extremal":
+            if self.early_stop:
+                raise ValueError("early_stop does not apply to method extremal (its loss grows)")
+            if self.l1_coeff or self.tv_coeff:
+                raise ValueError("method extremal has no l1/tv terms: its area is fixed")
+        if self.metric_steps is not None and self.metric_steps > self.image_size**2:
+            raise ValueError("metric_steps cannot exceed the number of pixels")
         return self
 
 
@@ -131,6 +254,15 @@ class ItemResult(_Strict):
     params: ExplainParams
     versions: dict[str, str]
     artifacts: list[str] = list(ARTIFACT_FILES)
+    method: Method = "seed"
+    # Faithfulness (params.metrics): RISE deletion/insertion areas under the curve of the
+    # target's probability, pixels ranked by saliency 1 - up(mask), most salient first.
+    deletion_auc: float | None = Field(None, description="deletion towards 0 (normalised)")
+    deletion_auc_blur: float | None = Field(None, description="deletion towards a blur")
+    insertion_auc: float | None = Field(None, description="insertion from a blur")
+    prob_keep: float | None = Field(
+        None, description="p(target) keeping only the salient region, the rest blurred"
+    )
 
 
 # --- The queue: task names and payloads ------------------------------------------------
@@ -156,6 +288,7 @@ class ChunkPayload(_Strict):
     params: ExplainParams
     output: str
     items: list[ChunkItem]
+    sent_at: float | None = None  # when the client queued it, for the queue-wait metric
 
 
 # --- Storage layout: <output>/<job_id>/... ---------------------------------------------
@@ -221,3 +354,8 @@ class ItemRecord(_Strict):
     prob_after: float | None = None
     mask_area: float | None = None
     seconds: float | None = None
+    method: str | None = None
+    deletion_auc: float | None = None
+    deletion_auc_blur: float | None = None
+    insertion_auc: float | None = None
+    prob_keep: float | None = None

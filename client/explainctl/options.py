@@ -52,7 +52,10 @@ def parse_extra(pairs: list[str] | None) -> dict[str, str]:
 
 
 def build_params(flags: dict[str, Any], extra: list[str] | None = None) -> ExplainParams:
-    values = {key: value for key, value in flags.items() if value is not None}
+    """ExplainParams from the flags that name one of its fields and were given (not None),
+    then `--param KEY=VALUE` pairs."""
+    fields = ExplainParams.model_fields
+    values = {key: value for key, value in flags.items() if key in fields and value is not None}
     values.update(parse_extra(extra))
     return validated(ExplainParams, values)
 

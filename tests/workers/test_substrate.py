@@ -2,11 +2,15 @@ import pytest
 import torch
 
 from explainctl.contracts import ExplainParams
+from explainctl_worker.mask import blend
 from explainctl_worker.substrate import (
+    blur_pyramid,
     gaussian_blur,
     gaussian_kernel1d,
     make_substrate,
     median_blur,
+    pyramid_blend,
+    pyramid_sigmas,
 )
 
 
@@ -52,3 +56,36 @@ def test_average_substrate_is_mean_of_the_two_blurs():
     assert torch.allclose(make_substrate(x, params), expected)
     gaussian_only = make_substrate(x, params.model_copy(update={"substrate": "gaussian"}))
     assert torch.allclose(gaussian_only, gaussian_blur(x, 11, 5.0))
+
+
+def test_pyramid_runs_from_the_strongest_blur_to_the_image():
+    assert pyramid_sigmas(20.0, 5) == pytest.approx([20.0, 15.0, 10.0, 5.0, 0.0])
+    x = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    levels = blur_pyramid(x, 6.0, 4)
+    assert levels.shape == (2, 4, 3, 40, 40)
+    assert torch.equal(levels[:, -1], x)
+    assert torch.allclose(levels[:, 0], gaussian_blur(x, 37, 6.0))
+    # Stronger blur, less detail.
+    spread = [float(levels[:, i].std()) for i in range(4)]
+    assert spread == sorted(spread)
+
+
+def test_pyramid_blend_interpolates_between_bracketing_levels():
+    levels = torch.arange(5.0).view(1, 5, 1, 1, 1).expand(1, 5, 3, 2, 2).contiguous()
+    m = torch.tensor([[[[0.0, 1.0], [0.5, 0.3]]]])  # t = 4m: 0, 4, 2, 1.2
+    out = pyramid_blend(levels, m)
+    assert out[0, 0].flatten().tolist() == pytest.approx([0.0, 4.0, 2.0, 1.2])
+
+
+def test_two_level_pyramid_is_the_seed_blend():
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    s = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    m = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(pyramid_blend(torch.stack([s, x], dim=1), m), blend(x, s, m), atol=1e-6)
+
+
+def test_pyramid_blend_has_a_gradient_at_a_fully_kept_mask():
+    levels = torch.stack([torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)], dim=1)
+    m = torch.ones(1, 1, 4, 4, requires_grad=True)
+    pyramid_blend(levels, m).sum().backward()
+    assert torch.all(m.grad > 0)  # the seed's masks start at 1: they must be able to move

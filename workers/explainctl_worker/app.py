@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from celery.signals import worker_process_init
 from pydantic import ValidationError
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from explainctl.config import Settings
 from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload, ModelSpec
 from explainctl.queue import make_app
-from explainctl_worker import lease
+from explainctl_worker import lease, metrics
 from explainctl_worker.chunk import WorkerContext, run_chunk
 
 log = logging.getLogger("explainctl.worker")
@@ -38,6 +39,7 @@ def context() -> WorkerContext:
 @worker_process_init.connect
 def _start_reaper(**_) -> None:
     lease.start_reaper(context().store.redis, app, settings.lease_seconds)
+    metrics.serve(settings.metrics_port)
 
 
 @worker_process_init.connect
@@ -64,5 +66,7 @@ def explain_chunk_task(payload: dict) -> None:
         # Nothing in it can be trusted, not even the job ID: log it and drop it.
         log.error("dropping a malformed chunk message: %s", str(error).splitlines()[0])
         return
+    started = time.time()
     with lease.hold(context().store.redis, chunk, settings.queue, settings.lease_seconds):
         run_chunk(chunk, context())
+    metrics.record_chunk(chunk.sent_at, started, context().device)

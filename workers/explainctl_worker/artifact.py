@@ -23,6 +23,9 @@ from explainctl.contracts import (
 )
 
 OVERLAY_ALPHA = 0.5
+# Written beside mask.npy when a method returns several masks (extremal with several
+# areas): (A, h, w) float32, one per area in the order of params.areas.
+MASKS_NPY = "masks.npy"
 
 # Control points of a blue-cyan-yellow-red ramp (value, r, g, b).
 _RAMP = np.array(
@@ -63,37 +66,72 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _resize(array_chw: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(3, S, S) in [0, 1] -> (height, width, 3) float32, through 8-bit like the seed's."""
+    hwc = np.transpose(array_chw, (1, 2, 0)).astype(np.float32)
+    small = Image.fromarray((np.clip(hwc, 0, 1) * 255 + 0.5).astype(np.uint8))
+    big = small.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(big, dtype=np.float32) / 255.0
+
+
+def _pyramid_perturbed(original: np.ndarray, levels: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Variable blur at full resolution: each pixel interpolates the two pyramid levels
+    bracketing m * (L - 1); the last level is the original itself, not its resized copy.
+    One level is resized at a time, so memory stays a few copies of the image."""
+    count = levels.shape[0]
+    t = m * (count - 1)
+    out = np.zeros_like(original)
+    height, width = m.shape
+    for level in range(count):
+        weight = np.clip(1.0 - np.abs(t - level), 0.0, 1.0)[..., None]
+        if not weight.any():
+            continue
+        image = original if level == count - 1 else _resize(levels[level], width, height)
+        out += weight * image
+    return out
+
+
 def render(
     image: Image.Image,
     mask: np.ndarray,
     substrate: np.ndarray,
     result: ItemResult,
     upsample_mode: str = "bilinear",
+    *,
+    mask_full: np.ndarray | None = None,
+    levels: np.ndarray | None = None,
+    area_masks: np.ndarray | None = None,
 ) -> dict[str, bytes]:
     """All artifact files of one item, by file name.
 
     image: the decoded RGB original (W, H); mask: (h, w) in [0, 1], 1 = kept;
     substrate: (3, S, S) pixel-space substrate in [0, 1] the engine used.
+    mask_full: (S, S) the mask as the model saw it, drawn instead of upsampling `mask`
+    when the method's own upsampling is not plain interpolation (paper: blurred).
+    levels: (L, 3, S, S) blur pyramid, for methods whose blur varies with the mask; then
+    perturbed.png interpolates between levels instead of blending with `substrate`.
+    area_masks: (A, h, w), written as masks.npy.
     """
     width, height = image.size
     original = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    m = upsample_mask(mask, width, height, upsample_mode)[..., None]  # (H, W, 1)
-    substrate_hw = np.transpose(substrate, (1, 2, 0)).astype(np.float32)
-    substrate_image = Image.fromarray((np.clip(substrate_hw, 0, 1) * 255 + 0.5).astype(np.uint8))
-    blurred = np.asarray(
-        substrate_image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32
-    )
-    blurred /= 255.0
+    if mask_full is not None:
+        m = upsample_mask(mask_full, width, height, "bilinear")[..., None]  # (H, W, 1)
+    else:
+        m = upsample_mask(mask, width, height, upsample_mode)[..., None]
 
     saliency = 1.0 - m[..., 0]
     heatmap = colormap(saliency)
     overlay = (1 - OVERLAY_ALPHA) * original + OVERLAY_ALPHA * heatmap.astype(np.float32) / 255.0
-    perturbed = m * original + (1 - m) * blurred
+    if levels is not None:
+        perturbed = _pyramid_perturbed(original, levels, m[..., 0])
+    else:
+        blurred = _resize(substrate, width, height)
+        perturbed = m * original + (1 - m) * blurred
 
     def to_u8(array: np.ndarray) -> np.ndarray:
         return (np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8)
 
-    return {
+    files = {
         MASK_NPY: _npy(mask),
         MASK_PNG: _png(to_u8(m[..., 0])),
         HEATMAP_PNG: _png(heatmap),
@@ -101,3 +139,6 @@ def render(
         PERTURBED_PNG: _png(to_u8(perturbed)),
         RESULT_JSON: (json.dumps(result.model_dump(mode="json"), indent=2) + "\n").encode(),
     }
+    if area_masks is not None:
+        files[MASKS_NPY] = _npy(area_masks)
+    return files

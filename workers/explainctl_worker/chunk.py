@@ -29,6 +29,7 @@ from explainctl.fetch import HttpPolicy, fetch_http
 from explainctl.job import JobStore
 from explainctl.manifest import write_manifest
 from explainctl.storage import Storage, open_storage, read_uri
+from explainctl_worker import metrics
 from explainctl_worker.decode import DecodeLimits
 from explainctl_worker.explain import ItemInput, ItemOutcome, explain_chunk
 from explainctl_worker.model import ModelCache, pick_device
@@ -112,6 +113,11 @@ def _store_outcome(context: WorkerContext, payload: ChunkPayload, outcome: ItemO
         "prob_after": r.prob_after,
         "mask_area": r.mask_area,
         "seconds": r.seconds,
+        "method": r.method,
+        "deletion_auc": r.deletion_auc,
+        "deletion_auc_blur": r.deletion_auc_blur,
+        "insertion_auc": r.insertion_auc,
+        "prob_keep": r.prob_keep,
     }
 
 
@@ -152,7 +158,9 @@ def _explain_group(
         except ItemError as error:
             settled.append((item.index, "failed", _failure(error.code, error.message)))
     # One round trip for the group, after every artifact of it is stored.
-    return store.settle(payload.job_id, settled)
+    finished = store.settle(payload.job_id, settled)
+    metrics.record_items(settled)
+    return finished
 
 
 def run_chunk(payload: ChunkPayload, context: WorkerContext) -> None:

@@ -1,16 +1,12 @@
-"""Batched meaningful-perturbation optimisation (Fong & Vedaldi 2017, as the seed runs it).
+"""Batched explanations: one entry point, `explain_batch`, for every method.
 
-For each image x (C, H, W) with target class c, find a low-resolution mask m in [0, 1]:
+params.method picks the optimisation (methods/seed.py, paper.py, extremal.py); each
+explains N images in one batch, one forward/backward per iteration, and gives every image
+the mask it would get alone. With params.metrics the engine then scores each mask's
+faithfulness (faithfulness.py: RISE deletion and insertion) in a few batched passes.
 
-    min_m  l1_coeff * mean|1 - m| + tv_coeff * TV_beta(m) + softmax(f(x_m + eps))_c
-    x_m = up(m) * x + (1 - up(m)) * s(x),    eps ~ N(0, noise_std^2) drawn every iteration
-
-where s(x) is the blurred substrate and f the frozen classifier (normalised input).
-N images share one forward/backward per iteration. Each image's loss depends only on
-its own mask and Adam updates each element on its own, so an image's mask is the same
-alone or in any batch: the noise is drawn once per iteration with shape (1, C, H, W)
-from a generator seeded with `params.seed` and broadcast, so every image sees the noise
-it would see alone.
+Masks everywhere follow one convention: m = 1 keeps a pixel, m = 0 deletes it, and the
+saliency shown and ranked is 1 - m.
 """
 
 from __future__ import annotations
@@ -22,12 +18,17 @@ import torch
 from torch import nn
 
 from explainctl.contracts import ExplainParams
-from explainctl_worker.mask import blend, l1_term, mask_area, tv_term, upsample
-from explainctl_worker.substrate import make_substrate
+from explainctl_worker import faithfulness
+from explainctl_worker.mask import mask_area
+from explainctl_worker.methods import RUNNERS
+from explainctl_worker.methods.common import (
+    CHECKPOINT_EVERY,  # noqa: F401 - part of this module's interface
+    normalise,
+    prepare,
+    target_probability,
+)
 
-# Progress is reported (and early stop decided) every this many iterations; these are
-# the only points where the loop may wait for the device.
-CHECKPOINT_EVERY = 10
+__all__ = ["CHECKPOINT_EVERY", "Explanation", "explain_batch", "target_probability"]
 
 
 @dataclass
@@ -41,18 +42,28 @@ class Explanation:
     mask_area: torch.Tensor  # (N,) mean(1 - m)
     iterations: torch.Tensor  # (N,) iterations each mask was optimised for
     substrate: torch.Tensor  # (N, C, H, W) pixel-space substrate, for rendering
+    method: str = "seed"
+    # (N, L, C, H, W) pixel-space blur pyramid, for methods whose perturbation varies
+    # the blur with the mask (paper, extremal); None for the seed's single substrate.
+    levels: torch.Tensor | None = None
+    # (N, 1, H, W) the mask as the model saw it, at its input resolution; 1 - masks_full
+    # is the saliency the metrics rank.
+    masks_full: torch.Tensor | None = None
+    # (N, A, h, w) one mask per area (extremal with several areas); masks is the first.
+    area_masks: torch.Tensor | None = None
+    # Faithfulness scores (N,), when params.metrics.
+    deletion_auc: torch.Tensor | None = None
+    deletion_auc_blur: torch.Tensor | None = None
+    insertion_auc: torch.Tensor | None = None
+    prob_keep: torch.Tensor | None = None
 
 
 def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
-    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
+    return normalise(x, mean, std)
 
 
-def target_probability(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """softmax(f(x))_c for each image: x (N, C, H, W), targets (N,) -> (N,)."""
-    logits = model(x)
-    return logits.softmax(dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
+def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().float().cpu()
 
 
 def explain_batch(
@@ -65,86 +76,41 @@ def explain_batch(
     targets: torch.Tensor | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Explanation:
-    """Optimise one mask per image.
+    """Optimise one mask per image with params.method.
 
     images: (N, C, H, W) in pixel space [0, 1], on the model's device.
     targets: (N,) class indices, -1 for an image's top-1 class; None for top-1 everywhere.
     progress: called with the number of iterations done, at checkpoints.
     """
-    # In training mode BatchNorm would use batch statistics and couple the images.
-    model.eval()
-    device = images.device
-    n = images.shape[0]
-    size = tuple(images.shape[-2:])
-    x = _normalise(images, mean, std)
-    substrate = make_substrate(images, params)
-    s = _normalise(substrate, mean, std)
-    idx = torch.arange(n, device=device)
+    problem = prepare(model, images, mean, std, targets)
+    result = RUNNERS[params.method](problem, params, progress)
 
-    with torch.no_grad():
-        logits = model(x)
-        top1 = logits.argmax(dim=1)
-        if targets is None:
-            targets = top1
-        targets = targets.to(device=device, dtype=torch.long)
-        targets = torch.where(targets < 0, top1, targets)
-        prob_before = logits.softmax(dim=1)[idx, targets]
+    scores = None
+    if params.metrics:
+        scores = faithfulness.evaluate(
+            model,
+            problem.x,
+            1 - result.masks_full.detach(),
+            problem.targets,
+            steps=params.metric_steps,
+            max_batch=params.metric_batch,
+        )
 
-    m = torch.ones(n, 1, params.mask_size, params.mask_size, device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([m], lr=params.lr)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed)
-
-    active = torch.ones(n, dtype=torch.bool, device=device)
-    iterations = torch.full((n,), params.iterations, dtype=torch.long, device=device)
-    frozen = torch.empty_like(m)
-    best = torch.full((n,), float("inf"), device=device)
-    best_at_window_start = best.clone()
-
-    for step in range(params.iterations):
-        with torch.enable_grad():
-            x_m = blend(x, s, upsample(m, size, params.upsample))
-            if params.noise_std > 0:
-                noise = torch.randn((1, *x.shape[1:]), generator=generator, device=device)
-                x_m = x_m + params.noise_std * noise
-            p = target_probability(model, x_m, targets)
-            loss = params.l1_coeff * l1_term(m) + params.tv_coeff * tv_term(m, params.tv_beta) + p
-            optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()
-        optimizer.step()
-        with torch.no_grad():
-            m.clamp_(0, 1)
-            if params.early_stop:
-                m.copy_(torch.where(active.view(-1, 1, 1, 1), m, frozen))
-                best = torch.minimum(best, loss.detach())
-
-        done = step + 1
-        if params.early_stop and done % params.early_stop_window == 0:
-            with torch.no_grad():
-                improved = best_at_window_start - best > params.early_stop_tol
-                stopping = active & ~improved
-                frozen = torch.where(stopping.view(-1, 1, 1, 1), m.detach(), frozen)
-                iterations = torch.where(stopping, torch.full_like(iterations, done), iterations)
-                active = active & improved
-                best_at_window_start = best.clone()
-            if not bool(active.any()):
-                if progress:
-                    progress(params.iterations)
-                break
-        if progress and (done % CHECKPOINT_EVERY == 0 or done == params.iterations):
-            progress(done)
-
-    with torch.no_grad():
-        final = m.detach().clamp(0, 1)
-        x_final = blend(x, s, upsample(final, size, params.upsample))
-        prob_after = target_probability(model, x_final, targets)
-
+    final = result.masks.detach()
     return Explanation(
         masks=final.float().cpu(),
-        targets=targets.cpu(),
-        prob_before=prob_before.float().cpu(),
-        prob_after=prob_after.float().cpu(),
+        targets=problem.targets.cpu(),
+        prob_before=problem.prob_before.float().cpu(),
+        prob_after=result.prob_after.float().cpu(),
         mask_area=mask_area(final).float().cpu(),
-        iterations=iterations.cpu(),
-        substrate=substrate.float().cpu(),
+        iterations=result.iterations.cpu(),
+        substrate=result.substrate.float().cpu(),
+        method=params.method,
+        levels=_cpu(result.levels),
+        masks_full=_cpu(result.masks_full),
+        area_masks=_cpu(result.area_masks),
+        deletion_auc=_cpu(scores.deletion_auc) if scores else None,
+        deletion_auc_blur=_cpu(scores.deletion_auc_blur) if scores else None,
+        insertion_auc=_cpu(scores.insertion_auc) if scores else None,
+        prob_keep=_cpu(scores.prob_keep) if scores else None,
     )

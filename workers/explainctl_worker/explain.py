@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 import explainctl
-from explainctl.contracts import ExplainParams, ItemResult, Target
+from explainctl.contracts import ARTIFACT_FILES, ExplainParams, ItemResult, Target
 from explainctl.errors import ExplainctlError, ItemError
-from explainctl_worker.artifact import render
+from explainctl_worker.artifact import MASKS_NPY, render
 from explainctl_worker.decode import DecodeLimits, decode_image
 from explainctl_worker.engine import explain_batch
 from explainctl_worker.model import LoadedModel, resolve_target
@@ -122,10 +122,14 @@ def explain_chunk(
     seconds = (time.perf_counter() - started) / len(ready)
     version_info = versions()
 
+    def item_value(values: torch.Tensor | None, row: int) -> float | None:
+        return None if values is None else float(values[row])
+
     for row, (position, image, _) in enumerate(ready):
         outcome = outcomes[position]
         target_index = int(explanation.targets[row])
         categories = loaded.categories
+        area_masks = None if explanation.area_masks is None else explanation.area_masks[row].numpy()
         result = ItemResult(
             source=outcome.source,
             item=outcome.name,
@@ -143,6 +147,12 @@ def explain_chunk(
             image_height=image.height,
             params=params,
             versions=version_info,
+            artifacts=[*ARTIFACT_FILES, *([MASKS_NPY] if area_masks is not None else [])],
+            method=explanation.method,
+            deletion_auc=item_value(explanation.deletion_auc, row),
+            deletion_auc_blur=item_value(explanation.deletion_auc_blur, row),
+            insertion_auc=item_value(explanation.insertion_auc, row),
+            prob_keep=item_value(explanation.prob_keep, row),
         )
         try:
             outcome.files = render(
@@ -151,6 +161,12 @@ def explain_chunk(
                 explanation.substrate[row].numpy(),
                 result,
                 params.upsample,
+                # The paper blurs its upsampled mask: draw what the model saw.
+                mask_full=explanation.masks_full[row, 0].numpy()
+                if params.method == "paper"
+                else None,
+                levels=None if explanation.levels is None else explanation.levels[row].numpy(),
+                area_masks=area_masks,
             )
         except (OSError, ValueError, MemoryError) as error:
             outcome.error_code, outcome.error = "render-error", f"cannot render: {error}"

@@ -58,8 +58,10 @@ def run_workers(settings: Settings, gpus: list[str], loglevel: str = "INFO") -> 
     base_env = {**os.environ, **settings.environment()}
     plans = []
     if gpus:
-        for gpu in gpus:
+        for position, gpu in enumerate(gpus):
             env = {**base_env, "CUDA_VISIBLE_DEVICES": gpu, "EXPLAINCTL_DEVICE": "cuda"}
+            if settings.metrics_port:  # one port per process: base, base + 1, ...
+                env["EXPLAINCTL_METRICS_PORT"] = str(settings.metrics_port + position)
             plans.append((celery_command(settings, f"explain-gpu{gpu}", loglevel), env))
     else:
         plans.append((celery_command(settings, "explain", loglevel), base_env))

@@ -6,6 +6,8 @@ The substrate is computed once per batch, never inside the optimisation loop.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -69,3 +71,45 @@ def make_substrate(x: torch.Tensor, params: ExplainParams) -> torch.Tensor:
         return median_blur(x, params.median_kernel)
     gaussian = gaussian_blur(x, params.blur_kernel, params.blur_sigma)
     return 0.5 * (gaussian + median_blur(x, params.median_kernel))
+
+
+def pyramid_sigmas(sigma_max: float, levels: int) -> list[float]:
+    """sigma_l = sigma_max * (1 - l / (L - 1)) for l = 0..L-1: from sigma_max down to 0."""
+    return [sigma_max * (1 - level / (levels - 1)) for level in range(levels)]
+
+
+def blur_pyramid(x: torch.Tensor, sigma_max: float, levels: int) -> torch.Tensor:
+    """The image blurred at L strengths: (N, C, H, W) -> (N, L, C, H, W).
+
+    Level 0 is the strongest blur (sigma_max), level L-1 the image itself. Each level uses
+    a kernel of 2*ceil(3 sigma)+1 taps, wide enough that the truncation does not show.
+    Computed once per batch: the optimisation only interpolates between levels.
+    """
+    out = []
+    for sigma in pyramid_sigmas(sigma_max, levels):
+        if sigma <= 0:
+            out.append(x)
+        else:
+            out.append(gaussian_blur(x, 2 * math.ceil(3 * sigma) + 1, sigma))
+    return torch.stack(out, dim=1)
+
+
+def pyramid_blend(levels: torch.Tensor, m_up: torch.Tensor) -> torch.Tensor:
+    """Blur whose strength varies with the mask, differentiable in the mask.
+
+    levels (N, L, C, H, W) from `blur_pyramid`; m_up (N, 1, H, W) in [0, 1] -> (N, C, H, W).
+    Each pixel sits at t = m * (L - 1) on the pyramid and is interpolated linearly between
+    the two levels that bracket t: m = 1 is the image, m = 0 the strongest blur. With
+    L = 2 this is m * x + (1 - m) * blur(x), the seed's blend.
+    """
+    n, count, c, h, w = levels.shape
+    # No clamp on m itself: torch's clamp passes no gradient at its bounds, and masks
+    # start exactly at 1. Masks are in [0, 1] already; the level index is clamped to
+    # [0, L-2] so that m = 1 still interpolates (frac = 1) with a gradient downwards.
+    t = m_up * (count - 1)
+    low = t.detach().floor().clamp(0, count - 2).long()
+    frac = t - low.to(t.dtype)
+    index = low.unsqueeze(1).expand(n, 1, c, h, w)
+    lower = levels.gather(1, index).squeeze(1)
+    upper = levels.gather(1, index + 1).squeeze(1)
+    return lower + frac * (upper - lower)

@@ -1,0 +1,48 @@
+"""chunk._store_outcome: what a finished item puts into its job record."""
+
+import io
+
+import torch
+from PIL import Image
+
+from explainctl.contracts import (
+    ChunkPayload,
+    ExplainParams,
+    ItemRecord,
+    ModelSpec,
+    Target,
+)
+from explainctl.ids import new_job_id
+from explainctl_worker.chunk import WorkerContext, _store_outcome
+from explainctl_worker.explain import ItemInput, explain_chunk
+from explainctl_worker.model import LoadedModel
+from tests.models import evidence_detector, evidence_image
+
+HALF = (0.5, 0.5, 0.5)
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(evidence_image()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_record_gets_the_method_and_metrics(tmp_path):
+    spec = ModelSpec(name="tests.models:evidence_detector", mean=HALF, std=HALF)
+    loaded = LoadedModel(evidence_detector().eval(), spec, torch.device("cpu"), None)
+    params = ExplainParams(
+        method="paper", iterations=5, mask_size=8, image_size=64, metrics=True, metric_steps=8
+    )
+    item = ItemInput("000000-evidence", "mem://evidence.png", _png, Target())
+    (outcome,) = explain_chunk([item], loaded, params)
+    assert outcome.ok, outcome.error
+    payload = ChunkPayload(
+        job_id=new_job_id(), chunk=0, model=spec, params=params, output=str(tmp_path), items=[]
+    )
+    # _store_outcome needs only the context's storage, not its settings or job store.
+    fields = _store_outcome(WorkerContext(settings=None, store=None), payload, outcome)
+    record = ItemRecord(index=0, uri=item.source, item=item.name, state="done", **fields)
+    assert record.method == "paper"
+    for name in ("deletion_auc", "deletion_auc_blur", "insertion_auc", "prob_keep"):
+        assert getattr(record, name) == getattr(outcome.result, name) is not None
+    assert set(record.artifacts) == set(outcome.files)

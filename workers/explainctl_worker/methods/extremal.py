@@ -1,0 +1,129 @@
+"""Extremal perturbations (Fong, Patrick & Vedaldi, ICCV 2019), written from the paper.
+
+For each image x with target class c and each area a in params.areas, find the smooth
+mask p (1 = the region that matters) of area a with the most effect on the class score
+f_c (the logit):
+
+    preserve:  max_p  f_c(Phi(x; p))
+    delete:    max_p  -f_c(Phi(x; 1 - p))
+    dual:      max_p  f_c(Phi(x; p)) - f_c(Phi(x; 1 - p))
+
+each minus lambda_t * R_a(p), with R_a(p) = mean((vecsort(p) - r_a)^2) pulling the
+sorted mask towards (1 - a)HW zeros then aHW ones, and lambda_t = area_coeff *
+area_growth^t growing over the iterations t so the area constraint tightens as the
+score settles. Phi is the blur pyramid of the 2017 paper (blur_levels levels, sigma up to
+blur_sigma): Phi(x; p) keeps x where p = 1 and blurs it most where p = 0.
+
+p is parametrised by a coarse grid pbar (mask_size^2 values, one per ~7 px) in [0, 1]:
+p = up(smax_T g * pbar) (mask.smooth_max_pool, g a Gaussian of 3 cells), optimised by SGD
+with momentum.
+
+Stored masks follow the project's convention, m = 1 kept, 0 deleted, with m = 1 - p:
+saliency 1 - m is the preserved region p, the heatmap shows it, and perturbed.png and
+prob_after show the image with p blurred away. With several areas, the primary mask is the
+first area listed (a caller's order of preference); all are in `area_masks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from explainctl.contracts import ExplainParams
+from explainctl_worker.mask import area_penalty, smooth_max_pool, upsample
+from explainctl_worker.methods.common import (
+    MethodResult,
+    Problem,
+    jitter,
+    optimise,
+    target_logit,
+    target_probability,
+)
+from explainctl_worker.substrate import blur_pyramid, pyramid_blend
+
+# Width of the smooth-max kernel g in grid cells, 21 px at 224 as in the reference
+# setting: no feature of the mask is narrower than this Gaussian. One cell (7 px) was
+# tried and let the optimisation preserve thin strips along edges on real photos.
+SMOOTH_SIGMA = 3.0
+# Temperature of the smooth max over values in [0, 1]: low enough that a lone parameter
+# at 1 gives a mask of ~1, not diluted by the zeros around it.
+SMAX_TEMPERATURE = 0.05
+# Parameters start half-way, so every pixel can move either way from the first step.
+INITIAL_VALUE = 0.5
+
+
+def preserved_region(
+    pbar: torch.Tensor, size: tuple[int, int], params: ExplainParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """p on the grid (B, 1, g, g) and at the model's resolution (B, 1, H, W)."""
+    grid = smooth_max_pool(pbar, SMOOTH_SIGMA, SMAX_TEMPERATURE)
+    # Interpolation stays within [0, 1]; a clamp here would stop gradients at the bounds.
+    return grid, upsample(grid, size, params.upsample)
+
+
+def run(
+    problem: Problem, params: ExplainParams, progress: Callable[[int], None] | None
+) -> MethodResult:
+    """Extremal masks for N images (N, C, H, W) and A = len(params.areas) areas, optimised
+    as N * A independent rows: masks (N, 1, g, g) for the first area, area_masks
+    (N, A, g, g) when A > 1, g = mask_size; all stored as m = 1 - p."""
+    device = problem.x.device
+    n = problem.x.shape[0]
+    size = problem.size
+    model = problem.model
+    areas = torch.tensor(params.areas, dtype=problem.x.dtype, device=device)
+    count = len(params.areas)
+    levels = blur_pyramid(problem.images, params.blur_sigma, params.blur_levels)
+    levels_x = problem.normalise(levels)
+    # One row per (image, area): rows are independent problems sharing forward passes.
+    row_levels = levels_x.repeat_interleave(count, dim=0)
+    row_targets = problem.targets.repeat_interleave(count)
+    row_areas = areas.repeat(n)
+    preserve = params.variant in ("preserve", "dual")
+    delete = params.variant in ("delete", "dual")
+
+    g = params.mask_size
+    pbar = torch.full((n * count, 1, g, g), INITIAL_VALUE, device=device, requires_grad=True)
+    optimizer = torch.optim.SGD([pbar], lr=params.lr, momentum=params.momentum)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed)
+
+    def loss_at(step: int) -> torch.Tensor:
+        _, p = preserved_region(pbar, size, params)
+        inputs, targets = [], []
+        if preserve:
+            inputs.append(pyramid_blend(row_levels, p))
+            targets.append(row_targets)
+        if delete:
+            inputs.append(pyramid_blend(row_levels, 1 - p))
+            targets.append(row_targets)
+        x_in = torch.cat(inputs)
+        if params.jitter:
+            x_in = jitter(x_in, params.jitter, generator)
+        if params.noise_std > 0:
+            noise = torch.randn((1, *x_in.shape[1:]), generator=generator, device=device)
+            x_in = x_in + params.noise_std * noise
+        scores = target_logit(model, x_in, torch.cat(targets)).view(len(inputs), -1)
+        reward = scores[0] if preserve else -scores[0]
+        if preserve and delete:
+            reward = reward - scores[1]
+        weight = params.area_coeff * params.area_growth**step
+        return -reward + weight * area_penalty(p, row_areas)
+
+    iterations = optimise(pbar, optimizer, loss_at, params, progress)
+
+    with torch.no_grad():
+        grid, p = preserved_region(pbar.detach(), size, params)
+        stored = (1 - grid).view(n, count, g, g)
+        full = (1 - p).view(n, count, 1, *size)[:, 0]
+        prob_after = target_probability(model, pyramid_blend(levels_x, full), problem.targets)
+    return MethodResult(
+        masks=stored[:, :1],
+        masks_full=full,
+        prob_after=prob_after,
+        iterations=iterations.view(n, count)[:, 0],
+        substrate=levels[:, 0],
+        levels=levels,
+        area_masks=stored if count > 1 else None,
+    )
