@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: install demo test lint format bench clean browser
+.PHONY: install demo test lint format bench clean browser reliability
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ format: install
 
 test: install lint browser
 	bash scripts/test.sh
+
+# The fault-injection and hostile-input suites alone; they print the reliability table.
+reliability: install browser
+	bash scripts/test.sh -m reliability
 
 # The report is tested in a real headless browser: Debian's chromium.
 browser:

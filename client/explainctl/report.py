@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from explainctl.contracts import OVERLAY_PNG, PERTURBED_PNG, ItemRecord
 from explainctl.errors import ExplainctlError
 
-THUMBNAIL = 160
+THUMBNAIL = 120  # the gallery shows them 120 px wide
 ORIGINAL_MAX_BYTES = 50 * 1024 * 1024
 
 
