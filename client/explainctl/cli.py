@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Annotated
 
+import redis
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -24,7 +25,12 @@ from rich.progress import (
 
 from explainctl import __version__
 from explainctl.contracts import Method, Substrate, Target, Variant
-from explainctl.errors import ExplainctlError, InvalidInput, MissingDependency
+from explainctl.errors import (
+    ExplainctlError,
+    InvalidInput,
+    MissingDependency,
+    ServiceUnavailable,
+)
 from explainctl.options import build_model_spec, build_params
 
 app = typer.Typer(
@@ -86,6 +92,15 @@ ParamOpt = Annotated[
 ]
 
 
+def _target(text: str | None) -> Target:
+    try:
+        return Target.parse(text)
+    except ValueError:
+        raise InvalidInput(
+            f"--target takes a class index >= 0, a class name, or top1, not {text!r}"
+        ) from None
+
+
 def _worker_side():
     try:
         from explainctl_worker import explain, model
@@ -139,7 +154,7 @@ def explain(
     """Explain local images on this machine, writing OUT/<image>/ for each."""
     params = build_params(locals(), param)  # every flag named like a method parameter
     spec = build_model_spec(model, weights, mean, std)
-    wanted = Target.parse(target)
+    wanted = _target(target)
     explain_mod, model_mod = _worker_side()
     loaded = model_mod.ModelCache().get(spec, model_mod.pick_device(device))
 
@@ -260,7 +275,7 @@ def submit(
 
     params = build_params(locals(), param)  # every flag named like a method parameter
     spec = build_model_spec(model, weights, mean, std)
-    Target.parse(target)
+    _target(target)
     client = _client(broker, output, queue)
     items = expand_inputs(inputs, stdin=sys.stdin)
     if target is not None:
@@ -564,8 +579,12 @@ def down() -> None:
     from explainctl import embedded
     from explainctl.config import Settings
 
-    root = Settings.load().home_dir
-    stopped = embedded.stop_workers(root)
+    settings = Settings.load()
+    if embedded.running_workers(settings.home_dir):
+        err.print("waiting for running chunks to finish (warm shutdown)...", highlight=False)
+    # Long enough for a chunk to finish: a warm stop must not become a kill mid-chunk.
+    stopped = embedded.stop_workers(settings.home_dir, timeout=settings.chunk_time_limit + 60)
+    root = settings.home_dir
     redis_stopped = embedded.stop_redis(root)
     print(f"stopped {stopped} workers" + (" and the embedded Redis" if redis_stopped else ""))
 
@@ -625,6 +644,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("aborted", highlight=False)
         sys.exit(130)
+    except redis.RedisError as error:
+        err.print(f"error: lost Redis: {type(error).__name__}", highlight=False, markup=False)
+        sys.exit(ServiceUnavailable.exit_code)
     except Exception as error:
         if _usage_error(error):
             err.print(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -40,6 +42,8 @@ from explainctl.report import build_report
 from explainctl.storage import Storage, open_storage, parse_uri, read_uri
 
 DEFAULT_CHUNK_SIZE = 16
+ITEM_NAME = re.compile(r"\d{6,}-[A-Za-z0-9_-]+")
+ARTIFACT_NAME = re.compile(r"[a-z_]+\.(png|npy|json)")
 ARTIFACT_MAX_BYTES = 512 * 1024 * 1024
 
 
@@ -102,7 +106,10 @@ class Client:
             chunk_size=chunk_size,
         )
         storage = self.storage(output)
-        write_job_json(storage, info)
+        try:
+            write_job_json(storage, info)
+        except ItemError as error:
+            raise ServiceUnavailable(f"cannot write to {output}: {error.message}") from None
         self.store.create(info)
         items = (
             ChunkItem(index=index, uri=entry.uri, target=entry.target)
@@ -111,12 +118,21 @@ class Client:
         total = chunks = 0
         try:
             for chunk in _chunks(items, chunk_size):
-                self._send(info, chunk, self.store.add_chunk(info.job_id, chunk))
+                number = self.store.add_chunk(info.job_id, chunk)
+                try:
+                    self._send(info, chunk, number)
+                except ServiceUnavailable:
+                    # Recorded but not queued: fail these items so the job can still end
+                    # (`retry` queues them again).
+                    failure = {"error_code": "not-queued", "error": "the broker refused it"}
+                    self.store.settle(info.job_id, [(i.index, "failed", failure) for i in chunk])
+                    raise
                 total += len(chunk)
                 chunks += 1
-        except ExplainctlError as error:
+        except (ExplainctlError, redis.RedisError) as error:
             # What is queued stays queued and can finish; the job just ends where input did.
-            self.store.mark_submitted(info.job_id)
+            with contextlib.suppress(redis.RedisError):
+                self.store.mark_submitted(info.job_id)
             message = f"{error} (job {info.job_id} kept the {total} items queued before it)"
             kind = InvalidInput if isinstance(error, InvalidInput) else ServiceUnavailable
             raise kind(message) from None
@@ -196,6 +212,9 @@ class Client:
         copied = 0
         for record in self.results(job_id):
             for filename, uri in record.artifacts.items():
+                # Names may come from a manifest file anyone could edit: nothing may escape DIR.
+                if not (ITEM_NAME.fullmatch(record.item) and ARTIFACT_NAME.fullmatch(filename)):
+                    raise InvalidInput(f"refusing an unsafe artifact name in job {job_id}")
                 target = os.path.join(directory, record.item, filename)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 with open(target, "wb") as handle:
@@ -230,7 +249,10 @@ class Client:
             with open(out, "wb") as handle:
                 handle.write(page)
             return os.path.abspath(out)
-        return self.storage(output).put(job_key(job_id, REPORT_HTML), page, "text/html")
+        try:
+            return self.storage(output).put(job_key(job_id, REPORT_HTML), page, "text/html")
+        except ItemError as error:
+            raise ServiceUnavailable(f"cannot write the report: {error.message}") from None
 
     # --- changing ---------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from explainctl.errors import InvalidInput
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _TIME_CHARS = 10  # 50 bits hold the 48-bit millisecond clock
 _RANDOM_CHARS = 8  # 40 bits
-JOB_ID_PATTERN = re.compile(rf"^[{_ALPHABET}]{{{_TIME_CHARS + _RANDOM_CHARS}}}$")
+JOB_ID_PATTERN = re.compile(rf"[{_ALPHABET}]{{{_TIME_CHARS + _RANDOM_CHARS}}}")
 
 
 def _encode(value: int, width: int) -> str:
@@ -33,7 +33,7 @@ def new_job_id(now: float | None = None) -> str:
 
 def check_job_id(text: str) -> str:
     """The job ID itself, or InvalidInput: IDs become storage prefixes, so nothing else passes."""
-    if not JOB_ID_PATTERN.match(text or ""):
+    if not JOB_ID_PATTERN.fullmatch(text or ""):
         raise InvalidInput(f"not a job ID: {text!r}")
     return text
 

@@ -50,9 +50,13 @@ if ARGV[4] == 'retry' then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('HDEL', KEYS[5], ARGV[1])
   redis.call('HDEL', KEYS[4], 'finished_at')
+elseif ARGV[4] == 'queued-only' then
+  if old ~= 'queued' then return {0, 0} end
 elseif final[old] then
   return {0, 0}
 end
+local attempts = 0
+if new == 'running' then attempts = redis.call('HINCRBY', KEYS[5], ARGV[1], 1) end
 if old ~= new then
   redis.call('HSET', KEYS[1], ARGV[1], new)
   redis.call('HINCRBY', KEYS[2], old, -1)
@@ -68,7 +72,7 @@ if final[new] then
     finished = redis.call('HSETNX', KEYS[4], 'finished_at', ARGV[5])
   end
 end
-return {1, finished}
+return {1, finished, attempts}
 """
 
 _SUBMITTED = """
@@ -198,21 +202,24 @@ class JobStore:
             return []
         return self.redis.hmget(self._key(job_id, "state"), [str(i) for i in indices])
 
-    def begin(self, job_id: str, indices: Sequence[int]) -> list[int]:
-        """Mark items running and count an attempt for each; returns the attempt numbers."""
+    def begin(self, job_id: str, indices: Sequence[int]) -> list[int | None]:
+        """Mark items running and count an attempt for each; returns the attempt numbers,
+        None for an item already settled (another copy of its chunk finished it)."""
         keys = self._keys(job_id)
-        pipe = self.redis.pipeline()
+        pipe = self.redis.pipeline(transaction=False)
         for index in indices:
             self._transition(keys=keys, args=[index, "running", "", "normal", 0], client=pipe)
-            pipe.hincrby(self._key(job_id, "attempts"), str(index), 1)
-        replies = pipe.execute()
-        return [int(replies[i + 1]) for i in range(0, len(replies), 2)]
+        return [int(reply[2]) if reply[0] == 1 else None for reply in pipe.execute()]
 
     def finish(self, job_id: str, index: int, state: str, fields: dict) -> bool:
         """Settle one item (done, failed or cancelled); True if that finished the job."""
         return self.settle(job_id, [(index, state, fields)])
 
-    def settle(self, job_id: str, changes: Iterable[tuple[int, str, dict]]) -> bool:
+    def settle(
+        self, job_id: str, changes: Iterable[tuple[int, str, dict]], mode: str = "normal"
+    ) -> bool:
+        """Move items to final states; True if that finished the job. `queued-only` moves
+        only items still queued (a cancel must not discard work a worker started)."""
         keys = self._keys(job_id)
         now = time.time()
         finished = False
@@ -222,9 +229,9 @@ class JobStore:
             for index, state, fields in changes[start : start + _BATCH]:
                 assert state in TERMINAL_STATES
                 payload = json.dumps(fields) if fields else ""
-                args = [index, state, payload, "normal", now]
+                args = [index, state, payload, mode, now]
                 self._transition(keys=keys, args=args, client=pipe)
-            finished |= any(reply[1] for reply in pipe.execute())
+            finished |= any(reply[0] == 1 and reply[1] for reply in pipe.execute())
         return finished
 
     def record_delivery(self, job_id: str, chunk: int) -> int:
@@ -289,7 +296,7 @@ class JobStore:
         self.info(job_id)
         self.redis.hset(self._key(job_id, "meta"), "cancelled", "1")
         queued = [record.index for record in self.items(job_id, {"queued"})]
-        self.settle(job_id, [(index, "cancelled", {}) for index in queued])
+        self.settle(job_id, [(index, "cancelled", {}) for index in queued], mode="queued-only")
         return len(queued)
 
     def reopen(self, job_id: str, states: set[str]) -> list[ChunkItem]:

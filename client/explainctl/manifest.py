@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 
 from explainctl.contracts import ITEMS_JSONL, JOB_JSON, ItemRecord, JobInfo, job_key
-from explainctl.errors import ItemError, JobNotFound
+from explainctl.errors import ItemError, JobNotFound, ServiceUnavailable
 from explainctl.ids import check_job_id
 from explainctl.job import JobStatus, JobStore
 from explainctl.storage import Storage
@@ -33,7 +33,9 @@ def read_manifest(storage: Storage, job_id: str) -> tuple[dict, Iterator[ItemRec
     try:
         job = json.loads(storage.get(job_key(job_id, JOB_JSON)))
         raw = storage.get(job_key(job_id, ITEMS_JSONL))
-    except ItemError:
+    except ItemError as error:
+        if error.code != "not-found":
+            raise ServiceUnavailable(f"cannot read the manifest: {error.message}") from None
         raise JobNotFound(f"no job {job_id} in Redis nor a manifest under {storage.root}") from None
     records = (ItemRecord.model_validate_json(line) for line in raw.splitlines() if line.strip())
     return job, records

@@ -101,7 +101,8 @@ def build_report(
         values = [r[key] for r in done if r.get(key) is not None]
         if values:
             summary[f"mean_{key}"] = round(sum(values) / len(values), 4)
-    data = json.dumps({"summary": summary, "rows": rows}).replace("</", "<\\/")
+    # Every "<" escaped, so no text from the job can end or comment out the script element.
+    data = json.dumps({"summary": summary, "rows": rows}).replace("<", "\\u003c")
     title = html.escape(f"explainctl audit {status['job_id']}")
     template = resources.files("explainctl").joinpath("report.html").read_text()
     return template.replace("{{TITLE}}", title).replace("{{DATA}}", data)

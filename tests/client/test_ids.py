@@ -21,3 +21,8 @@ def test_created_at_round_trips():
 def test_check_job_id_rejects_anything_else(bad):
     with pytest.raises(InvalidInput):
         check_job_id(bad)
+
+
+def test_a_trailing_newline_is_not_a_job_id():
+    with pytest.raises(InvalidInput):
+        check_job_id(new_job_id() + "\n")

@@ -55,7 +55,7 @@ def test_a_chunk_delivered_twice_counts_each_item_once(job_store):
     assert finished is False  # the second run changed nothing, so it finished nothing
     status = job_store.status(job_id)
     assert status.counts["done"] == 4 and sum(status.counts.values()) == 4
-    assert [r.attempts for r in job_store.items(job_id)] == [2, 2, 2, 2]
+    assert [r.attempts for r in job_store.items(job_id)] == [1, 1, 1, 1]  # not run again
 
 
 def test_final_states_are_final(job_store):
@@ -112,3 +112,20 @@ def test_recent_lists_newest_first(job_store):
     first, second = _job(job_store, 1), _job(job_store, 1)
     recent = job_store.recent(50)
     assert recent.index(second) < recent.index(first)
+
+
+def test_a_second_copy_of_a_chunk_skips_settled_items(job_store):
+    job_id = _job(job_store, 3)
+    job_store.mark_submitted(job_id)
+    assert job_store.begin(job_id, [0, 1, 2]) == [1, 1, 1]
+    job_store.finish(job_id, 0, "done", {})
+    # The copy sees item 0 settled (None) and counts attempts only for what it runs.
+    assert job_store.begin(job_id, [0, 1, 2]) == [None, 2, 2]
+
+
+def test_cancelling_never_discards_a_started_item(job_store):
+    job_id = _job(job_store, 2)
+    job_store.mark_submitted(job_id)
+    job_store.begin(job_id, [0])
+    job_store.settle(job_id, [(0, "cancelled", {}), (1, "cancelled", {})], mode="queued-only")
+    assert [r.state for r in job_store.items(job_id)] == ["running", "cancelled"]

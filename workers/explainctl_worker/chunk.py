@@ -129,6 +129,8 @@ def _explain_group(
     settled: list[tuple[int, str, dict]] = []
     runnable: list[tuple[ChunkItem, Target]] = []
     for item, attempt in zip(group, attempts, strict=True):
+        if attempt is None:
+            continue  # another copy of this chunk settled it meanwhile
         if attempt > context.settings.max_deliveries:
             message = f"the worker was lost {attempt - 1} times while explaining this item"
             settled.append((item.index, "failed", _failure("worker-lost", message)))
@@ -177,6 +179,10 @@ def run_chunk(payload: ChunkPayload, context: WorkerContext) -> None:
         "job %s chunk %d: %d pending, delivery %d", job, payload.chunk, len(pending), deliveries
     )
     if not pending:
+        # A copy of a chunk whose job already finished: the run that finished it may have
+        # died before writing the manifest, so write it again (it is idempotent).
+        if store.status(job).finished_at is not None:
+            write_manifest(store, context.storage(payload.output), job)
         return
 
     finished = False

@@ -69,9 +69,11 @@ def run_workers(settings: Settings, gpus: list[str], loglevel: str = "INFO") -> 
     children = [subprocess.Popen(command, env=env) for command, env in plans]
 
     def forward(signum, _frame):
+        # Always a warm shutdown. Ctrl-C already sent SIGINT to every process of the
+        # terminal, and Celery takes a second SIGINT as a cold shutdown that kills the chunk.
         for child in children:
             if child.poll() is None:
-                child.send_signal(signum)
+                child.send_signal(signal.SIGTERM)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)

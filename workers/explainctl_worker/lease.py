@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import redis
@@ -26,7 +27,9 @@ log = logging.getLogger("explainctl.worker")
 
 
 def _key(payload: ChunkPayload) -> str:
-    return f"{payload.job_id}:{payload.chunk}"
+    # One lease per run, not per chunk: two copies of a chunk (a requeue and a re-send)
+    # must not release or renew each other's lease.
+    return f"{payload.job_id}:{payload.chunk}:{uuid.uuid4().hex[:8]}"
 
 
 def _payload_key(key: str) -> str:
