@@ -32,6 +32,13 @@ def _key(payload: ChunkPayload) -> str:
     return f"{payload.job_id}:{payload.chunk}:{uuid.uuid4().hex[:8]}"
 
 
+def _now(client: redis.Redis) -> float:
+    """Redis's clock, not this host's: every worker compares expiries on the same clock,
+    so clock skew between machines cannot make a healthy chunk look lost."""
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
 def _payload_key(key: str) -> str:
     return f"explainctl:lease:{key}"
 
@@ -44,13 +51,13 @@ def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float)
     key = _key(payload)
     body = json.dumps({"queue": queue, "payload": payload.model_dump(mode="json")})
     client.set(_payload_key(key), body)
-    client.zadd(LEASES, {key: time.time() + seconds})
+    client.zadd(LEASES, {key: _now(client) + seconds})
     stop = threading.Event()
 
     def renew() -> None:
         while not stop.wait(seconds / 4):
             with contextlib.suppress(redis.RedisError):  # a blip: the next beat retries
-                client.zadd(LEASES, {key: time.time() + seconds}, xx=True)
+                client.zadd(LEASES, {key: _now(client) + seconds}, xx=True)
 
     beat = threading.Thread(target=renew, name=f"lease-{key}", daemon=True)
     beat.start()
@@ -67,7 +74,7 @@ def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float)
 
 def reap(client: redis.Redis, app, now: float | None = None, limit: int = 20) -> int:
     """Send again the chunks whose leases expired; returns how many."""
-    expired = client.zrangebyscore(LEASES, "-inf", now or time.time(), start=0, num=limit)
+    expired = client.zrangebyscore(LEASES, "-inf", now or _now(client), start=0, num=limit)
     sent = 0
     for member in expired:
         key = member.decode() if isinstance(member, bytes) else member

@@ -1,0 +1,47 @@
+"""Chunk leases against a real Redis and a real Celery app (messages land in Redis)."""
+
+import json
+import uuid
+
+import pytest
+
+from explainctl.config import Settings
+from explainctl.contracts import ChunkItem, ChunkPayload, ModelSpec
+from explainctl.ids import new_job_id
+from explainctl.queue import make_app
+from explainctl_worker import lease
+
+
+def _payload() -> ChunkPayload:
+    return ChunkPayload(job_id=new_job_id(), chunk=3, model=ModelSpec(), params={},
+                        output="/tmp/out", items=[ChunkItem(index=0, uri="/a.png")])  # fmt: skip
+
+
+@pytest.fixture
+def setup(job_store, redis_url):
+    queue = f"lease-{uuid.uuid4().hex[:8]}"
+    client = job_store.redis
+    client.delete(lease.LEASES)
+    yield client, make_app(Settings.load(broker_url=redis_url)), queue
+    client.delete(lease.LEASES, queue)
+
+
+def test_a_held_lease_is_not_reaped_and_is_released_after(setup):
+    client, app, queue = setup
+    with lease.hold(client, _payload(), queue, seconds=30):
+        assert client.zcard(lease.LEASES) == 1
+        assert lease.reap(client, app) == 0
+    assert client.zcard(lease.LEASES) == 0
+
+
+def test_an_expired_lease_is_sent_again_once(setup):
+    client, app, queue = setup
+    payload = _payload()
+    with pytest.raises(RuntimeError), lease.hold(client, payload, queue, seconds=30):
+        raise RuntimeError("the worker died")  # the lease stays behind
+    assert client.zcard(lease.LEASES) == 1
+    later = lease._now(client) + 60
+    assert lease.reap(client, app, now=later) == 1
+    assert lease.reap(client, app, now=later) == 0  # claimed once only
+    (message,) = client.lrange(queue, 0, -1)
+    assert json.loads(message)["headers"]["task"] == "explainctl.explain_chunk"
