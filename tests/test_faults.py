@@ -46,7 +46,9 @@ def submit(env, *args) -> str:
 
 
 def status(env, job: str) -> dict:
-    return json.loads(cli.run("status", job, "--json", **env).stdout)
+    done = cli.run("status", job, "--json", **env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def until(predicate, timeout: float = 60, every: float = 0.1):
@@ -59,6 +61,7 @@ def until(predicate, timeout: float = 60, every: float = 0.1):
 
 def wait(env, job: str, timeout: float = 180) -> dict:
     done = cli.run("wait", job, "--json", "--interval", "0.2", timeout=timeout, **env)
+    assert done.stdout, done.stderr
     return json.loads(done.stdout)
 
 
