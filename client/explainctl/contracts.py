@@ -27,7 +27,7 @@ Substrate = Literal["average", "gaussian", "median"]
 Upsample = Literal["bilinear", "nearest"]
 Method = Literal["seed", "paper", "extremal"]
 Variant = Literal["preserve", "delete", "dual"]
-METHODS: tuple[str, ...] = ("seed", "paper", "extremal")
+METHODS: tuple[str, ...] = ("seed", "paper", "extremal")  # for the CLI's choices
 
 # Parameters that only some methods read: (methods, names). Setting one for another method
 # is refused, so a flag given with the wrong --method fails at submit time, not silently.
@@ -138,7 +138,7 @@ class ExplainParams(_Strict):
         method = data.get("method", "seed")
         if not isinstance(method, str):
             return data  # the field validator reports it
-        defaults = _method_defaults(method.strip(), data)
+        defaults = _method_defaults(method.strip().lower(), data)
         missing = {k: v for k, v in defaults.items() if data.get(k) is None}
         return {**data, **missing} if missing else data
 
@@ -172,7 +172,7 @@ class ExplainParams(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _mask_fits(self):
+    def _consistent(self):
         if self.mask_size > self.image_size:
             raise ValueError("mask_size cannot exceed image_size")
         for methods, names in _ONLY_FOR:
@@ -180,16 +180,16 @@ class ExplainParams(_Strict):
                 for name in names:
                     if getattr(self, name) is not None:
                         used_by = " and ".join(methods)
-                        raise ValueError(f"{name} applies only to method {used_by}")
+                        raise ValueError(f"{name}: applies only to method {used_by}")
         if self.method != "seed" and self.blur_sigma > 100:
-            raise ValueError("blur_sigma above 100 px would need kernels wider than any image")
+            raise ValueError("blur_sigma: above 100 px needs kernels wider than any image")
         if self.method == "extremal":
             if self.early_stop:
-                raise ValueError("early_stop does not apply to method extremal (its loss grows)")
+                raise ValueError("early_stop: does not apply to method extremal (its loss grows)")
             if self.l1_coeff or self.tv_coeff:
-                raise ValueError("method extremal has no l1/tv terms: its area is fixed")
+                raise ValueError("l1_coeff, tv_coeff: method extremal has none, its area is fixed")
         if self.metric_steps is not None and self.metric_steps > self.image_size**2:
-            raise ValueError("metric_steps cannot exceed the number of pixels")
+            raise ValueError("metric_steps: cannot exceed the number of pixels")
         return self
 
 

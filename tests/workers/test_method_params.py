@@ -25,6 +25,7 @@ def test_paper_defaults_are_the_papers_and_explicit_values_win():
     assert (params.blur_sigma, params.blur_levels) == (10.0, 8)
     mine = ExplainParams(method="paper", iterations=50, jitter=0)
     assert (mine.iterations, mine.jitter, mine.lr) == (50, 0, 0.1)
+    assert ExplainParams(method=" Paper ").iterations == 300
 
 
 def test_extremal_defaults_follow_the_image_size():
@@ -63,11 +64,11 @@ def test_command_line_strings_become_typed_params():
         ({"method": "extremal", "areas": "0.2,1.5"}, "between 0 and 1"),
         ({"method": "extremal", "areas": ()}, "areas"),
         ({"method": "extremal", "variant": "both"}, "variant"),
-        ({"areas": (0.1,)}, "areas applies only to method extremal"),
-        ({"method": "paper", "variant": "delete"}, "variant applies only"),
-        ({"blur_levels": 4}, "blur_levels applies only to method paper and extremal"),
+        ({"areas": (0.1,)}, "areas: applies only to method extremal"),
+        ({"method": "paper", "variant": "delete"}, "variant: applies only"),
+        ({"blur_levels": 4}, "blur_levels: applies only to method paper and extremal"),
         ({"method": "extremal", "early_stop": True}, "early_stop"),
-        ({"method": "extremal", "l1_coeff": 0.1}, "no l1/tv"),
+        ({"method": "extremal", "l1_coeff": 0.1}, "has none"),
         ({"method": "extremal", "area_growth": 0.9}, "area_growth"),
         ({"method": "paper", "blur_sigma": 500}, "blur_sigma"),
         ({"image_size": 8, "mask_size": 8, "metric_steps": 65}, "metric_steps"),
@@ -82,6 +83,8 @@ def test_bad_combinations_are_refused(values, fragment):
 def test_submit_time_errors_are_one_line():
     with pytest.raises(InvalidInput, match="areas: areas must lie strictly between 0 and 1"):
         build_params({}, ["method=extremal", "areas=2"])
+    with pytest.raises(InvalidInput, match="^invalid parameter areas: applies only to method"):
+        build_params({}, ["areas=0.1"])
 
 
 def test_records_carry_the_metrics():
