@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe  # benchmarks/machine.py, beside this script
 from PIL import Image
 
 from explainctl.contracts import ExplainParams
@@ -50,13 +49,7 @@ SKIMAGE = ("astronaut.png", "motorcycle_left.png", "camera.png")
 
 
 def machine() -> str:
-    name = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            name = next(line.split(":", 1)[1].strip() for line in handle if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} cpus, {name}, torch {torch.__version__}"
+    return f"{describe()}, torch {torch.__version__}"
 
 
 def load_model() -> torch.nn.Module:

@@ -111,6 +111,18 @@ def jitter(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch
     return x.index_select(2, rows).index_select(3, cols)
 
 
+def perturb(x: torch.Tensor, params, generator: torch.Generator) -> torch.Tensor:
+    """The per-iteration randomness every method shares: a jitter of up to `params.jitter`
+    px, then noise N(0, noise_std^2) drawn once as (1, C, H, W) and broadcast, so each image
+    sees what it would see alone. x (N, C, H, W) -> (N, C, H, W)."""
+    if params.jitter:
+        x = jitter(x, params.jitter, generator)
+    if params.noise_std > 0:
+        noise = torch.randn((1, *x.shape[1:]), generator=generator, device=x.device)
+        x = x + params.noise_std * noise
+    return x
+
+
 def optimise(
     parameter: torch.Tensor,
     optimizer: torch.optim.Optimizer,

@@ -35,8 +35,8 @@ from explainctl_worker.mask import area_penalty, smooth_max_pool, upsample
 from explainctl_worker.methods.common import (
     MethodResult,
     Problem,
-    jitter,
     optimise,
+    perturb,
     target_logit,
     target_probability,
 )
@@ -98,12 +98,7 @@ def run(
         if delete:
             inputs.append(pyramid_blend(row_levels, 1 - p))
             targets.append(row_targets)
-        x_in = torch.cat(inputs)
-        if params.jitter:
-            x_in = jitter(x_in, params.jitter, generator)
-        if params.noise_std > 0:
-            noise = torch.randn((1, *x_in.shape[1:]), generator=generator, device=device)
-            x_in = x_in + params.noise_std * noise
+        x_in = perturb(torch.cat(inputs), params, generator)
         scores = target_logit(model, x_in, torch.cat(targets)).view(len(inputs), -1)
         reward = scores[0] if preserve else -scores[0]
         if preserve and delete:

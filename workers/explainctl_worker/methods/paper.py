@@ -24,8 +24,8 @@ from explainctl_worker.mask import l1_sum, tv_iso_sum, upsample
 from explainctl_worker.methods.common import (
     MethodResult,
     Problem,
-    jitter,
     optimise,
+    perturb,
     target_probability,
 )
 from explainctl_worker.substrate import blur_pyramid, gaussian_blur, pyramid_blend
@@ -59,12 +59,7 @@ def run(
     generator.manual_seed(params.seed)
 
     def loss_at(step: int) -> torch.Tensor:
-        x_m = pyramid_blend(levels_x, full_mask(m, size, params))
-        if params.jitter:
-            x_m = jitter(x_m, params.jitter, generator)
-        if params.noise_std > 0:
-            noise = torch.randn((1, *x_m.shape[1:]), generator=generator, device=device)
-            x_m = x_m + params.noise_std * noise
+        x_m = perturb(pyramid_blend(levels_x, full_mask(m, size, params)), params, generator)
         p = target_probability(model, x_m, targets)
         return params.l1_coeff * l1_sum(m) + params.tv_coeff * tv_iso_sum(m, params.tv_beta) + p
 

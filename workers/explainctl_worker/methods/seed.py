@@ -21,8 +21,8 @@ from explainctl_worker.mask import blend, l1_term, tv_term, upsample
 from explainctl_worker.methods.common import (
     MethodResult,
     Problem,
-    jitter,
     optimise,
+    perturb,
     target_probability,
 )
 from explainctl_worker.substrate import make_substrate
@@ -46,12 +46,7 @@ def run(
     generator.manual_seed(params.seed)
 
     def loss_at(step: int) -> torch.Tensor:
-        x_m = blend(x, s, upsample(m, size, params.upsample))
-        if params.jitter:
-            x_m = jitter(x_m, params.jitter, generator)
-        if params.noise_std > 0:
-            noise = torch.randn((1, *x.shape[1:]), generator=generator, device=device)
-            x_m = x_m + params.noise_std * noise
+        x_m = perturb(blend(x, s, upsample(m, size, params.upsample)), params, generator)
         p = target_probability(model, x_m, targets)
         return params.l1_coeff * l1_term(m) + params.tv_coeff * tv_term(m, params.tv_beta) + p
 
