@@ -147,7 +147,15 @@ def explain(
     variant: VariantOpt = None,
     metrics: MetricsOpt = None,
     param: ParamOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="Images in flight on the device (slots). Default: 4 on a CPU, "
+            "as many as free memory holds on a GPU.",
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda[:N] or auto.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
 ) -> None:
@@ -375,6 +383,8 @@ RESULT_COLUMNS = (
     "prob_before",
     "prob_after",
     "mask_area",
+    "iterations",
+    "stop_reason",
     "seconds",
     "method",
     "deletion_auc",

@@ -35,6 +35,7 @@ class Settings:
     lease_seconds: int = 60
     metrics_port: int = 0
     device: str = "auto"
+    slots: int = 0  # items in flight on a worker's device; 0: chosen (see worker's slot.py)
     preload: tuple[str, ...] = ()
     allowed_models: tuple[str, ...] = ()
     max_image_bytes: int = 50 * 1024 * 1024
@@ -55,6 +56,7 @@ class Settings:
         "lease_seconds": ("EXPLAINCTL_LEASE_SECONDS", int),
         "metrics_port": ("EXPLAINCTL_METRICS_PORT", int),
         "device": ("EXPLAINCTL_DEVICE", str),
+        "slots": ("EXPLAINCTL_SLOTS", int),
         "preload": ("EXPLAINCTL_PRELOAD", _split),
         "allowed_models": ("EXPLAINCTL_ALLOWED_MODELS", _split),
         "max_image_bytes": ("EXPLAINCTL_MAX_IMAGE_BYTES", int),
@@ -84,6 +86,8 @@ class Settings:
     def check(self) -> None:
         if min(self.chunk_time_limit, self.max_deliveries, self.lease_seconds) <= 0:
             raise InvalidInput("chunk time limit, max deliveries and lease must be positive")
+        if self.slots < 0:
+            raise InvalidInput(f"EXPLAINCTL_SLOTS ({self.slots}) must be 0 (auto) or more")
         # A chunk still running when the visibility timeout passes is handed to a second
         # worker while the first goes on: the timeout must outlast the longest chunk.
         if self.visibility_timeout <= self.chunk_time_limit:

@@ -92,16 +92,18 @@ def test_early_stop_stops_and_reports_fewer_iterations():
         image_size=32,
         early_stop=True,
         early_stop_window=10,
-        early_stop_tol=0.5,  # no window improves the loss that much
+        early_stop_tol=0.5,  # no block average moves that much
     )
     done = []
     result = explain_batch(tiny_classifier(), _random_images(2), params, progress=done.append)
-    # The first window only sets the baseline; the second fails to improve on it.
+    # The first block only sets the baseline; the second is compared with it.
     assert result.iterations.tolist() == [20, 20]
-    assert done[-1] == 200  # progress completes even when stopping early
+    assert result.stop_reason == ["converged", "converged"]
+    assert sum(done) == 2 * 200  # progress completes even when stopping early
 
 
-def test_progress_reports_at_checkpoints():
+def test_progress_reports_item_iterations_at_checkpoints():
     done = []
-    explain_batch(tiny_classifier(), _random_images(1), SMALL, progress=done.append)
-    assert done == [10, 20, 25]
+    result = explain_batch(tiny_classifier(), _random_images(2), SMALL, progress=done.append)
+    assert done == [20, 20, 10]  # two items, 10 + 10 + 5 iterations each
+    assert result.stop_reason == ["budget", "budget"]

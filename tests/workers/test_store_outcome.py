@@ -1,4 +1,4 @@
-"""chunk._store_outcome: what a finished item puts into its job record."""
+"""chunk._store_artifacts and _record: what a finished item puts into its job record."""
 
 import io
 
@@ -13,8 +13,8 @@ from explainctl.contracts import (
     Target,
 )
 from explainctl.ids import new_job_id
-from explainctl_worker.chunk import WorkerContext, _store_outcome
-from explainctl_worker.explain import ItemInput, explain_chunk
+from explainctl_worker.chunk import WorkerContext, _record, _store_artifacts
+from explainctl_worker.explain import ItemInput, explain_items
 from explainctl_worker.model import LoadedModel
 from tests.models import evidence_detector, evidence_image
 
@@ -34,15 +34,18 @@ def test_the_record_gets_the_method_and_metrics(tmp_path):
         method="paper", iterations=5, mask_size=8, image_size=64, metrics=True, metric_steps=8
     )
     item = ItemInput("000000-evidence", "mem://evidence.png", _png, Target())
-    (outcome,) = explain_chunk([item], loaded, params)
-    assert outcome.ok, outcome.error
     payload = ChunkPayload(
         job_id=new_job_id(), chunk=0, model=spec, params=params, output=str(tmp_path), items=[]
     )
-    # _store_outcome needs only the context's storage, not its settings or job store.
-    fields = _store_outcome(WorkerContext(settings=None, store=None), payload, outcome)
-    record = ItemRecord(index=0, uri=item.source, item=item.name, state="done", **fields)
+    # Storing needs only the context's storage, not its settings or job store.
+    context = WorkerContext(settings=None, store=None)
+    (outcome,) = explain_items(
+        [item], loaded, params, deliver=lambda o: _store_artifacts(context, payload, o)
+    )
+    assert outcome.ok, outcome.error
+    record = ItemRecord(index=0, uri=item.source, item=item.name, state="done", **_record(outcome))
     assert record.method == "paper"
+    assert record.iterations == 5 and record.stop_reason == "budget"
     for name in ("deletion_auc", "deletion_auc_blur", "insertion_auc", "prob_keep"):
         assert getattr(record, name) == getattr(outcome.result, name) is not None
     assert set(record.artifacts) == set(outcome.files)

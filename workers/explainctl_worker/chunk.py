@@ -1,4 +1,4 @@
-"""Running one chunk of a job on a worker: read inputs, explain as a batch, store, record.
+"""Running one chunk of a job on a worker: read inputs, explain in slots, store, record.
 
 Safe to run twice for the same chunk (a redelivery after a lost worker): items already
 settled are skipped, and the job store refuses to count an item twice. An item is marked
@@ -31,7 +31,7 @@ from explainctl.manifest import write_manifest
 from explainctl.storage import Storage, open_storage, read_uri
 from explainctl_worker import metrics
 from explainctl_worker.decode import DecodeLimits
-from explainctl_worker.explain import ItemInput, ItemOutcome, explain_chunk
+from explainctl_worker.explain import ItemInput, ItemOutcome, explain_items
 from explainctl_worker.model import ModelCache, pick_device
 
 log = logging.getLogger("explainctl.worker")
@@ -64,6 +64,10 @@ class WorkerContext:
                 self._storages[root] = open_storage(root)
             return self._storages[root]
 
+    def slots(self) -> int | None:
+        """Items in flight on the device: EXPLAINCTL_SLOTS, or (0) as many as the chunk holds."""
+        return self.settings.slots or None
+
     def limits(self) -> DecodeLimits:
         return DecodeLimits(
             max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_pixels
@@ -95,23 +99,36 @@ def _failure(code: str, message: str) -> dict:
     return {"error_code": code, "error": message}
 
 
-def _store_outcome(context: WorkerContext, payload: ChunkPayload, outcome: ItemOutcome) -> dict:
+def _store_artifacts(context: WorkerContext, payload: ChunkPayload, outcome: ItemOutcome) -> None:
+    """Upload the item's files (in a render thread, beside the optimisation of the others);
+    a storage error fails the item alone."""
     storage = context.storage(payload.output)
     artifacts = {}
-    for filename, data in outcome.files.items():
-        key = artifact_key(payload.job_id, outcome.name, filename)
-        content_type = {"png": "image/png", "json": "application/json"}.get(
-            filename.rsplit(".", 1)[-1], "application/octet-stream"
-        )
-        artifacts[filename] = storage.put(key, data, content_type)
+    try:
+        for filename, data in outcome.files.items():
+            key = artifact_key(payload.job_id, outcome.name, filename)
+            content_type = {"png": "image/png", "json": "application/json"}.get(
+                filename.rsplit(".", 1)[-1], "application/octet-stream"
+            )
+            artifacts[filename] = storage.put(key, data, content_type)
+    except ItemError as error:
+        outcome.result, outcome.error_code, outcome.error = None, error.code, error.message
+        return
+    outcome.artifacts = artifacts
+
+
+def _record(outcome: ItemOutcome) -> dict:
+    """The job record's fields of a stored item."""
     r = outcome.result
     return {
-        "artifacts": artifacts,
+        "artifacts": outcome.artifacts,
         "target_index": r.target_index,
         "target_name": r.target_name,
         "prob_before": r.prob_before,
         "prob_after": r.prob_after,
         "mask_area": r.mask_area,
+        "iterations": r.iterations,
+        "stop_reason": r.stop_reason,
         "seconds": r.seconds,
         "method": r.method,
         "deletion_auc": r.deletion_auc,
@@ -150,15 +167,23 @@ def _explain_group(
         )
         for item, target in runnable
     ]
-    outcomes = explain_chunk(inputs, loaded, payload.params, context.limits()) if inputs else []
+    outcomes = (
+        explain_items(
+            inputs,
+            loaded,
+            payload.params,
+            context.limits(),
+            slots=context.slots(),
+            deliver=lambda outcome: _store_artifacts(context, payload, outcome),
+        )
+        if inputs
+        else []
+    )
     for (item, _), outcome in zip(runnable, outcomes, strict=True):
-        if not outcome.ok:
+        if outcome.ok:
+            settled.append((item.index, "done", _record(outcome)))
+        else:
             settled.append((item.index, "failed", _failure(outcome.error_code, outcome.error)))
-            continue
-        try:
-            settled.append((item.index, "done", _store_outcome(context, payload, outcome)))
-        except ItemError as error:
-            settled.append((item.index, "failed", _failure(error.code, error.message)))
     # One round trip for the group, after every artifact of it is stored.
     finished = store.settle(payload.job_id, settled)
     metrics.record_items(settled)

@@ -1,4 +1,4 @@
-"""From items (sources and targets) to artifacts: decode, one batched optimisation, render.
+"""From items (sources and targets) to artifacts: decode ahead, optimise in slots, render.
 
 Used by `explainctl explain` on local files and by the queue task on a chunk. A bad item
 becomes a failed outcome with a code; it never stops the others.
@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +24,8 @@ from explainctl.contracts import ARTIFACT_FILES, ExplainParams, ItemResult, Targ
 from explainctl.errors import ExplainctlError, ItemError
 from explainctl_worker.artifact import MASKS_NPY, render
 from explainctl_worker.decode import DecodeLimits, decode_image
-from explainctl_worker.engine import explain_batch
 from explainctl_worker.model import LoadedModel, resolve_target
+from explainctl_worker.slot import Entry, Explanation, choose_slots, run_slots
 
 
 @dataclass
@@ -40,6 +42,7 @@ class ItemOutcome:
     source: str
     result: ItemResult | None = None
     files: dict[str, bytes] | None = None
+    artifacts: dict[str, str] | None = None  # filename -> URI, once stored
     error_code: str | None = None
     error: str | None = None
 
@@ -86,93 +89,214 @@ def _to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def explain_chunk(
+@dataclass
+class Timings:
+    """Where a run of `explain_items` spent its wall time, in seconds.
+
+    The device is idle while the loop waits for a decoded item or for the last renders;
+    decode, render and deliver run in background threads beside the optimisation.
+    """
+
+    wall: float = 0.0
+    waiting: float = 0.0  # the optimisation loop blocked on decoding, or on the last renders
+    decode: float = 0.0  # summed over items: read + decode + resize
+    render: float = 0.0  # summed over items: artifacts drawn and encoded
+    deliver: float = 0.0  # summed over items: stored or written
+
+    @property
+    def idle_fraction(self) -> float:
+        return self.waiting / self.wall if self.wall else 0.0
+
+    def add(self, other: Timings) -> None:
+        for name in ("wall", "waiting", "decode", "render", "deliver"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+# Threads beside the optimisation: reading and decoding ahead, rendering and storing.
+# Two each keep a slow read or upload from stalling the others, without taking the cores
+# the device loop needs on a CPU worker.
+HOST_THREADS = 2
+
+
+class _Inline:
+    """An executor that runs each call at once, in the caller's thread: host work without
+    overlap (host_threads=0), the baseline the overlap is measured against."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as error:  # handed to the caller by future.result()
+            future.set_exception(error)
+        return future
+
+
+def _executor(threads: int, name: str):
+    return ThreadPoolExecutor(threads, thread_name_prefix=name) if threads else _Inline()
+
+
+def explain_items(
     items: Sequence[ItemInput],
     loaded: LoadedModel,
     params: ExplainParams,
     limits: DecodeLimits | None = None,
+    *,
+    slots: int | None = None,
+    deliver: Callable[[ItemOutcome], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    timings: Timings | None = None,
+    host_threads: int = HOST_THREADS,
 ) -> list[ItemOutcome]:
-    """Explain `items` as one batch; outcomes come back in the order of `items`."""
+    """Explain `items` through `slots` slots (default: slot.choose_slots); outcomes come
+    back in the order of `items`.
+
+    Items are read and decoded ahead in background threads while the device optimises;
+    each finished item is rendered, then handed to `deliver` (store it, write it), in
+    background threads too. `deliver` may set the outcome's error: the item has failed.
+    progress: item-iterations done since its last call. host_threads: threads for each of
+    decoding and rendering; 0 runs both in line with the loop (no overlap).
+    """
     limits = limits or DecodeLimits()
+    if not items:
+        return []
+    slots = min(slots, len(items)) if slots else None
+    slots = slots or choose_slots(loaded.module, params.image_size, loaded.device, len(items))
     outcomes = [ItemOutcome(item.name, item.source) for item in items]
-    ready: list[tuple[int, Image.Image, int]] = []
-    for position, item in enumerate(items):
+    spent = timings or Timings()
+    started = time.perf_counter()
+    images: dict[int, Image.Image] = {}
+
+    def decode(position: int):
+        began = time.perf_counter()
         try:
-            image, target = _prepare(item, loaded, params, limits)
+            image, target = _prepare(items[position], loaded, params, limits)
+            return position, image, target, _to_tensor(image, params.image_size)
         except ItemError as error:
             outcomes[position].error_code, outcomes[position].error = error.code, error.message
-            continue
-        ready.append((position, image, target))
-    if not ready:
-        return outcomes
+            return position, None, None, None
+        finally:
+            spent.decode += time.perf_counter() - began
 
-    started = time.perf_counter()
-    batch = torch.stack([_to_tensor(image, params.image_size) for _, image, _ in ready])
-    targets = torch.tensor([target for _, _, target in ready], dtype=torch.long)
-    explanation = explain_batch(
-        loaded.module,
-        batch.to(loaded.device),
-        params,
-        mean=loaded.spec.mean,
-        std=loaded.spec.std,
-        targets=targets,
-        progress=progress,
-    )
-    seconds = (time.perf_counter() - started) / len(ready)
-    version_info = versions()
+    def submit(executor, fn, *args) -> Future:
+        # In line (host_threads=0) the work itself runs here, and the device waits for it.
+        began = time.perf_counter()
+        future = executor.submit(fn, *args)
+        spent.waiting += time.perf_counter() - began
+        return future
 
-    def item_value(values: torch.Tensor | None, row: int) -> float | None:
-        return None if values is None else float(values[row])
+    def entries(decoder) -> Iterator[Entry]:
+        # Keep up to `slots` items decoded ahead of the loop: a refill never waits for a read.
+        ahead = deque(submit(decoder, decode, i) for i in range(min(slots, len(items))))
+        following = len(ahead)
+        while ahead:
+            began = time.perf_counter()
+            position, image, target, tensor = ahead.popleft().result()
+            spent.waiting += time.perf_counter() - began
+            if following < len(items):
+                ahead.append(submit(decoder, decode, following))
+                following += 1
+            if image is not None:
+                images[position] = image
+                yield Entry(position, tensor, target)
 
-    for row, (position, image, _) in enumerate(ready):
+    def finish(position: int, explanation: Explanation) -> None:
+        began = time.perf_counter()
         outcome = outcomes[position]
-        target_index = int(explanation.targets[row])
-        categories = loaded.categories
-        area_masks = None if explanation.area_masks is None else explanation.area_masks[row].numpy()
-        result = ItemResult(
-            source=outcome.source,
-            item=outcome.name,
-            model=loaded.spec.name,
-            target_index=target_index,
-            target_name=categories[target_index]
-            if categories and target_index < len(categories)
-            else None,
-            prob_before=float(explanation.prob_before[row]),
-            prob_after=float(explanation.prob_after[row]),
-            mask_area=float(explanation.mask_area[row]),
-            iterations=int(explanation.iterations[row]),
-            seconds=round(seconds, 4),
-            image_width=image.width,
-            image_height=image.height,
-            params=params,
-            versions=version_info,
-            artifacts=[*ARTIFACT_FILES, *([MASKS_NPY] if area_masks is not None else [])],
-            method=explanation.method,
-            deletion_auc=item_value(explanation.deletion_auc, row),
-            deletion_auc_blur=item_value(explanation.deletion_auc_blur, row),
-            insertion_auc=item_value(explanation.insertion_auc, row),
-            prob_keep=item_value(explanation.prob_keep, row),
+        _render(outcome, images.pop(position), explanation, loaded, params, version_info)
+        rendered = time.perf_counter()
+        spent.render += rendered - began
+        if deliver and outcome.ok:
+            deliver(outcome)
+            spent.deliver += time.perf_counter() - rendered
+
+    version_info = versions()
+    num_classes(loaded, params.image_size)  # once, before the decode threads need it
+    with (
+        _executor(host_threads, "decode") as decoder,
+        _executor(host_threads, "render") as renderer,
+    ):
+        stream = run_slots(
+            loaded.module,
+            entries(decoder),
+            params,
+            slots=slots,
+            mean=loaded.spec.mean,
+            std=loaded.spec.std,
+            device=loaded.device,
+            progress=progress,
         )
-        try:
-            outcome.files = render(
-                image,
-                explanation.masks[row, 0].numpy(),
-                explanation.substrate[row].numpy(),
-                result,
-                params.upsample,
-                # The paper blurs its upsampled mask: draw what the model saw.
-                mask_full=explanation.masks_full[row, 0].numpy()
-                if params.method == "paper"
-                else None,
-                levels=None if explanation.levels is None else explanation.levels[row].numpy(),
-                area_masks=area_masks,
-            )
-        except (OSError, ValueError, MemoryError) as error:
-            outcome.error_code, outcome.error = "render-error", f"cannot render: {error}"
-            continue
-        outcome.result = result
+        pending = [submit(renderer, finish, key, explanation) for key, explanation in stream]
+        began = time.perf_counter()
+        for future in pending:
+            future.result()
+        spent.waiting += time.perf_counter() - began
+    spent.wall += time.perf_counter() - started
     return outcomes
+
+
+def _render(
+    outcome: ItemOutcome,
+    image: Image.Image,
+    explanation: Explanation,
+    loaded: LoadedModel,
+    params: ExplainParams,
+    version_info: dict[str, str],
+) -> None:
+    """result.json and the artifacts of one explained item, into `outcome`."""
+    target_index = int(explanation.targets[0])
+    categories = loaded.categories
+    area_masks = None if explanation.area_masks is None else explanation.area_masks[0].numpy()
+
+    def value(values: torch.Tensor | None) -> float | None:
+        return None if values is None else float(values[0])
+
+    result = ItemResult(
+        source=outcome.source,
+        item=outcome.name,
+        model=loaded.spec.name,
+        target_index=target_index,
+        target_name=categories[target_index]
+        if categories and target_index < len(categories)
+        else None,
+        prob_before=float(explanation.prob_before[0]),
+        prob_after=float(explanation.prob_after[0]),
+        mask_area=float(explanation.mask_area[0]),
+        iterations=int(explanation.iterations[0]),
+        stop_reason=explanation.stop_reason[0],
+        seconds=round(float(explanation.seconds[0]), 4),
+        image_width=image.width,
+        image_height=image.height,
+        params=params,
+        versions=version_info,
+        artifacts=[*ARTIFACT_FILES, *([MASKS_NPY] if area_masks is not None else [])],
+        method=explanation.method,
+        deletion_auc=value(explanation.deletion_auc),
+        deletion_auc_blur=value(explanation.deletion_auc_blur),
+        insertion_auc=value(explanation.insertion_auc),
+        prob_keep=value(explanation.prob_keep),
+    )
+    try:
+        outcome.files = render(
+            image,
+            explanation.masks[0, 0].numpy(),
+            explanation.substrate[0].numpy(),
+            result,
+            params.upsample,
+            # The paper blurs its upsampled mask: draw what the model saw.
+            mask_full=explanation.masks_full[0, 0].numpy() if params.method == "paper" else None,
+            levels=None if explanation.levels is None else explanation.levels[0].numpy(),
+            area_masks=area_masks,
+        )
+    except (OSError, ValueError, MemoryError) as error:
+        outcome.error_code, outcome.error = "render-error", f"cannot render: {error}"
+        return
+    outcome.result = result
 
 
 def local_item_names(paths: Sequence[str]) -> list[str]:
@@ -217,11 +341,13 @@ def explain_paths(
     params: ExplainParams,
     *,
     target: Target | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     limits: DecodeLimits | None = None,
     on_progress: Callable[[int], None] | None = None,
+    timings: Timings | None = None,
 ) -> Iterator[ItemOutcome]:
-    """Explain local image files in batches, writing OUT/<name>/ for each; yields outcomes.
+    """Explain local image files through `batch_size` slots (default: slot.choose_slots),
+    writing OUT/<name>/ for each; yields outcomes in the order of `paths`.
 
     on_progress receives the number of image-iterations done since the last call.
     """
@@ -231,23 +357,25 @@ def explain_paths(
         ItemInput(name, os.path.abspath(path), _read_local(path, limits), target or Target())
         for name, path in zip(names, paths, strict=True)
     ]
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        reported = 0
 
-        def progress(done: int, size: int = len(chunk)) -> None:
-            nonlocal reported
-            if on_progress:
-                on_progress((done - reported) * size)
-            reported = done
+    def write(outcome: ItemOutcome) -> None:
+        folder = Path(out_dir) / outcome.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for filename, data in outcome.files.items():
+            (folder / filename).write_bytes(data)
 
-        outcomes = explain_chunk(chunk, loaded, params, limits, progress)
-        if on_progress and reported < params.iterations:
-            on_progress((params.iterations - reported) * len(chunk))
-        for outcome in outcomes:
-            if outcome.ok:
-                folder = Path(out_dir) / outcome.name
-                folder.mkdir(parents=True, exist_ok=True)
-                for filename, data in outcome.files.items():
-                    (folder / filename).write_bytes(data)
-            yield outcome
+    # Slots are refilled across the whole list; results are yielded a window at a time
+    # so a long list shows outcomes as it goes and holds few decoded images at once.
+    window = max((batch_size or 1) * 8, 64)
+    for start in range(0, len(items), window):
+        part = items[start : start + window]
+        yield from explain_items(
+            part,
+            loaded,
+            params,
+            limits,
+            slots=batch_size,
+            deliver=write,
+            progress=on_progress,
+            timings=timings,
+        )

@@ -1,8 +1,13 @@
-"""Explanation methods, chosen by ExplainParams.method; each exposes
-`run(problem, params, progress) -> MethodResult` (see common.py)."""
+"""Explanation methods, chosen by ExplainParams.method; each is a `Runner` (common.py)
+that the slot engine (slot.py) drives."""
 
 from __future__ import annotations
 
 from explainctl_worker.methods import extremal, paper, seed
+from explainctl_worker.methods.common import Runner
 
-RUNNERS = {"seed": seed.run, "paper": paper.run, "extremal": extremal.run}
+RUNNERS: dict[str, Runner] = {
+    "seed": seed.RUNNER,
+    "paper": paper.RUNNER,
+    "extremal": extremal.RUNNER,
+}

@@ -1,29 +1,32 @@
-"""What every method shares: the prepared batch, the model's scores, the optimisation loop.
+"""What every method shares: the prepared items, the model's scores, the runner contract.
 
-Batch independence is the invariant every method keeps: each image's loss depends only on
-its own mask, the optimisers update each element on their own, and any randomness is
-drawn once per iteration and shared by the whole batch, so an image's mask is the same
-alone or in any batch.
+A method is a `Runner`: `start` turns newly admitted items into rows of the parameter
+(one per item, or one per item and area), `loss` gives each row's loss, `finish` turns
+finished rows into stored masks. The slot engine (slot.py) owns the loop, the optimiser
+and the randomness, so a row's loss may depend only on its own parameter, its own
+precomputed tensors and its own step count: an item's mask is then the same alone, in a
+full batch, or entering a slot that another item just left.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from explainctl.contracts import ExplainParams
+from explainctl_worker.optim import Kind
 
-# Progress is reported (and early stop decided) every this many iterations; these are
-# the only points where the loop may wait for the device.
+# Progress is reported, convergence decided and slots refilled every this many
+# iterations of an item; these are the only points where the loop waits for the device.
 CHECKPOINT_EVERY = 10
 
 
 @dataclass
 class Problem:
-    """A batch ready to explain: N images of shape (C, H, W) on the model's device."""
+    """N items ready to explain: images of shape (C, H, W) on the model's device."""
 
     model: nn.Module
     images: torch.Tensor  # (N, C, H, W) pixel space [0, 1]
@@ -41,6 +44,19 @@ class Problem:
         """Pixel space to model input, for (..., C, H, W)."""
         return normalise(pixels, self.mean, self.std)
 
+    def select(self, index: torch.Tensor) -> Problem:
+        """The items at `index` (n,), in that order."""
+        return replace(self, **{f: getattr(self, f).index_select(0, index) for f in _PER_ITEM})
+
+    def extend(self, other: Problem) -> Problem:
+        """These items followed by `other`'s."""
+        return replace(
+            self, **{f: torch.cat([getattr(self, f), getattr(other, f)]) for f in _PER_ITEM}
+        )
+
+
+_PER_ITEM = ("images", "x", "targets", "prob_before")
+
 
 @dataclass
 class MethodResult:
@@ -49,10 +65,52 @@ class MethodResult:
     masks: torch.Tensor  # (N, 1, h, w) the stored mask: 1 = kept, 0 = deleted
     masks_full: torch.Tensor  # (N, 1, H, W) the mask as the model saw it
     prob_after: torch.Tensor  # (N,) target probability with the masked region perturbed
-    iterations: torch.Tensor  # (N,)
     substrate: torch.Tensor  # (N, C, H, W) pixel space: what a fully deleted pixel becomes
     levels: torch.Tensor | None = None  # (N, L, C, H, W) pixel space blur pyramid
     area_masks: torch.Tensor | None = None  # (N, A, h, w) one stored mask per area
+
+
+# Randomness for a batch of rows: x (k * R, C, H, W) -> the same, each row jittered and
+# noised with its own item's draws (slot.ItemRandom); k blocks of R rows share them.
+Perturb = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What a method keeps per row of its parameter: tensors whose first dimension is the
+    row (R = items * rows_per_item), selected and concatenated with the parameter."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def select(self, index: torch.Tensor) -> Rows:
+        return Rows({k: v.index_select(0, index) for k, v in self.tensors.items()})
+
+    def extend(self, other: Rows) -> Rows:
+        if not self.tensors:
+            return other
+        return Rows({k: torch.cat([v, other.tensors[k]]) for k, v in self.tensors.items()})
+
+
+@dataclass(frozen=True)
+class Runner:
+    """One explanation method, as the slot engine drives it.
+
+    start(problem, params) -> (p0 (R, ...) the initial parameter, rows): R = n * rows_per_item
+        for the problem's n items, item-major.
+    loss(model, p, rows, steps, params, perturb) -> (R,): each row's loss at its own step
+        count steps (R,); the engine minimises it (the sum over rows) with `optimizer`,
+        clamping p to [0, 1] after every step.
+    finish(problem, p, rows, params) -> MethodResult for the problem's items.
+    """
+
+    start: Callable[[Problem, ExplainParams], tuple[torch.Tensor, Rows]]
+    loss: Callable[..., torch.Tensor]
+    finish: Callable[[Problem, torch.Tensor, Rows, ExplainParams], MethodResult]
+    optimizer: Kind = "adam"
+    rows_per_item: Callable[[ExplainParams], int] = lambda params: 1
 
 
 def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -95,82 +153,3 @@ def prepare(
         targets = torch.where(targets < 0, top1, targets)
         prob_before = logits.softmax(dim=1)[idx, targets]
     return Problem(model, images, x, targets, prob_before, tuple(mean), tuple(std))
-
-
-def jitter(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift the whole batch by one random (dy, dx) in [-J, J]^2, edges replicated.
-
-    x (N, C, H, W) -> (N, C, H, W). The shift is drawn on x's device and applied by
-    index_select, so no value travels to the host; one shift for the batch keeps images
-    independent of their neighbours.
-    """
-    shift = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator, device=x.device)
-    h, w = x.shape[-2:]
-    rows = (torch.arange(h, device=x.device) - shift[0]).clamp(0, h - 1)
-    cols = (torch.arange(w, device=x.device) - shift[1]).clamp(0, w - 1)
-    return x.index_select(2, rows).index_select(3, cols)
-
-
-def perturb(x: torch.Tensor, params, generator: torch.Generator) -> torch.Tensor:
-    """The per-iteration randomness every method shares: a jitter of up to `params.jitter`
-    px, then noise N(0, noise_std^2) drawn once as (1, C, H, W) and broadcast, so each image
-    sees what it would see alone. x (N, C, H, W) -> (N, C, H, W)."""
-    if params.jitter:
-        x = jitter(x, params.jitter, generator)
-    if params.noise_std > 0:
-        noise = torch.randn((1, *x.shape[1:]), generator=generator, device=x.device)
-        x = x + params.noise_std * noise
-    return x
-
-
-def optimise(
-    parameter: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    loss_at: Callable[[int], torch.Tensor],
-    params: ExplainParams,
-    progress: Callable[[int], None] | None,
-) -> torch.Tensor:
-    """Minimise the per-row loss `loss_at(step)` -> (B,) over `parameter` (B, ...).
-
-    Sums the rows' losses (each row's gradient stays its own), clamps the parameter to
-    [0, 1] after every step, and with params.early_stop freezes a row once its best loss
-    has improved by no more than early_stop_tol over a window. Returns the iterations
-    each row ran, (B,).
-    """
-    rows = parameter.shape[0]
-    device = parameter.device
-    view = (-1,) + (1,) * (parameter.dim() - 1)
-    active = torch.ones(rows, dtype=torch.bool, device=device)
-    iterations = torch.full((rows,), params.iterations, dtype=torch.long, device=device)
-    frozen = torch.empty_like(parameter)
-    best = torch.full((rows,), float("inf"), device=device)
-    best_at_window_start = best.clone()
-
-    for step in range(params.iterations):
-        with torch.enable_grad():
-            loss = loss_at(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()
-        optimizer.step()
-        with torch.no_grad():
-            parameter.clamp_(0, 1)
-            if params.early_stop:
-                parameter.copy_(torch.where(active.view(view), parameter, frozen))
-                best = torch.minimum(best, loss.detach())
-
-        done = step + 1
-        if params.early_stop and done % params.early_stop_window == 0:
-            with torch.no_grad():
-                improved = best_at_window_start - best > params.early_stop_tol
-                stopping = active & ~improved
-                frozen = torch.where(stopping.view(view), parameter.detach(), frozen)
-                iterations = torch.where(stopping, torch.full_like(iterations, done), iterations)
-                active = active & improved
-                best_at_window_start = best.clone()
-            if not bool(active.any()):
-                if progress:
-                    progress(params.iterations)
-                break
-        if progress and (done % CHECKPOINT_EVERY == 0 or done == params.iterations):
-            progress(done)
-    return iterations

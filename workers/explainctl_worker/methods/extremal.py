@@ -16,7 +16,7 @@ blur_sigma): Phi(x; p) keeps x where p = 1 and blurs it most where p = 0.
 
 p is parametrised by a coarse grid pbar (mask_size^2 values, one per ~7 px) in [0, 1]:
 p = up(smax_T g * pbar) (mask.smooth_max_pool, g a Gaussian of 3 cells), optimised by SGD
-with momentum.
+with momentum. Each (image, area) pair is a row of its own, with its own step count t.
 
 Stored masks follow the project's convention, m = 1 kept, 0 deleted, with m = 1 - p:
 saliency 1 - m is the preserved region p, the heatmap shows it, and perturbed.png and
@@ -26,17 +26,16 @@ first area listed (a caller's order of preference); all are in `area_masks`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from explainctl.contracts import ExplainParams
 from explainctl_worker.mask import area_penalty, smooth_max_pool, upsample
 from explainctl_worker.methods.common import (
     MethodResult,
+    Perturb,
     Problem,
-    optimise,
-    perturb,
+    Rows,
+    Runner,
     target_logit,
     target_probability,
 )
@@ -62,63 +61,69 @@ def preserved_region(
     return grid, upsample(grid, size, params.upsample)
 
 
-def run(
-    problem: Problem, params: ExplainParams, progress: Callable[[int], None] | None
-) -> MethodResult:
-    """Extremal masks for N images (N, C, H, W) and A = len(params.areas) areas, optimised
-    as N * A independent rows: masks (N, 1, g, g) for the first area, area_masks
-    (N, A, g, g) when A > 1, g = mask_size; all stored as m = 1 - p."""
-    device = problem.x.device
+def rows_per_item(params: ExplainParams) -> int:
+    """One row per (item, area): A independent problems sharing the forward passes."""
+    return len(params.areas)
+
+
+def start(problem: Problem, params: ExplainParams) -> tuple[torch.Tensor, Rows]:
+    """pbar0 = 1/2 everywhere, (N * A, 1, g, g) for g = mask_size and A areas, item-major;
+    per row the pyramid (pixel space and normalised), the target and the area."""
+    count = rows_per_item(params)
     n = problem.x.shape[0]
-    size = problem.size
-    model = problem.model
-    areas = torch.tensor(params.areas, dtype=problem.x.dtype, device=device)
-    count = len(params.areas)
     levels = blur_pyramid(problem.images, params.blur_sigma, params.blur_levels)
-    levels_x = problem.normalise(levels)
-    # One row per (image, area): rows are independent problems sharing forward passes.
-    row_levels = levels_x.repeat_interleave(count, dim=0)
-    row_targets = problem.targets.repeat_interleave(count)
-    row_areas = areas.repeat(n)
+    areas = torch.tensor(params.areas, dtype=problem.x.dtype, device=problem.x.device)
+    g = params.mask_size
+    pbar0 = torch.full((n * count, 1, g, g), INITIAL_VALUE, device=problem.x.device)
+    rows = Rows(
+        {
+            "levels": levels.repeat_interleave(count, dim=0),
+            "levels_x": problem.normalise(levels).repeat_interleave(count, dim=0),
+            "targets": problem.targets.repeat_interleave(count),
+            "areas": areas.repeat(n),
+        }
+    )
+    return pbar0, rows
+
+
+def loss(model, pbar, rows: Rows, steps, params: ExplainParams, perturb: Perturb) -> torch.Tensor:
+    """-reward(p) + area_coeff * area_growth^t * R_a(p) per row, t its step count, (R,)."""
+    levels_x, targets = rows["levels_x"], rows["targets"]
+    _, p = preserved_region(pbar, tuple(levels_x.shape[-2:]), params)
     preserve = params.variant in ("preserve", "dual")
     delete = params.variant in ("delete", "dual")
+    inputs = []
+    if preserve:
+        inputs.append(pyramid_blend(levels_x, p))
+    if delete:
+        inputs.append(pyramid_blend(levels_x, 1 - p))
+    scores = target_logit(model, perturb(torch.cat(inputs)), targets.repeat(len(inputs)))
+    scores = scores.view(len(inputs), -1)
+    reward = scores[0] if preserve else -scores[0]
+    if preserve and delete:
+        reward = reward - scores[1]
+    weight = params.area_coeff * params.area_growth ** steps.to(pbar.dtype)
+    return -reward + weight * area_penalty(p, rows["areas"])
 
-    g = params.mask_size
-    pbar = torch.full((n * count, 1, g, g), INITIAL_VALUE, device=device, requires_grad=True)
-    optimizer = torch.optim.SGD([pbar], lr=params.lr, momentum=params.momentum)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed)
 
-    def loss_at(step: int) -> torch.Tensor:
-        _, p = preserved_region(pbar, size, params)
-        inputs, targets = [], []
-        if preserve:
-            inputs.append(pyramid_blend(row_levels, p))
-            targets.append(row_targets)
-        if delete:
-            inputs.append(pyramid_blend(row_levels, 1 - p))
-            targets.append(row_targets)
-        x_in = perturb(torch.cat(inputs), params, generator)
-        scores = target_logit(model, x_in, torch.cat(targets)).view(len(inputs), -1)
-        reward = scores[0] if preserve else -scores[0]
-        if preserve and delete:
-            reward = reward - scores[1]
-        weight = params.area_coeff * params.area_growth**step
-        return -reward + weight * area_penalty(p, row_areas)
-
-    iterations = optimise(pbar, optimizer, loss_at, params, progress)
-
-    with torch.no_grad():
-        grid, p = preserved_region(pbar.detach(), size, params)
-        stored = (1 - grid).view(n, count, g, g)
-        full = (1 - p).view(n, count, 1, *size)[:, 0]
-        prob_after = target_probability(model, pyramid_blend(levels_x, full), problem.targets)
+def finish(problem: Problem, pbar, rows: Rows, params: ExplainParams) -> MethodResult:
+    """Masks (N, 1, g, g) for the first area, area_masks (N, A, g, g) when A > 1; all
+    stored as m = 1 - p."""
+    count = rows_per_item(params)
+    n, g, size = problem.x.shape[0], params.mask_size, problem.size
+    grid, p = preserved_region(pbar.detach(), size, params)
+    stored = (1 - grid).view(n, count, g, g)
+    full = (1 - p).view(n, count, 1, *size)[:, 0]
+    levels = rows["levels"][::count]
+    x_m = pyramid_blend(problem.normalise(levels), full)
     return MethodResult(
         masks=stored[:, :1],
         masks_full=full,
-        prob_after=prob_after,
-        iterations=iterations.view(n, count)[:, 0],
+        prob_after=target_probability(problem.model, x_m, problem.targets),
         substrate=levels[:, 0],
         levels=levels,
         area_masks=stored if count > 1 else None,
     )
+
+
+RUNNER = Runner(start=start, loss=loss, finish=finish, optimizer="sgd", rows_per_item=rows_per_item)

@@ -8,14 +8,12 @@ For each image x (C, H, W) with target class c, find m in [0, 1]^(h x w) (1 = ke
 Phi(x; M)(u) blurs pixel u with sigma = sigma_0 * (1 - M(u)): a pyramid of L blurred
 copies sigma_0 > ... > sigma_{L-1} = 0 is computed once, and each pixel interpolates
 between the two levels that bracket its mask value (differentiable in M). jitter shifts
-the perturbed image by up to `params.jitter` px each iteration (one shift for the whole
-batch, from a generator seeded with params.seed). lambda_1 = l1_coeff, lambda_2 = tv_coeff,
+the perturbed image by up to `params.jitter` px each iteration (from the item's own
+generator, seeded with params.seed). lambda_1 = l1_coeff, lambda_2 = tv_coeff,
 beta = tv_beta, sigma_0 = blur_sigma, L = blur_levels.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -23,9 +21,10 @@ from explainctl.contracts import ExplainParams
 from explainctl_worker.mask import l1_sum, tv_iso_sum, upsample
 from explainctl_worker.methods.common import (
     MethodResult,
+    Perturb,
     Problem,
-    optimise,
-    perturb,
+    Rows,
+    Runner,
     target_probability,
 )
 from explainctl_worker.substrate import blur_pyramid, gaussian_blur, pyramid_blend
@@ -41,39 +40,38 @@ def full_mask(m: torch.Tensor, size: tuple[int, int], params: ExplainParams) -> 
     return gaussian_blur(upsample(m, size, params.upsample), MASK_BLUR_KERNEL, MASK_BLUR_SIGMA)
 
 
-def run(
-    problem: Problem, params: ExplainParams, progress: Callable[[int], None] | None
-) -> MethodResult:
-    """The paper's optimisation for N images (N, C, H, W): masks (N, 1, s, s), s = mask_size;
-    masks_full (N, 1, H, W) is blur(up(m)), what the model saw; levels (N, L, C, H, W)."""
-    device = problem.x.device
-    n = problem.x.shape[0]
-    size = problem.size
-    targets, model = problem.targets, problem.model
+def start(problem: Problem, params: ExplainParams) -> tuple[torch.Tensor, Rows]:
+    """m0 = 1, (N, 1, s, s) for s = mask_size; per row the pyramid (N, L, C, H, W) in pixel
+    space (for rendering) and normalised (what the model reads)."""
     levels = blur_pyramid(problem.images, params.blur_sigma, params.blur_levels)
-    levels_x = problem.normalise(levels)
+    n = problem.x.shape[0]
+    m0 = torch.ones(n, 1, params.mask_size, params.mask_size, device=problem.x.device)
+    rows = Rows(
+        {"levels": levels, "levels_x": problem.normalise(levels), "targets": problem.targets}
+    )
+    return m0, rows
 
-    m = torch.ones(n, 1, params.mask_size, params.mask_size, device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([m], lr=params.lr)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed)
 
-    def loss_at(step: int) -> torch.Tensor:
-        x_m = perturb(pyramid_blend(levels_x, full_mask(m, size, params)), params, generator)
-        p = target_probability(model, x_m, targets)
-        return params.l1_coeff * l1_sum(m) + params.tv_coeff * tv_iso_sum(m, params.tv_beta) + p
+def loss(model, m, rows: Rows, steps, params: ExplainParams, perturb: Perturb) -> torch.Tensor:
+    """lambda_1 sum|1 - m| + lambda_2 TV_beta(m) + softmax(f(jitter(Phi(x; M))))_c, (R,)."""
+    levels_x = rows["levels_x"]
+    x_m = perturb(pyramid_blend(levels_x, full_mask(m, tuple(levels_x.shape[-2:]), params)))
+    p = target_probability(model, x_m, rows["targets"])
+    return params.l1_coeff * l1_sum(m) + params.tv_coeff * tv_iso_sum(m, params.tv_beta) + p
 
-    iterations = optimise(m, optimizer, loss_at, params, progress)
 
-    with torch.no_grad():
-        final = m.detach().clamp(0, 1)
-        full = full_mask(final, size, params)
-        prob_after = target_probability(model, pyramid_blend(levels_x, full), targets)
+def finish(problem: Problem, m, rows: Rows, params: ExplainParams) -> MethodResult:
+    """Masks (N, 1, s, s); masks_full (N, 1, H, W) is blur(up(m)), what the model saw."""
+    final = m.detach().clamp(0, 1)
+    full = full_mask(final, problem.size, params)
+    x_m = pyramid_blend(rows["levels_x"], full)
     return MethodResult(
         masks=final,
         masks_full=full,
-        prob_after=prob_after,
-        iterations=iterations,
-        substrate=levels[:, 0],
-        levels=levels,
+        prob_after=target_probability(problem.model, x_m, problem.targets),
+        substrate=rows["levels"][:, 0],
+        levels=rows["levels"],
     )
+
+
+RUNNER = Runner(start=start, loss=loss, finish=finish, optimizer="adam")

@@ -1,0 +1,368 @@
+"""Slots: the device's batch of in-flight items, refilled as items finish.
+
+The device runs one forward/backward pass per iteration over every row in the slots. Each
+item keeps its own step count, optimiser state (optim.RowOptimizer) and random generator
+(ItemRandom), so its mask does not depend on its neighbours or on when it entered. At a
+checkpoint (every CHECKPOINT_EVERY iterations of an item, the only points where the loop
+waits for the device) an item that has converged (convergence.py) or spent its budget is
+finalised, and its slot is given to the next item of the stream: the device never spends
+a pass on a finished mask.
+
+    for key, explanation in run_slots(model, entries, params, slots=8): ...
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+
+from explainctl.contracts import ExplainParams
+from explainctl_worker import faithfulness
+from explainctl_worker.convergence import Convergence
+from explainctl_worker.mask import mask_area
+from explainctl_worker.methods import RUNNERS
+from explainctl_worker.methods.common import CHECKPOINT_EVERY, Problem, Rows, prepare
+from explainctl_worker.optim import RowOptimizer
+
+
+@dataclass
+class Entry:
+    """An item waiting for a slot: its pixels (C, H, W) in [0, 1] and its target (-1: top-1)."""
+
+    key: Any
+    image: torch.Tensor
+    target: int = -1
+
+
+@dataclass
+class Explanation:
+    """What the engine gives back for N items (N = 1 from `run_slots`), on the CPU."""
+
+    masks: torch.Tensor  # (N, 1, h, w) float32 in [0, 1]
+    targets: torch.Tensor  # (N,) int64
+    prob_before: torch.Tensor  # (N,) softmax of the target on the clean image
+    prob_after: torch.Tensor  # (N,) on the image perturbed by the final mask, no noise
+    mask_area: torch.Tensor  # (N,) mean(1 - m)
+    iterations: torch.Tensor  # (N,) iterations each mask was optimised for
+    converged: torch.Tensor  # (N,) bool: stopped by the convergence rule, not the budget
+    seconds: torch.Tensor  # (N,) wall time of the passes spent on the item: its share of each
+    substrate: torch.Tensor  # (N, C, H, W) pixel-space substrate, for rendering
+    method: str = "seed"
+    # (N, L, C, H, W) pixel-space blur pyramid, for methods whose perturbation varies
+    # the blur with the mask (paper, extremal); None for the seed's single substrate.
+    levels: torch.Tensor | None = None
+    # (N, 1, H, W) the mask as the model saw it, at its input resolution; 1 - masks_full
+    # is the saliency the metrics rank.
+    masks_full: torch.Tensor | None = None
+    # (N, A, h, w) one mask per area (extremal with several areas); masks is the first.
+    area_masks: torch.Tensor | None = None
+    # Faithfulness scores (N,), when params.metrics.
+    deletion_auc: torch.Tensor | None = None
+    deletion_auc_blur: torch.Tensor | None = None
+    insertion_auc: torch.Tensor | None = None
+    prob_keep: torch.Tensor | None = None
+
+    @property
+    def stop_reason(self) -> list[str]:
+        return ["converged" if c else "budget" for c in self.converged.tolist()]
+
+    @staticmethod
+    def stack(parts: list[Explanation]) -> Explanation:
+        """Explanations of single items, concatenated in order."""
+        first = parts[0]
+        values = {}
+        for name, value in vars(first).items():
+            if isinstance(value, torch.Tensor):
+                values[name] = torch.cat([getattr(part, name) for part in parts])
+            else:
+                values[name] = value
+        return Explanation(**values)
+
+
+# Slots on a CPU: with channels_last, 4 images per pass gave the most images per second
+# on 2 cores (EfficientNet-Lite0: 33 ms per image-iteration against 48 at 1 and 44 at 8).
+CPU_SLOTS = 4
+# Share of the free GPU memory the slots may take, and the most slots on any device.
+GPU_MEMORY_SHARE = 0.6
+MAX_SLOTS = 256
+
+
+def choose_slots(model: nn.Module, image_size: int, device: torch.device, items: int) -> int:
+    """Slots for `items` items when none were asked for: CPU_SLOTS on a CPU; on CUDA as
+    many as GPU_MEMORY_SHARE of the free memory holds, from one measured pass of 2 rows."""
+    if device.type != "cuda":
+        return max(1, min(CPU_SLOTS, items))
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    probe = torch.rand(2, 3, image_size, image_size, device=device, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(probe).float().logsumexp(dim=1).sum(), probe)
+    del grad
+    # Half the probe's peak is one row's pass; the method's own tensors (substrate,
+    # pyramid, optimiser state) come on top, so count a row as twice that.
+    per_row = max(1, torch.cuda.max_memory_allocated(device) - base)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(items, MAX_SLOTS, int(GPU_MEMORY_SHARE * free // per_row)))
+
+
+class ItemRandom:
+    """The randomness of one item: a generator seeded with params.seed, drawn in the same
+    order every iteration (jitter shift, then noise), so the item sees the sequence it
+    would see alone."""
+
+    def __init__(self, params: ExplainParams, device: torch.device):
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(params.seed)
+
+    def draw(self, params: ExplainParams, shape: tuple[int, ...], device):
+        """(shift (2,) or None, noise (C, H, W) or None) for this iteration."""
+        shift = noise = None
+        if params.jitter:
+            j = params.jitter
+            shift = torch.randint(-j, j + 1, (2,), generator=self.generator, device=device)
+        if params.noise_std > 0:
+            noise = torch.randn(shape, generator=self.generator, device=device)
+        return shift, noise
+
+
+def jitter_rows(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Shift each row of x (R, C, H, W) by its own (dy, dx) (R, 2), edges replicated.
+
+    Gathers along H then W, on x's device: no value travels to the host.
+    """
+    r, c, h, w = x.shape
+    rows = (torch.arange(h, device=x.device).view(1, h) - shifts[:, :1]).clamp(0, h - 1)
+    cols = (torch.arange(w, device=x.device).view(1, w) - shifts[:, 1:]).clamp(0, w - 1)
+    x = x.gather(2, rows.view(r, 1, h, 1).expand(r, c, h, w))
+    return x.gather(3, cols.view(r, 1, 1, w).expand(r, c, h, w))
+
+
+def _perturber(randoms: list[ItemRandom], params: ExplainParams, per_item: int, shape):
+    """One iteration's perturbation for the rows of `randoms`' items (see Perturb)."""
+    device = None
+
+    def perturb(x: torch.Tensor) -> torch.Tensor:
+        nonlocal device
+        device = x.device
+        draws = [random.draw(params, shape, device) for random in randoms]
+        blocks = x.shape[0] // (len(randoms) * per_item)
+
+        def per_row(values: list[torch.Tensor]) -> torch.Tensor:
+            stacked = torch.stack(values).repeat_interleave(per_item, dim=0)
+            return stacked.repeat(blocks, *([1] * (stacked.dim() - 1)))
+
+        if params.jitter:
+            x = jitter_rows(x, per_row([shift for shift, _ in draws]))
+        if params.noise_std > 0:
+            x = x + params.noise_std * per_row([noise for _, noise in draws])
+        return x
+
+    return perturb
+
+
+def _autocast(params: ExplainParams, device: torch.device):
+    """bf16 autocast for the model's passes on CUDA when params.precision asks for it; the
+    mask, the loss terms and the optimiser stay in float32."""
+    if params.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class _Scores(nn.Module):
+    """The model as the loop calls it: under the params' precision, float32 logits out."""
+
+    def __init__(self, model: nn.Module, params: ExplainParams, device: torch.device):
+        super().__init__()
+        self.model, self.params, self.device = model, params, device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last: 1.4x per pass for EfficientNet-Lite0 on a CPU (benchmarks/README.md),
+        # and what tensor cores want on a GPU.
+        x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(self.params, self.device):
+            return self.model(x).float()
+
+
+def run_slots(
+    model: nn.Module,
+    entries: Iterable[Entry],
+    params: ExplainParams,
+    *,
+    slots: int,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    device: torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[tuple[Any, Explanation]]:
+    """Explain a stream of items with `slots` items in flight; yields (key, explanation)
+    as each item finishes, which is not the order of `entries`.
+
+    progress receives the item-iterations done since its last call (an item that stops
+    early is credited with its whole budget, so the total is items * params.iterations).
+    """
+    runner = RUNNERS[params.method]
+    per_item = runner.rows_per_item(params)
+    if device is None:
+        tensors = [*model.parameters(), *model.buffers()]
+        device = tensors[0].device if tensors else torch.device("cpu")
+    model.eval()
+    scores = _Scores(model, params, device)
+    model.to(memory_format=torch.channels_last)
+    source = iter(entries)
+    optimizer = RowOptimizer(runner.optimizer, params.lr, params.momentum or 0.0)
+    convergence = Convergence(params)
+
+    keys: list[Any] = []
+    randoms: list[ItemRandom] = []
+    done_steps: list[int] = []  # per item, on the host: the loop needs no sync to schedule
+    problem: Problem | None = None
+    p = torch.empty(0, device=device)
+    rows = Rows()
+    steps = torch.empty(0, device=device)  # per row, on the device, for the loss and Adam
+    spent: list[float] = []  # per item: its share of each segment's wall time
+    exhausted = False
+
+    while True:
+        if not exhausted and len(keys) < slots:
+            admitted = list(islice(source, slots - len(keys)))
+            exhausted = len(admitted) < slots - len(keys)
+            if admitted:
+                images = torch.stack([e.image for e in admitted]).to(device)
+                targets = torch.tensor([e.target for e in admitted], dtype=torch.long)
+                new = prepare(scores, images, mean, std, targets)
+                p0, new_rows = runner.start(new, params)
+                p = p0 if problem is None else torch.cat([p, p0])
+                rows = rows.extend(new_rows)
+                steps = torch.cat([steps, torch.zeros(p0.shape[0], device=device)])
+                optimizer.add_rows(p0)
+                convergence.add_rows(p0)
+                problem = new if problem is None else problem.extend(new)
+                keys += [e.key for e in admitted]
+                randoms += [ItemRandom(params, device) for _ in admitted]
+                done_steps += [0] * len(admitted)
+                spent += [0.0] * len(admitted)
+        if not keys:
+            return
+
+        # Run every item to its next checkpoint (or its budget, if that comes first).
+        segment = min(
+            min(CHECKPOINT_EVERY - s % CHECKPOINT_EVERY, params.iterations - s) for s in done_steps
+        )
+        shape = tuple(problem.x.shape[1:])
+        started = time.perf_counter()
+        for _ in range(segment):
+            leaf = p.detach().requires_grad_(True)
+            perturb = _perturber(randoms, params, per_item, shape)
+            with torch.enable_grad():
+                loss = runner.loss(scores, leaf, rows, steps, params, perturb)
+                (grad,) = torch.autograd.grad(loss.sum(), leaf)
+            with torch.no_grad():
+                optimizer.step(p, grad, steps)
+                p.clamp_(0, 1)
+                steps += 1
+            convergence.observe(p)
+        done_steps = [s + segment for s in done_steps]
+        credited = segment * len(keys)
+
+        # The check reads the device: the segment's time is measured after it.
+        converged = convergence.check(done_steps, per_item)
+        share = (time.perf_counter() - started) / len(keys)
+        spent = [t + share for t in spent]
+        finished = [i for i, s in enumerate(done_steps) if s >= params.iterations or converged[i]]
+        if finished:
+            credited += sum(params.iterations - done_steps[i] for i in finished)
+            index = torch.tensor(finished, device=device)
+            row_index = _rows_of(finished, per_item, device)
+            done = problem.select(index)
+            started = time.perf_counter()
+            with torch.no_grad():
+                result = runner.finish(
+                    done, p.index_select(0, row_index), rows.select(row_index), params
+                )
+                explained = _explanations(
+                    done,
+                    result,
+                    [done_steps[i] for i in finished],
+                    [converged[i] and done_steps[i] < params.iterations for i in finished],
+                    params,
+                )
+            share = (time.perf_counter() - started) / len(finished)
+            for position, i in enumerate(finished):
+                explained[position].seconds += spent[i] + share
+            keep = [i for i in range(len(keys)) if i not in set(finished)]
+            keep_index = torch.tensor(keep, dtype=torch.long, device=device)
+            keep_rows = _rows_of(keep, per_item, device)
+            p, rows = p.index_select(0, keep_rows), rows.select(keep_rows)
+            steps = steps.index_select(0, keep_rows)
+            optimizer.keep_rows(keep_rows)
+            convergence.keep_rows(keep_rows)
+            problem = problem.select(keep_index)
+            for position, i in enumerate(finished):
+                yield keys[i], explained[position]
+            keys = [keys[i] for i in keep]
+            randoms = [randoms[i] for i in keep]
+            done_steps = [done_steps[i] for i in keep]
+            spent = [spent[i] for i in keep]
+        if progress:
+            progress(credited)
+
+
+def _rows_of(items: list[int], per_item: int, device) -> torch.Tensor:
+    """The rows (item-major) of the items at positions `items`."""
+    return torch.tensor(
+        [i * per_item + k for i in items for k in range(per_item)], dtype=torch.long, device=device
+    )
+
+
+def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().float().cpu()
+
+
+def _explanations(problem: Problem, result, iterations, converged, params) -> list[Explanation]:
+    """One Explanation per finished item, with its faithfulness when params.metrics."""
+    scored = None
+    if params.metrics:
+        scored = faithfulness.evaluate(
+            problem.model,
+            problem.x,
+            1 - result.masks_full.detach(),
+            problem.targets,
+            steps=params.metric_steps,
+            max_batch=params.metric_batch,
+        )
+    final = result.masks.detach()
+    batch = Explanation(
+        masks=final.float().cpu(),
+        targets=problem.targets.cpu(),
+        prob_before=problem.prob_before.float().cpu(),
+        prob_after=result.prob_after.float().cpu(),
+        mask_area=mask_area(final).float().cpu(),
+        iterations=torch.tensor(iterations, dtype=torch.long),
+        converged=torch.tensor(converged, dtype=torch.bool),
+        seconds=torch.zeros(len(iterations), dtype=torch.float64),
+        substrate=result.substrate.float().cpu(),
+        method=params.method,
+        levels=_cpu(result.levels),
+        masks_full=_cpu(result.masks_full),
+        area_masks=_cpu(result.area_masks),
+        deletion_auc=_cpu(scored.deletion_auc) if scored else None,
+        deletion_auc_blur=_cpu(scored.deletion_auc_blur) if scored else None,
+        insertion_auc=_cpu(scored.insertion_auc) if scored else None,
+        prob_keep=_cpu(scored.prob_keep) if scored else None,
+    )
+    return [_row(batch, i) for i in range(len(iterations))]
+
+
+def _row(batch: Explanation, i: int) -> Explanation:
+    values = {
+        name: value[i : i + 1] if isinstance(value, torch.Tensor) else value
+        for name, value in vars(batch).items()
+    }
+    return Explanation(**values)
