@@ -178,14 +178,14 @@ def _autocast(params: ExplainParams, device: torch.device):
 class _Scores(nn.Module):
     """The model as the loop calls it: under the params' precision, float32 logits out."""
 
-    def __init__(self, model: nn.Module, params: ExplainParams, device: torch.device):
+    def __init__(self, model, params: ExplainParams, device: torch.device, channels_last: bool):
         super().__init__()
         self.model, self.params, self.device = model, params, device
+        self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # channels_last: 1.4x per pass for EfficientNet-Lite0 on a CPU (benchmarks/README.md),
-        # and what tensor cores want on a GPU.
-        x = x.contiguous(memory_format=torch.channels_last)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(self.params, self.device):
             return self.model(x).float()
 
@@ -200,12 +200,15 @@ def run_slots(
     std=(0.229, 0.224, 0.225),
     device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
+    channels_last: bool = True,
 ) -> Iterator[tuple[Any, Explanation]]:
     """Explain a stream of items with `slots` items in flight; yields (key, explanation)
     as each item finishes, which is not the order of `entries`.
 
     progress receives the item-iterations done since its last call (an item that stops
     early is credited with its whole budget, so the total is items * params.iterations).
+    channels_last: the model's memory format; 1.4x per pass for EfficientNet-Lite0 on a
+    CPU (benchmarks/README.md), and what tensor cores want on a GPU.
     """
     runner = RUNNERS[params.method]
     per_item = runner.rows_per_item(params)
@@ -213,8 +216,8 @@ def run_slots(
         tensors = [*model.parameters(), *model.buffers()]
         device = tensors[0].device if tensors else torch.device("cpu")
     model.eval()
-    scores = _Scores(model, params, device)
-    model.to(memory_format=torch.channels_last)
+    scores = _Scores(model, params, device, channels_last)
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     source = iter(entries)
     optimizer = RowOptimizer(runner.optimizer, params.lr, params.momentum or 0.0)
     convergence = Convergence(params)
