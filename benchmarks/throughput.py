@@ -96,8 +96,13 @@ class ChannelsLast(torch.nn.Module):
         return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
-def quality(model, x, masks_full, targets, prob_after, iterations, args) -> dict:
+MASKS: dict[str, np.ndarray] = {}  # row -> (N, H, W) masks as the model saw them, for --masks
+
+
+def quality(model, x, masks_full, targets, prob_after, iterations, args, row="") -> dict:
     """Faithfulness of 1 - masks_full, per image and mean."""
+    masks_full = masks_full.to(x.device)
+    MASKS[row] = masks_full[:, 0].detach().cpu().numpy()
     model.to(memory_format=torch.channels_last)
     scores = evaluate(
         ChannelsLast(model), x, 1 - masks_full, targets, steps=args.steps, max_batch=16
@@ -149,7 +154,7 @@ def run_rows(model, images, targets, args) -> list[dict]:
             "row": name,
             "seconds_per_image": seconds / n,
             "slots": slots,
-            **quality(model, x, full, targets, p_after, its, args),
+            **quality(model, x, full, targets, p_after, its, args, name),
         }
 
     if "original" in args.rows:
@@ -173,7 +178,7 @@ def run_rows(model, images, targets, args) -> list[dict]:
                     "row": "original",
                     "seconds_per_image": seconds / n,
                     "slots": 1,
-                    **quality(model, x, full, targets, p_after, its, args),
+                    **quality(model, x, full, targets, p_after, its, args, "original"),
                 }
             )
         )
@@ -188,19 +193,25 @@ def run_rows(model, images, targets, args) -> list[dict]:
         rows.append(log(engine_row("rule", rule, 1, channels_last=False)))
     if "default" in args.rows:
         rows.append(log(default_row(model, x, targets, args)))
+    if "default-bf16" in args.rows and images.device.type == "cuda":
+        rows.append(log(default_row(model, x, targets, args, precision="bf16")))
     return rows
 
 
-def default_row(model, x, targets, args) -> dict:
+def default_row(model, x, targets, args, precision: str = "fp32") -> dict:
     """The new default end to end, from the photo files to artifacts on disk."""
-    params = ExplainParams(iterations=args.budget)
+    params = ExplainParams(iterations=args.budget, precision=precision)
     loaded = LoadedModel(
         model, ModelSpec(name="efficientnet-lite0", mean=HALF, std=HALF), x.device, None
     )
     paths = photo_paths()
-    items = [ItemInput(p.stem, str(p), p.read_bytes) for p in paths]
-    for item, target in zip(items, targets.tolist(), strict=True):
-        item.target = Target(index=target)
+    # On a GPU the photos are repeated so the slots fill up; quality is read from the first
+    # copy of each (every copy gets the same mask).
+    items = [
+        ItemInput(f"{p.stem}-{k}", str(p), p.read_bytes, Target(index=int(t)))
+        for k in range(args.repeat)
+        for p, t in zip(paths, targets.tolist(), strict=True)
+    ]
     timings = Timings()
     with tempfile.TemporaryDirectory() as out:
 
@@ -213,19 +224,21 @@ def default_row(model, x, targets, args) -> dict:
         started = time.perf_counter()
         outcomes = explain_items(items, loaded, params, deliver=write, timings=timings)
         seconds = time.perf_counter() - started
+        first = outcomes[: len(paths)]
         masks = torch.stack(
-            [torch.from_numpy(np.load(Path(out) / o.name / "mask.npy")) for o in outcomes]
-        )
+            [torch.from_numpy(np.load(Path(out) / o.name / "mask.npy")) for o in first]
+        ).to(x.device)
     full = upsample(masks[:, None], (SIZE, SIZE), params.upsample)
-    p_after = [o.result.prob_after for o in outcomes]
-    its = [o.result.iterations for o in outcomes]
+    p_after = [o.result.prob_after for o in first]
+    its = [o.result.iterations for o in first]
     return {
-        "row": "default",
+        "row": "default" if params.precision == "fp32" else f"default-{params.precision}",
         "seconds_per_image": seconds / len(items),
+        "items": len(items),
         "slots": "auto",
-        "stop_reasons": [o.result.stop_reason for o in outcomes],
+        "stop_reasons": [o.result.stop_reason for o in first],
         "idle_fraction": timings.idle_fraction,
-        **quality(model, x, full, targets, p_after, its, args),
+        **quality(model, x, full, targets, p_after, its, args, f"default-{params.precision}"),
     }
 
 
@@ -360,7 +373,7 @@ def memory_rows(items: int, device: torch.device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="original,fixed,fixed-s1,rule,default")
+    parser.add_argument("--rows", default="original,fixed,fixed-s1,rule,default,default-bf16")
     parser.add_argument("--steps", type=int, default=SIZE, help="curve steps (RISE: 224)")
     parser.add_argument("--lever-iterations", type=int, default=20)
     parser.add_argument("--vgg-iterations", type=int, default=4)
@@ -370,7 +383,9 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="sections to skip: quality,levers,vgg,...")
     parser.add_argument("--budget", type=int, default=500, help="the full budget")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=1, help="copies of each photo (GPU)")
     parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--masks", default=None, help="an .npz for every row's masks")
     args = parser.parse_args()
     args.rows = args.rows.split(",")
     args.slot_counts = [int(s) for s in args.slot_counts.split(",")]
@@ -402,7 +417,7 @@ def main() -> None:
         vgg = vgg19().eval().to(device)
         for parameter in vgg.parameters():
             parameter.requires_grad_(False)
-        args.slot_counts = [1, 4]
+        args.slot_counts = args.slot_counts[:1] + args.slot_counts[-2:-1]
         report["levers"] = report.get("levers", []) + lever_rows("vgg19", vgg, images, args)
     if "overlap" not in skip:
         report["overlap"] = overlap_rows(model, device, args)
@@ -410,6 +425,8 @@ def main() -> None:
         report["memory"] = memory_rows(args.memory_items, device)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=1) + "\n")
+    if args.masks:
+        np.savez_compressed(args.masks, images=images.cpu().numpy(), **MASKS)
 
 
 if __name__ == "__main__":

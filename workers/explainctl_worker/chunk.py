@@ -31,7 +31,7 @@ from explainctl.manifest import write_manifest
 from explainctl.storage import Storage, open_storage, read_uri
 from explainctl_worker import metrics
 from explainctl_worker.decode import DecodeLimits
-from explainctl_worker.explain import ItemInput, ItemOutcome, explain_items
+from explainctl_worker.explain import ItemInput, ItemOutcome, Timings, explain_items
 from explainctl_worker.model import ModelCache, pick_device
 
 log = logging.getLogger("explainctl.worker")
@@ -167,6 +167,7 @@ def _explain_group(
         )
         for item, target in runnable
     ]
+    timings = Timings()
     outcomes = (
         explain_items(
             inputs,
@@ -175,10 +176,13 @@ def _explain_group(
             context.limits(),
             slots=context.slots(),
             deliver=lambda outcome: _store_artifacts(context, payload, outcome),
+            timings=timings,
         )
         if inputs
         else []
     )
+    if inputs:
+        metrics.record_idle(timings.idle_fraction)
     for (item, _), outcome in zip(runnable, outcomes, strict=True):
         if outcome.ok:
             settled.append((item.index, "done", _record(outcome)))

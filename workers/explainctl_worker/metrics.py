@@ -15,8 +15,18 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 ITEMS = Counter("explainctl_items_total", "Items settled by this worker", ["state", "error_code"])
 ITEM_SECONDS = Histogram(
     "explainctl_item_seconds",
-    "Engine seconds per explained item (batch time shared by the batch)",
+    "Engine seconds per explained item (each pass's time shared by the items in it)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+ITEM_ITERATIONS = Histogram(
+    "explainctl_item_iterations",
+    "Iterations an item's mask was optimised for before it converged or hit its budget",
+    buckets=(10, 50, 100, 150, 200, 300, 400, 500, 800, 1000, 2000),
+)
+DEVICE_IDLE = Histogram(
+    "explainctl_chunk_device_idle_ratio",
+    "Share of a chunk's engine time the device waited for decoding or the last renders",
+    buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1),
 )
 CHUNK_SECONDS = Histogram(
     "explainctl_chunk_seconds",
@@ -41,6 +51,12 @@ def record_items(settled: Iterable[tuple[int, str, dict]]) -> None:
         ITEMS.labels(state=state, error_code=fields.get("error_code") or "").inc()
         if state == "done" and fields.get("seconds") is not None:
             ITEM_SECONDS.observe(fields["seconds"])
+        if state == "done" and fields.get("iterations") is not None:
+            ITEM_ITERATIONS.observe(fields["iterations"])
+
+
+def record_idle(ratio: float) -> None:
+    DEVICE_IDLE.observe(ratio)
 
 
 def record_chunk(sent_at: float | None, started: float, device) -> None:
