@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from machine import describe  # benchmarks/machine.py, beside this script
-from quality import HALF, SIZE, load_images, load_model
+from quality import HALF, SIZE, setup
 
 from explainctl.contracts import ExplainParams
 from explainctl_worker import slot
@@ -33,7 +33,6 @@ from explainctl_worker.faithfulness import (
     tie_order,
 )
 from explainctl_worker.mask import upsample
-from explainctl_worker.methods.common import normalise
 from explainctl_worker.optim import RowOptimizer
 from explainctl_worker.substrate import gaussian_blur
 
@@ -84,12 +83,8 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    model = load_model()
-    names, images = load_images()
-    x = normalise(images, HALF, HALF)
-    with torch.no_grad():
-        targets = model(x).argmax(dim=1)
+    model, names, images, x, probs = setup()
+    targets = probs.argmax(dim=1)
     params = ExplainParams(iterations=args.iterations, early_stop=False)
     kept = iterates(model, images, targets, params, args.every)
 

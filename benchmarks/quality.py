@@ -98,6 +98,18 @@ def load_images() -> tuple[list[str], torch.Tensor]:
     return names, torch.stack(tensors)
 
 
+def setup():
+    """The model, the photos and their top-1 classes, as every quality benchmark starts:
+    (model, names, images (N, 3, 224, 224) in [0, 1], x normalised, probs (N, classes))."""
+    torch.manual_seed(0)
+    model = load_model()
+    names, images = load_images()
+    x = normalise(images, HALF, HALF)
+    with torch.no_grad():
+        probs = model(x).softmax(dim=1)
+    return model, names, images, x, probs
+
+
 def gradcam(model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Grad-CAM (the `grad-cam` package) on the last feature map: (N, 1, H, W) in [0, 1]."""
     from pytorch_grad_cam import GradCAM
@@ -223,12 +235,7 @@ def main() -> None:
     parser.add_argument("--markdown", dest="markdown_path", default=None)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    model = load_model()
-    names, images = load_images()
-    x = normalise(images, HALF, HALF)
-    with torch.no_grad():
-        probs = model(x).softmax(dim=1)
+    model, names, images, x, probs = setup()
     targets = probs.argmax(dim=1)
     print(json.dumps({"images": names, "targets": targets.tolist()}), flush=True)
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from machine import describe  # benchmarks/machine.py, beside this script
-from quality import BUNDLED, EXAMPLES, HALF, SIZE, SKIMAGE, load_images, load_model
+from quality import BUNDLED, EXAMPLES, HALF, SIZE, SKIMAGE, setup
 
 from explainctl.contracts import ExplainParams, ModelSpec, Target
 from explainctl_worker.explain import ItemInput, Timings, explain_items
@@ -392,12 +392,8 @@ def main() -> None:
     skip = set(args.skip.split(","))
     device = torch.device(args.device)
 
-    torch.manual_seed(0)
-    model = load_model().to(device)
-    names, images = load_images()
-    images = images.to(device)
-    with torch.no_grad():
-        targets = model(normalise(images, HALF, HALF)).argmax(dim=1)
+    model, names, images, _, probs = setup()
+    model, images, targets = model.to(device), images.to(device), probs.argmax(dim=1).to(device)
     report = {
         "machine": describe(),
         "torch": torch.__version__,
