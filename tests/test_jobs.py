@@ -47,6 +47,8 @@ def test_cancel_retry_results_download(tmp_path, start_workers, worker_env):
     start_workers(1)
     waited = cli.run("wait", job, "--json", "--interval", "0.2", **worker_env)
     assert waited.returncode == 1 and json.loads(waited.stdout)["counts"]["cancelled"] == 6
+    listed = [line for line in cli.run("jobs", **worker_env).stdout.splitlines() if job in line]
+    assert " 6/6 " in listed[0]  # cancelled items are settled too
 
     assert cli.run("retry", job, **worker_env).stdout.startswith("requeued 6")
     waited = cli.run("wait", job, "--json", "--interval", "0.2", **worker_env)

@@ -86,7 +86,11 @@ def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env, tmp
             elif name == "mask.npy":
                 assert np.load(io.BytesIO(body)).shape == (8, 8)
             else:
-                assert json.loads(body)["item"] == record.item
+                stored = json.loads(body)
+                assert stored["item"] == record.item
+                # The record says how long each mask ran and why it stopped, as result.json.
+                assert (stored["iterations"], stored["stop_reason"]) == (5, "budget")
+                assert (record.iterations, record.stop_reason) == (5, "budget")
 
     manifest = s3.get_object(Bucket=s3_bucket, Key=f"{prefix}items.jsonl")["Body"].read()
     lines = [ItemRecord.model_validate_json(line) for line in manifest.splitlines()]

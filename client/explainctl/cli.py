@@ -24,7 +24,7 @@ from rich.progress import (
 )
 
 from explainctl import __version__
-from explainctl.contracts import Method, Substrate, Target, Variant
+from explainctl.contracts import TERMINAL_STATES, Method, Substrate, Target, Variant
 from explainctl.errors import (
     ExplainctlError,
     InvalidInput,
@@ -341,7 +341,7 @@ def _follow(
         task = bar.add_task(job_id, total=None, failed=0, rate="")
         started, first_settled = time.monotonic(), None
         for current in client.watch(job_id, interval):
-            settled = sum(current.counts[s] for s in ("done", "failed", "cancelled"))
+            settled = sum(current.counts[s] for s in TERMINAL_STATES)
             first_settled = settled if first_settled is None else first_settled
             elapsed = time.monotonic() - started
             rate = (settled - first_settled) / elapsed if elapsed > 0 else 0.0
@@ -501,7 +501,7 @@ def jobs(
             print(json.dumps(current.as_json()))
         else:
             stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(current.info.created))
-            settled = current.counts["done"] + current.counts["failed"]
+            settled = sum(current.counts[s] for s in TERMINAL_STATES)
             print(
                 f"{current.job_id}  {stamp}  {current.state:<24} {settled}/{current.total}"
                 f"  {current.info.model.name}"

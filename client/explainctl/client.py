@@ -16,6 +16,7 @@ from kombu.exceptions import OperationalError
 
 from explainctl.config import Settings
 from explainctl.contracts import (
+    FINISHED_JOB_STATES,
     REPORT_HTML,
     TASK_EXPLAIN_CHUNK,
     ChunkItem,
@@ -189,7 +190,7 @@ class Client:
                 continue
             outage_started = None
             yield status
-            if status.state in ("completed", "completed_with_failures", "cancelled"):
+            if status.state in FINISHED_JOB_STATES:
                 return
             time.sleep(interval)
 

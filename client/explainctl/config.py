@@ -115,9 +115,6 @@ class Settings:
         output = self.output or str(self.home_dir / "output")
         return replace(self, broker_url=broker, output=output)
 
-    def with_(self, **changes: Any) -> Settings:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
     def environment(self) -> dict[str, str]:
         """These settings as environment variables, for processes this one starts."""
         result = {}

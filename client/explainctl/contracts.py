@@ -7,7 +7,7 @@ reads the same models back, so a parameter means the same thing on both sides.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,7 +30,6 @@ Variant = Literal["preserve", "delete", "dual"]
 Precision = Literal["fp32", "bf16"]
 # Why an item's optimisation ended: its convergence rule held, or it spent its budget.
 StopReason = Literal["converged", "budget"]
-METHODS: tuple[str, ...] = ("seed", "paper", "extremal")  # for the CLI's choices
 
 # Parameters that only some methods read: (methods, names). Setting one for another method
 # is refused, so a flag given with the wrong --method fails at submit time, not silently.
@@ -334,11 +333,12 @@ def job_key(job_id: str, filename: str) -> str:
 # --- Job records -----------------------------------------------------------------------
 
 ItemState = Literal["queued", "running", "done", "failed", "cancelled"]
-ITEM_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "cancelled")
-TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})
+ITEM_STATES: tuple[str, ...] = get_args(ItemState)
+TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})  # an item never leaves these
 JobState = Literal[
     "submitting", "queued", "running", "completed", "completed_with_failures", "cancelled"
 ]
+FINISHED_JOB_STATES = frozenset({"completed", "completed_with_failures", "cancelled"})
 
 
 class JobInfo(_Strict):

@@ -211,10 +211,6 @@ class JobStore:
             self._transition(keys=keys, args=[index, "running", "", "normal", 0], client=pipe)
         return [int(reply[2]) if reply[0] == 1 else None for reply in pipe.execute()]
 
-    def finish(self, job_id: str, index: int, state: str, fields: dict) -> bool:
-        """Settle one item (done, failed or cancelled); True if that finished the job."""
-        return self.settle(job_id, [(index, state, fields)])
-
     def settle(
         self, job_id: str, changes: Iterable[tuple[int, str, dict]], mode: str = "normal"
     ) -> bool:

@@ -36,10 +36,13 @@ def test_counts_follow_items_and_the_job_finishes_exactly_once(job_store):
     assert (status.state, status.total) == ("queued", 6)
     assert job_store.begin(job_id, [0, 1, 2]) == [1, 1, 1]
     assert job_store.status(job_id).counts["running"] == 3
-    assert job_store.finish(job_id, 0, "done", {"mask_area": 0.1}) is False
-    assert job_store.finish(job_id, 1, "failed", {"error_code": "corrupt", "error": "bad"}) is False
+    assert job_store.settle(job_id, [(0, "done", {"mask_area": 0.1})]) is False
+    assert (
+        job_store.settle(job_id, [(1, "failed", {"error_code": "corrupt", "error": "bad"})])
+        is False
+    )
     assert job_store.settle(job_id, [(i, "done", {}) for i in (2, 3, 4)]) is False
-    assert job_store.finish(job_id, 5, "done", {}) is True  # the change that finishes it
+    assert job_store.settle(job_id, [(5, "done", {})]) is True  # the change that finishes it
     status = job_store.status(job_id)
     assert status.counts == {"queued": 0, "running": 0, "done": 5, "failed": 1, "cancelled": 0}
     assert status.state == "completed_with_failures"
@@ -60,8 +63,8 @@ def test_a_chunk_delivered_twice_counts_each_item_once(job_store):
 
 def test_final_states_are_final(job_store):
     job_id = _job(job_store, 1)
-    job_store.finish(job_id, 0, "failed", {"error_code": "x", "error": "y"})
-    job_store.finish(job_id, 0, "done", {})
+    job_store.settle(job_id, [(0, "failed", {"error_code": "x", "error": "y"})])
+    job_store.settle(job_id, [(0, "done", {})])
     job_store.begin(job_id, [0])
     assert [r.state for r in job_store.items(job_id)] == ["failed"]
 
@@ -75,7 +78,7 @@ def test_job_finishing_before_submission_ends_is_noticed_by_submission(job_store
 
 def test_items_come_back_in_order_with_their_results(job_store):
     job_id = _job(job_store, 2500, chunk_size=500)
-    job_store.finish(job_id, 1234, "done", {"mask_area": 0.25, "artifacts": {"a": "s3://b/k"}})
+    job_store.settle(job_id, [(1234, "done", {"mask_area": 0.25, "artifacts": {"a": "s3://b/k"}})])
     records = list(job_store.items(job_id))
     assert [r.index for r in records] == list(range(2500))
     assert records[1234].mask_area == 0.25 and records[1234].artifacts == {"a": "s3://b/k"}
@@ -87,11 +90,11 @@ def test_cancel_and_reopen(job_store):
     job_id = _job(job_store, 5)
     job_store.mark_submitted(job_id)
     job_store.begin(job_id, [0])
-    job_store.finish(job_id, 1, "failed", {"error_code": "corrupt", "error": "bad"})
+    job_store.settle(job_id, [(1, "failed", {"error_code": "corrupt", "error": "bad"})])
     assert job_store.cancel(job_id) == 3  # items 2, 3, 4 were queued
     assert job_store.is_cancelled(job_id)
     assert job_store.status(job_id).state == "running"  # item 0 still runs
-    job_store.finish(job_id, 0, "done", {})
+    job_store.settle(job_id, [(0, "done", {})])
     assert job_store.status(job_id).state == "cancelled"
     reopened = job_store.reopen(job_id, {"failed"})
     assert [i.index for i in reopened] == [1]
@@ -118,7 +121,7 @@ def test_a_second_copy_of_a_chunk_skips_settled_items(job_store):
     job_id = _job(job_store, 3)
     job_store.mark_submitted(job_id)
     assert job_store.begin(job_id, [0, 1, 2]) == [1, 1, 1]
-    job_store.finish(job_id, 0, "done", {})
+    job_store.settle(job_id, [(0, "done", {})])
     # The copy sees item 0 settled (None) and counts attempts only for what it runs.
     assert job_store.begin(job_id, [0, 1, 2]) == [None, 2, 2]
 

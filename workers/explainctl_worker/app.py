@@ -51,7 +51,7 @@ def _preload(**_) -> None:
             try:
                 context().models.get(ModelSpec(name=name), context().torch_device())
                 log.info("preloaded model %s", name)
-            except Exception as error:  # noqa: BLE001 - a failed preload must not kill the worker
+            except Exception as error:  # a failed preload must not kill the worker
                 log.error("cannot preload %s: %s", name, error)
 
     if settings.preload:

@@ -96,7 +96,7 @@ def start_reaper(client: redis.Redis, app, seconds: float) -> threading.Thread:
             time.sleep(seconds / 2)
             try:
                 reap(client, app)
-            except Exception as error:  # noqa: BLE001 - the reaper must outlive any blip
+            except Exception as error:  # the reaper must outlive any blip
                 log.warning("lease reaper: %s", error)
 
     thread = threading.Thread(target=loop, name="lease-reaper", daemon=True)

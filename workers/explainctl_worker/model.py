@@ -67,7 +67,7 @@ def _read_state_dict(path: str) -> dict:
         raise ModelUnavailable(f"weights file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is the same failure for a user
+    except Exception as error:  # any unreadable file is the same failure for a user
         raise ModelUnavailable(f"cannot read weights file {path}: {type(error).__name__}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -111,7 +111,7 @@ def _file_model(path: str) -> nn.Module:
             # TorchScript is deprecated upstream but is what many users have on disk.
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(path, map_location="cpu")
-    except Exception as error:  # noqa: BLE001 - any unreadable file is the same failure
+    except Exception as error:  # any unreadable file is the same failure
         kind = "torch.export program" if path.endswith(".pt2") else "TorchScript model"
         raise ModelUnavailable(f"{path} is not a {kind}: {type(error).__name__}") from None
 
