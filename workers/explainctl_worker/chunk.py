@@ -65,7 +65,8 @@ class WorkerContext:
             return self._storages[root]
 
     def slots(self) -> int | None:
-        """Items in flight on the device: EXPLAINCTL_SLOTS, or (0) as many as the chunk holds."""
+        """Items in flight on the device: EXPLAINCTL_SLOTS; None (0) lets the engine choose
+        (slot.choose_slots: 4 on a CPU, from free memory on CUDA, at most the chunk)."""
         return self.settings.slots or None
 
     def limits(self) -> DecodeLimits:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -102,14 +103,16 @@ class Timings:
     decode: float = 0.0  # summed over items: read + decode + resize
     render: float = 0.0  # summed over items: artifacts drawn and encoded
     deliver: float = 0.0  # summed over items: stored or written
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def idle_fraction(self) -> float:
         return self.waiting / self.wall if self.wall else 0.0
 
-    def add(self, other: Timings) -> None:
-        for name in ("wall", "waiting", "decode", "render", "deliver"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+    def count(self, name: str, seconds: float) -> None:
+        """Add to one of the sums, from any thread."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + seconds)
 
 
 # Threads beside the optimisation: reading and decoding ahead, rendering and storing.
@@ -166,7 +169,7 @@ def explain_items(
     if not items:
         return []
     slots = min(slots, len(items)) if slots else None
-    slots = slots or choose_slots(loaded.module, params.image_size, loaded.device, len(items))
+    slots = slots or choose_slots(loaded.module, params, loaded.device, len(items))
     outcomes = [ItemOutcome(item.name, item.source) for item in items]
     spent = timings or Timings()
     started = time.perf_counter()
@@ -181,7 +184,7 @@ def explain_items(
             outcomes[position].error_code, outcomes[position].error = error.code, error.message
             return position, None, None, None
         finally:
-            spent.decode += time.perf_counter() - began
+            spent.count("decode", time.perf_counter() - began)
 
     def submit(executor, fn, *args) -> Future:
         # In line (host_threads=0) the work itself runs here, and the device waits for it.
@@ -204,16 +207,18 @@ def explain_items(
             if image is not None:
                 images[position] = image
                 yield Entry(position, tensor, target)
+            elif progress:
+                progress(params.iterations)  # a failed item is done with: credit its budget
 
     def finish(position: int, explanation: Explanation) -> None:
         began = time.perf_counter()
         outcome = outcomes[position]
         _render(outcome, images.pop(position), explanation, loaded, params, version_info)
         rendered = time.perf_counter()
-        spent.render += rendered - began
+        spent.count("render", rendered - began)
         if deliver and outcome.ok:
             deliver(outcome)
-            spent.deliver += time.perf_counter() - rendered
+            spent.count("deliver", time.perf_counter() - rendered)
 
     version_info = versions()
     num_classes(loaded, params.image_size)  # once, before the decode threads need it

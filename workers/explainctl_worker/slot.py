@@ -94,11 +94,14 @@ GPU_MEMORY_SHARE = 0.6
 MAX_SLOTS = 256
 
 
-def choose_slots(model: nn.Module, image_size: int, device: torch.device, items: int) -> int:
+def choose_slots(model: nn.Module, params: ExplainParams, device: torch.device, items: int) -> int:
     """Slots for `items` items when none were asked for: CPU_SLOTS on a CPU; on CUDA as
-    many as GPU_MEMORY_SHARE of the free memory holds, from one measured pass of 2 rows."""
+    many as GPU_MEMORY_SHARE of the free memory holds, from one measured pass of 2 images,
+    counting every row an item needs (extremal: one per area, twice for `dual`)."""
     if device.type != "cuda":
         return max(1, min(CPU_SLOTS, items))
+    image_size = params.image_size
+    passes = RUNNERS[params.method].rows_per_item(params) * (2 if params.variant == "dual" else 1)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -107,9 +110,9 @@ def choose_slots(model: nn.Module, image_size: int, device: torch.device, items:
     del grad
     # Half the probe's peak is one row's pass; the method's own tensors (substrate,
     # pyramid, optimiser state) come on top, so count a row as twice that.
-    per_row = max(1, torch.cuda.max_memory_allocated(device) - base)
+    per_item = max(1, torch.cuda.max_memory_allocated(device) - base) * passes
     free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(items, MAX_SLOTS, int(GPU_MEMORY_SHARE * free // per_row)))
+    return max(1, min(items, MAX_SLOTS // passes, int(GPU_MEMORY_SHARE * free // per_item)))
 
 
 class ItemRandom:
@@ -254,7 +257,10 @@ def run_slots(
         if not keys:
             return
 
-        # Run every item to its next checkpoint (or its budget, if that comes first).
+        # Run every item to its next checkpoint (or its budget, if that comes first). With
+        # a budget that is not a multiple of 10, items admitted after a budget finish sit
+        # out of phase with the others and segments get shorter; every item still passes
+        # each of its own multiples of 10.
         segment = min(
             min(CHECKPOINT_EVERY - s % CHECKPOINT_EVERY, params.iterations - s) for s in done_steps
         )
@@ -274,8 +280,9 @@ def run_slots(
         done_steps = [s + segment for s in done_steps]
         credited = segment * len(keys)
 
-        # The check reads the device: the segment's time is measured after it.
         converged = convergence.check(done_steps, per_item)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # a checkpoint: the segment's time is complete
         share = (time.perf_counter() - started) / len(keys)
         spent = [t + share for t in spent]
         finished = [i for i, s in enumerate(done_steps) if s >= params.iterations or converged[i]]
