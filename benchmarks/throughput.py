@@ -36,6 +36,7 @@ import resource
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ from machine import describe  # benchmarks/machine.py, beside this script
 from quality import BUNDLED, EXAMPLES, HALF, SIZE, SKIMAGE, setup
 
 from explainctl.contracts import ExplainParams, ModelSpec, Target
-from explainctl_worker.explain import ItemInput, Timings, explain_items
+from explainctl_worker.explain import ItemInput, Timings, explain_items, write_outcome
 from explainctl_worker.faithfulness import evaluate
 from explainctl_worker.mask import tv_term, upsample
 from explainctl_worker.methods.common import normalise
@@ -198,12 +199,16 @@ def run_rows(model, images, targets, args) -> list[dict]:
     return rows
 
 
+def _loaded(model, device) -> LoadedModel:
+    return LoadedModel(
+        model, ModelSpec(name="efficientnet-lite0", mean=HALF, std=HALF), device, None
+    )
+
+
 def default_row(model, x, targets, args, precision: str = "fp32") -> dict:
     """The new default end to end, from the photo files to artifacts on disk."""
     params = ExplainParams(iterations=args.budget, precision=precision)
-    loaded = LoadedModel(
-        model, ModelSpec(name="efficientnet-lite0", mean=HALF, std=HALF), x.device, None
-    )
+    loaded = _loaded(model, x.device)
     paths = photo_paths()
     # On a GPU the photos are repeated so the slots fill up; quality is read from the first
     # copy of each (every copy gets the same mask).
@@ -214,15 +219,10 @@ def default_row(model, x, targets, args, precision: str = "fp32") -> dict:
     ]
     timings = Timings()
     with tempfile.TemporaryDirectory() as out:
-
-        def write(outcome) -> None:
-            folder = Path(out) / outcome.name
-            folder.mkdir()
-            for filename, data in outcome.files.items():
-                (folder / filename).write_bytes(data)
-
         started = time.perf_counter()
-        outcomes = explain_items(items, loaded, params, deliver=write, timings=timings)
+        outcomes = explain_items(
+            items, loaded, params, deliver=partial(write_outcome, out), timings=timings
+        )
         seconds = time.perf_counter() - started
         first = outcomes[: len(paths)]
         masks = torch.stack(
@@ -300,27 +300,15 @@ def lever_rows(name, model, images, args) -> list[dict]:
 
 def overlap_rows(model, device, args) -> list[dict]:
     params = ExplainParams(iterations=args.overlap_iterations, early_stop=False)
-    loaded = LoadedModel(
-        model, ModelSpec(name="efficientnet-lite0", mean=HALF, std=HALF), device, None
-    )
+    loaded = _loaded(model, device)
     paths = photo_paths()
     rows = []
     for threads in (0, 2):
         items = [ItemInput(p.stem, str(p), p.read_bytes) for p in paths]
         timings = Timings()
         with tempfile.TemporaryDirectory() as out:
-
-            def write(outcome, out=out) -> None:
-                folder = Path(out) / outcome.name
-                folder.mkdir()
-                for filename, data in outcome.files.items():
-                    (folder / filename).write_bytes(data)
-
+            write = partial(write_outcome, out)
             explain_items(items, loaded, params, deliver=write, timings=Timings())  # warm-up
-            for folder in Path(out).iterdir():
-                for f in folder.iterdir():
-                    f.unlink()
-                folder.rmdir()
             explain_items(
                 items, loaded, params, deliver=write, timings=timings, host_threads=threads
             )

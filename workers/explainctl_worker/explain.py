@@ -339,6 +339,14 @@ def _read_local(path: str, limits: DecodeLimits) -> Callable[[], bytes]:
     return load
 
 
+def write_outcome(out_dir: str, outcome: ItemOutcome) -> None:
+    """An explained item's files into OUT/<name>/, replacing any earlier ones."""
+    folder = Path(out_dir) / outcome.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for filename, data in outcome.files.items():
+        (folder / filename).write_bytes(data)
+
+
 def explain_paths(
     paths: Sequence[str],
     out_dir: str,
@@ -363,12 +371,6 @@ def explain_paths(
         for name, path in zip(names, paths, strict=True)
     ]
 
-    def write(outcome: ItemOutcome) -> None:
-        folder = Path(out_dir) / outcome.name
-        folder.mkdir(parents=True, exist_ok=True)
-        for filename, data in outcome.files.items():
-            (folder / filename).write_bytes(data)
-
     # Slots are refilled across the whole list; results are yielded a window at a time
     # so a long list shows outcomes as it goes and holds few decoded images at once.
     window = max((batch_size or 1) * 8, 64)
@@ -380,7 +382,7 @@ def explain_paths(
             params,
             limits,
             slots=batch_size,
-            deliver=write,
+            deliver=lambda outcome: write_outcome(out_dir, outcome),
             progress=on_progress,
             timings=timings,
         )

@@ -14,6 +14,7 @@ a pass on a finished mask.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -100,19 +101,30 @@ def choose_slots(model: nn.Module, params: ExplainParams, device: torch.device, 
     counting every row an item needs (extremal: one per area, twice for `dual`)."""
     if device.type != "cuda":
         return max(1, min(CPU_SLOTS, items))
-    image_size = params.image_size
     passes = RUNNERS[params.method].rows_per_item(params) * (2 if params.variant == "dual" else 1)
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    probe = torch.rand(2, 3, image_size, image_size, device=device, requires_grad=True)
-    (grad,) = torch.autograd.grad(model(probe).float().logsumexp(dim=1).sum(), probe)
-    del grad
-    # Half the probe's peak is one row's pass; the method's own tensors (substrate,
-    # pyramid, optimiser state) come on top, so count a row as twice that.
-    per_item = max(1, torch.cuda.max_memory_allocated(device) - base) * passes
+    per_item = _row_bytes(model, params.image_size, device) * passes
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(items, MAX_SLOTS // passes, int(GPU_MEMORY_SHARE * free // per_item)))
+
+
+# Measured once per model and input size: every chunk asks, and a probe pass each time
+# would cost a forward and backward on the hot path.
+_ROW_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _row_bytes(model: nn.Module, image_size: int, device: torch.device) -> int:
+    """GPU bytes one row needs: half the peak of a probe pass of 2 images, doubled for the
+    method's own tensors (substrate, pyramid, optimiser state)."""
+    known = _ROW_BYTES.setdefault(model, {})
+    if image_size not in known:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        probe = torch.rand(2, 3, image_size, image_size, device=device, requires_grad=True)
+        (grad,) = torch.autograd.grad(model(probe).float().logsumexp(dim=1).sum(), probe)
+        del grad
+        known[image_size] = max(1, torch.cuda.max_memory_allocated(device) - base)
+    return known[image_size]
 
 
 class ItemRandom:
