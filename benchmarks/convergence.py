@@ -21,7 +21,7 @@ import torch
 from machine import describe  # benchmarks/machine.py, beside this script
 from quality import HALF, SIZE, setup
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 from explainctl_worker import slot
 from explainctl_worker.faithfulness import (
     RISE_BLUR_KERNEL,

@@ -27,7 +27,7 @@ import torch
 from machine import describe  # benchmarks/machine.py, beside this script
 from PIL import Image
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 from explainctl_worker.engine import explain_batch
 from explainctl_worker.faithfulness import (
     area_under_curve,

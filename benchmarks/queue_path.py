@@ -144,8 +144,9 @@ def child_submit(list_file: str) -> None:
     started = time.perf_counter()
     from explainctl.client import Client
     from explainctl.config import Settings
-    from explainctl.contracts import ExplainParams, ModelSpec
+    from explainctl.contracts import ModelSpec
     from explainctl.inputs import expand_inputs
+    from explainctl.methods import ExplainParams
 
     counts = count_redis_traffic()
     imported = time.perf_counter()
@@ -176,7 +177,8 @@ def child_engine(image_dir: str, out_dir: str, runs: int) -> None:
     """Engine alone: explain_paths on the images, warm, with the workers' parameters."""
     import torch
 
-    from explainctl.contracts import ExplainParams, ModelSpec
+    from explainctl.contracts import ModelSpec
+    from explainctl.methods import ExplainParams
     from explainctl_worker.explain import explain_paths
     from explainctl_worker.model import ModelCache
 

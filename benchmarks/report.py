@@ -21,7 +21,7 @@ import numpy as np
 from machine import describe  # benchmarks/machine.py, beside this script
 from PIL import Image
 
-from explainctl.contracts import ItemRecord
+from explainctl.item import ItemRecord
 from explainctl.report import build_report
 from explainctl.storage import read_uri
 

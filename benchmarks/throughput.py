@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from machine import describe  # benchmarks/machine.py, beside this script
 from quality import BUNDLED, EXAMPLES, HALF, SIZE, SKIMAGE, setup
 
-from explainctl.contracts import ExplainParams, ModelSpec, Target
+from explainctl.contracts import ModelSpec, Target
+from explainctl.methods import ExplainParams
 from explainctl_worker.explain import ItemInput, Timings, explain_items, write_outcome
 from explainctl_worker.faithfulness import evaluate
 from explainctl_worker.mask import tv_term, upsample

@@ -7,7 +7,8 @@ import boto3
 import numpy as np
 from PIL import Image
 
-from explainctl.contracts import ARTIFACT_FILES, ItemRecord
+from explainctl.contracts import ARTIFACT_FILES
+from explainctl.item import ItemRecord
 from tests import browser, cli
 
 TINY = [

@@ -24,14 +24,20 @@ from rich.progress import (
 )
 
 from explainctl import __version__
-from explainctl.contracts import TERMINAL_STATES, Method, Substrate, Target, Variant
+from explainctl.contracts import TERMINAL_STATES, Target
 from explainctl.errors import (
     ExplainctlError,
     InvalidInput,
     MissingDependency,
     ServiceUnavailable,
 )
-from explainctl.options import build_model_spec, build_params
+from explainctl.item import RESULT_COLUMNS, SORT_KEYS, sort_value, summary_line
+from explainctl.options import (
+    build_model_spec,
+    params_from,
+    setting_option,
+    with_method_options,
+)
 
 app = typer.Typer(
     help="Explain image classifiers' decisions with meaningful-perturbation masks.",
@@ -57,41 +63,6 @@ TargetOpt = Annotated[
     str | None,
     typer.Option("--target", help="Class index or name to explain (default: top-1)."),
 ]
-IterationsOpt = Annotated[int | None, typer.Option("--iterations", help="Default 500.")]
-LrOpt = Annotated[float | None, typer.Option("--lr", help="Adam learning rate (0.1).")]
-MaskSizeOpt = Annotated[int | None, typer.Option("--mask-size", help="Mask side (28).")]
-ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Model input side (224).")]
-L1Opt = Annotated[float | None, typer.Option("--l1-coeff", help="Weight of mean|1-m| (0.01).")]
-TvOpt = Annotated[float | None, typer.Option("--tv-coeff", help="Weight of TV (0.2).")]
-NoiseOpt = Annotated[float | None, typer.Option("--noise-std", help="Input noise sigma (0.2).")]
-SubstrateOpt = Annotated[
-    Substrate | None, typer.Option("--substrate", help="average, gaussian or median.")
-]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of the noise (0).")]
-EarlyStopOpt = Annotated[
-    bool | None, typer.Option("--early-stop/--no-early-stop", help="Stop each mask early.")
-]
-MethodOpt = Annotated[
-    Method | None,
-    typer.Option("--method", help="seed (default), paper (2017 blur pyramid) or extremal (2019)."),
-]
-AreaOpt = Annotated[
-    list[float] | None,
-    typer.Option("--area", help="extremal: target area(s) of the preserved region, e.g. 0.1."),
-]
-VariantOpt = Annotated[
-    Variant | None, typer.Option("--variant", help="extremal: preserve, delete or dual.")
-]
-MetricsOpt = Annotated[
-    bool | None,
-    typer.Option("--metrics/--no-metrics", help="Deletion/insertion AUC and p(keep) per item."),
-]
-ParamOpt = Annotated[
-    list[str] | None,
-    typer.Option("--param", help="Any other parameter as KEY=VALUE (repeatable)."),
-]
-
-
 def _target(text: str | None) -> Target:
     try:
         return Target.parse(text)
@@ -124,6 +95,7 @@ def _progress() -> Progress:
 
 
 @app.command()
+@with_method_options
 def explain(
     images: Annotated[list[str], typer.Argument(help="Image files to explain.")],
     out: Annotated[str, typer.Option("--out", help="Directory for OUT/<image>/ artifacts.")],
@@ -132,21 +104,6 @@ def explain(
     mean: MeanOpt = None,
     std: StdOpt = None,
     target: TargetOpt = None,
-    iterations: IterationsOpt = None,
-    lr: LrOpt = None,
-    mask_size: MaskSizeOpt = None,
-    image_size: ImageSizeOpt = None,
-    l1_coeff: L1Opt = None,
-    tv_coeff: TvOpt = None,
-    noise_std: NoiseOpt = None,
-    substrate: SubstrateOpt = None,
-    seed: SeedOpt = None,
-    early_stop: EarlyStopOpt = None,
-    method: MethodOpt = None,
-    areas: AreaOpt = None,
-    variant: VariantOpt = None,
-    metrics: MetricsOpt = None,
-    param: ParamOpt = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -158,9 +115,10 @@ def explain(
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda[:N] or auto.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
+    method_flags: dict | None = None,
 ) -> None:
     """Explain local images on this machine, writing OUT/<image>/ for each."""
-    params = build_params(locals(), param)  # every flag named like a method parameter
+    params = params_from(method_flags)
     spec = build_model_spec(model, weights, mean, std)
     wanted = _target(target)
     explain_mod, model_mod = _worker_side()
@@ -208,40 +166,28 @@ def _outcome_json(outcome, out: str) -> dict:
 def _outcome_line(outcome) -> str:
     if not outcome.ok:
         return f"FAILED {outcome.name}: {outcome.error} [{outcome.error_code}]"
-    r = outcome.result
-    label = f"{r.target_index} {r.target_name}" if r.target_name else str(r.target_index)
-    line = (
-        f"ok {outcome.name}: class {label}, p {r.prob_before:.3f} -> {r.prob_after:.3f}, "
-        f"area {r.mask_area:.3f}, {r.seconds:.2f}s"
-    )
-    if r.deletion_auc is not None:
-        line += (
-            f", deletion AUC {r.deletion_auc:.3f} (blur {r.deletion_auc_blur:.3f}),"
-            f" insertion AUC {r.insertion_auc:.3f}"
-        )
-    return line
+    return f"ok {outcome.name}: {summary_line(outcome.result.scores())}"
 
 
-BrokerOpt = Annotated[
-    str | None, typer.Option("--broker", help="Redis URL [env EXPLAINCTL_BROKER_URL].")
-]
-OutputOpt = Annotated[
-    str | None,
-    typer.Option("--output", help="s3://bucket/prefix or directory [env EXPLAINCTL_OUTPUT]."),
-]
-QueueOpt = Annotated[str | None, typer.Option("--queue", help="Queue [env EXPLAINCTL_QUEUE].")]
+BrokerOpt = Annotated[str | None, setting_option("broker_url")]
+OutputOpt = Annotated[str | None, setting_option("output")]
+QueueOpt = Annotated[str | None, setting_option("queue")]
+DeviceOpt = Annotated[str | None, setting_option("device")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 JobArg = Annotated[str, typer.Argument(help="Job ID.")]
 
 
 def _client(broker: str | None = None, output: str | None = None, queue: str | None = None):
+    from explainctl import embedded
     from explainctl.client import Client
     from explainctl.config import Settings
 
-    return Client(Settings.load(broker_url=broker, output=output, queue=queue))
+    settings = Settings.load(broker_url=broker, output=output, queue=queue)
+    return Client(embedded.resolve(settings))
 
 
 @app.command()
+@with_method_options
 def submit(
     inputs: Annotated[
         list[str],
@@ -254,21 +200,6 @@ def submit(
     mean: MeanOpt = None,
     std: StdOpt = None,
     target: TargetOpt = None,
-    iterations: IterationsOpt = None,
-    lr: LrOpt = None,
-    mask_size: MaskSizeOpt = None,
-    image_size: ImageSizeOpt = None,
-    l1_coeff: L1Opt = None,
-    tv_coeff: TvOpt = None,
-    noise_std: NoiseOpt = None,
-    substrate: SubstrateOpt = None,
-    seed: SeedOpt = None,
-    early_stop: EarlyStopOpt = None,
-    method: MethodOpt = None,
-    areas: AreaOpt = None,
-    variant: VariantOpt = None,
-    metrics: MetricsOpt = None,
-    param: ParamOpt = None,
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", min=1, help="Images per task (one GPU batch).")
     ] = 16,
@@ -277,11 +208,12 @@ def submit(
     queue: QueueOpt = None,
     wait_: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
     as_json: JsonOpt = False,
+    method_flags: dict | None = None,
 ) -> None:
     """Queue images for the workers; prints the job ID."""
     from explainctl.inputs import expand_inputs
 
-    params = build_params(locals(), param)  # every flag named like a method parameter
+    params = params_from(method_flags)
     spec = build_model_spec(model, weights, mean, std)
     _target(target)
     client = _client(broker, output, queue)
@@ -373,31 +305,6 @@ def wait(
     _follow(_client(broker), job, as_json=as_json, interval=interval)
 
 
-RESULT_COLUMNS = (
-    "index",
-    "uri",
-    "item",
-    "state",
-    "target_index",
-    "target_name",
-    "prob_before",
-    "prob_after",
-    "mask_area",
-    "iterations",
-    "stop_reason",
-    "seconds",
-    "method",
-    "deletion_auc",
-    "deletion_auc_blur",
-    "insertion_auc",
-    "prob_keep",
-    "error_code",
-    "error",
-)
-SORT_KEYS = ("index", "mask_area", "drop", "prob_before", "prob_after", "deletion_auc",
-             "deletion_auc_blur", "insertion_auc", "prob_keep")  # fmt: skip
-
-
 @app.command()
 def results(
     job: JobArg,
@@ -435,10 +342,7 @@ def results(
         if as_json:
             print(r.model_dump_json())
         elif r.state == "done":
-            print(
-                f"{r.index}\t{r.state}\t{r.uri}\tclass {r.target_index} {r.target_name or ''}"
-                f"\tp {r.prob_before:.3f}->{r.prob_after:.3f}\tarea {r.mask_area:.3f}"
-            )
+            print(f"{r.index}\t{r.state}\t{r.uri}\t{summary_line(r.model_dump())}")
         else:
             detail = f"\t{r.error_code}: {r.error}" if r.error else ""
             print(f"{r.index}\t{r.state}\t{r.uri}{detail}")
@@ -446,17 +350,9 @@ def results(
 
 def _sorted(records: list, key: str, desc: bool) -> list:
     """Items that have the key in the asked order, then those without it (failed ones)."""
-
-    def value(record):
-        if key == "drop":
-            if record.prob_before is None or record.prob_after is None:
-                return None
-            return record.prob_before - record.prob_after
-        return getattr(record, key)
-
-    present = [r for r in records if value(r) is not None]
-    absent = [r for r in records if value(r) is None]
-    return sorted(present, key=value, reverse=desc) + absent
+    present = [r for r in records if sort_value(r, key) is not None]
+    absent = [r for r in records if sort_value(r, key) is None]
+    return sorted(present, key=lambda r: sort_value(r, key), reverse=desc) + absent
 
 
 @app.command()
@@ -510,37 +406,31 @@ def jobs(
 
 @app.command()
 def worker(
-    device: Annotated[
-        str | None, typer.Option("--device", help="auto, cpu or cuda [env EXPLAINCTL_DEVICE].")
-    ] = None,
+    device: DeviceOpt = None,
     gpus: Annotated[
         str | None, typer.Option("--gpus", help="GPU indices (0,1) or all: one process each.")
     ] = None,
     queue: QueueOpt = None,
-    preload: Annotated[
-        list[str] | None, typer.Option("--preload", help="Model to load at start (repeatable).")
-    ] = None,
+    preload: Annotated[list[str] | None, setting_option("preload")] = None,
     broker: BrokerOpt = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            "--metrics-port", help="Serve Prometheus metrics [env EXPLAINCTL_METRICS_PORT]."
-        ),
-    ] = None,
+    metrics_port: Annotated[int | None, setting_option("metrics_port")] = None,
     loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
 ) -> None:
     """Run worker processes that explain queued chunks (needs the worker extra)."""
     import importlib.util
 
+    from explainctl import embedded
     from explainctl.config import Settings
 
-    settings = Settings.load(
-        broker_url=broker,
-        queue=queue,
-        device=device,
-        preload=tuple(preload) if preload else None,
-        metrics_port=metrics_port,
-    ).resolve()
+    settings = embedded.resolve(
+        Settings.load(
+            broker_url=broker,
+            queue=queue,
+            device=device,
+            preload=tuple(preload) if preload else None,
+            metrics_port=metrics_port,
+        )
+    )
     if importlib.util.find_spec("torch") is None:
         raise MissingDependency("workers need the worker extra: pip install 'explainctl[worker]'")
     try:
@@ -568,13 +458,13 @@ def report(
 @app.command()
 def up(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Local workers to start.")] = 1,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Start the embedded Redis and local workers in the background."""
     from explainctl import embedded
     from explainctl.config import Settings
 
-    settings = Settings.load(device=device).resolve()
+    settings = embedded.resolve(Settings.load(device=device))
     running = embedded.running_workers(settings.home_dir)
     if not running:
         running = embedded.start_workers(workers, settings.environment(), settings.home_dir)
@@ -600,32 +490,29 @@ def down() -> None:
 
 
 @app.command()
+@with_method_options
 def demo(
     model: ModelOpt = "vgg19",
     weights: WeightsOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
-    iterations: IterationsOpt = None,
-    image_size: ImageSizeOpt = None,
-    mask_size: MaskSizeOpt = None,
-    method: MethodOpt = None,
-    metrics: MetricsOpt = None,
-    param: ParamOpt = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
+    device: DeviceOpt = None,
     broker: BrokerOpt = None,
     output: OutputOpt = None,
+    method_flags: dict | None = None,
 ) -> None:
     """Explain the bundled example photos end to end and write the audit report.
 
     For a quick run on a laptop CPU: --iterations 50 --image-size 160, or a smaller
     --model such as resnet18.
     """
+    from explainctl import embedded
     from explainctl.config import Settings
     from explainctl.demo import run_demo
 
-    params = build_params(locals(), param)
+    params = params_from(method_flags)
     spec = build_model_spec(model, weights, mean, std)
-    settings = Settings.load(broker_url=broker, output=output)
+    settings = embedded.resolve(Settings.load(broker_url=broker, output=output))
     result = run_demo(settings, spec, params, lambda c, j: _follow(c, j, check=False), device)
     print(f"report: {result.report}")
     if result.counts["failed"]:

@@ -21,8 +21,6 @@ from explainctl.contracts import (
     TASK_EXPLAIN_CHUNK,
     ChunkItem,
     ChunkPayload,
-    ExplainParams,
-    ItemRecord,
     JobInfo,
     ModelSpec,
     job_key,
@@ -36,8 +34,10 @@ from explainctl.errors import (
 )
 from explainctl.ids import check_job_id, new_job_id
 from explainctl.inputs import InputItem
+from explainctl.item import ItemRecord
 from explainctl.job import JobStatus, JobStore
 from explainctl.manifest import read_manifest, write_job_json, write_manifest
+from explainctl.methods import ExplainParams
 from explainctl.queue import make_app
 from explainctl.report import build_report
 from explainctl.storage import Storage, open_storage, parse_uri, read_uri
@@ -63,8 +63,13 @@ def _chunks(items: Iterable[ChunkItem], size: int) -> Iterator[list[ChunkItem]]:
 
 
 class Client:
+    """The library behind the CLI's job commands. `settings` name the broker and output;
+    `explainctl.embedded.resolve` fills them in for one machine."""
+
     def __init__(self, settings: Settings):
-        self.settings = settings.resolve()
+        if not settings.broker_url or not settings.output:
+            raise InvalidInput("no broker or output configured (embedded.resolve fills them)")
+        self.settings = settings
 
     @cached_property
     def store(self) -> JobStore:

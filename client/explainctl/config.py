@@ -1,83 +1,118 @@
 """All configuration in one place: command-line flags over environment variables over defaults.
 
-Every variable is listed in `Settings._ENV` and documented in the README's Configuration
-table. S3 uses boto3's own configuration (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE...).
+Each setting is one field of `Settings`, declared with `setting(...)`: its default, doc
+line, environment variable (EXPLAINCTL_<NAME> unless it says otherwise) and CLI flag.
+Loading from the environment, passing settings to child processes (`environment()`), the
+CLI's option help and the README's configuration table (`markdown_table`, checked by a
+test) all read those declarations. Loading settings starts nothing: the embedded Redis is
+started by `explainctl.embedded.resolve`, explicitly. S3 uses boto3's own configuration
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE...).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from explainctl.errors import InvalidInput
 
 
-def _split(text: str, sep: str = ",") -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(sep) if part.strip())
-
-
 def _flag(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    flag: str | None = None,
+    sep: str = ",",
+    shown: str | None = None,
+) -> Any:
+    """One setting: `doc` is its line in the README; `flag` the CLI option that sets it
+    where a command has one; `sep` splits a list; `shown` the default as people read it."""
+    shown = shown if shown is not None else (str(int(default)) if isinstance(default, bool)
+                                              else str(default))  # fmt: skip
+    metadata = {"doc": doc, "flag": flag, "sep": sep, "shown": shown}
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class Settings:
-    broker_url: str = ""  # empty: the embedded Redis (explainctl.embedded)
-    output: str = ""  # empty: <home>/output
-    home: str = ""  # empty: ~/.local/share/explainctl
-    queue: str = "explain"
-    chunk_time_limit: int = 1800
-    visibility_timeout: int = 2100
-    max_deliveries: int = 3
-    lease_seconds: int = 60
-    metrics_port: int = 0
-    device: str = "auto"
-    slots: int = 0  # items in flight on a worker's device; 0: chosen (see worker's slot.py)
-    preload: tuple[str, ...] = ()
-    allowed_models: tuple[str, ...] = ()
-    max_image_bytes: int = 50 * 1024 * 1024
-    max_pixels: int = 50_000_000
-    allowed_roots: tuple[str, ...] = ()
-    allow_http: bool = False
-    http_allowed_hosts: tuple[str, ...] = field(default=())
+    broker_url: str = setting(
+        "", "Redis for the queue and the job records; `redis://:password@host:6379/0`, "
+        "`rediss://` for TLS", flag="--broker", shown="embedded Redis",
+    )  # fmt: skip
+    output: str = setting(
+        "", "`s3://bucket/prefix` or a directory", flag="--output",
+        shown="`$EXPLAINCTL_HOME/output`",
+    )  # fmt: skip
+    queue: str = setting("explain", "queue name; split GPU pools by queue", flag="--queue")
+    chunk_time_limit: int = setting(1800, "hard limit (s) for one chunk on a worker")
+    visibility_timeout: int = setting(
+        2100, "seconds before Redis hands a lost chunk to another worker; must exceed the "
+        "time limit",
+    )  # fmt: skip
+    max_deliveries: int = setting(3, "attempts per item before it fails as a poison item")
+    lease_seconds: int = setting(
+        60, "a chunk whose worker stopped renewing its lease this long runs again"
+    )
+    metrics_port: int = setting(
+        0, "Prometheus metrics of a worker process", flag="--metrics-port", shown="off"
+    )
+    home: str = setting(
+        "", "embedded Redis data, default output, local worker logs",
+        shown="`~/.local/share/explainctl`",
+    )  # fmt: skip
+    device: str = setting("auto", "worker device: auto, cpu, cuda", flag="--device")
+    slots: int = setting(
+        0, "items in flight on a worker's device; 0: the chunk's items on a CPU, as many as "
+        "free GPU memory holds (up to the chunk) on CUDA",
+    )  # fmt: skip
+    preload: tuple[str, ...] = setting(
+        (), "models a worker loads at start, comma-separated", flag="--preload", shown=""
+    )
+    allowed_models: tuple[str, ...] = setting(
+        (), "model specs a worker accepts besides torchvision names (files, "
+        "`module:callable`); `*` for any", shown="",
+    )  # fmt: skip
+    max_image_bytes: int = setting(50 * 1024 * 1024, "largest encoded image a worker reads")
+    max_pixels: int = setting(50_000_000, "largest image (width × height) a worker decodes")
+    allowed_roots: tuple[str, ...] = setting(
+        (), "local directories workers may read inputs from (`:`-separated)",
+        sep=os.pathsep, shown="any",
+    )  # fmt: skip
+    allow_http: bool = setting(
+        False, "1 lets workers fetch `http(s)://` inputs, public addresses only"
+    )
+    http_allowed_hosts: tuple[str, ...] = setting(
+        (), "the only hosts http(s) inputs may come from, comma-separated", shown="any"
+    )
 
-    # name -> (environment variable, parser)
-    _ENV = {
-        "broker_url": ("EXPLAINCTL_BROKER_URL", str),
-        "output": ("EXPLAINCTL_OUTPUT", str),
-        "home": ("EXPLAINCTL_HOME", str),
-        "queue": ("EXPLAINCTL_QUEUE", str),
-        "chunk_time_limit": ("EXPLAINCTL_CHUNK_TIME_LIMIT", int),
-        "visibility_timeout": ("EXPLAINCTL_VISIBILITY_TIMEOUT", int),
-        "max_deliveries": ("EXPLAINCTL_MAX_DELIVERIES", int),
-        "lease_seconds": ("EXPLAINCTL_LEASE_SECONDS", int),
-        "metrics_port": ("EXPLAINCTL_METRICS_PORT", int),
-        "device": ("EXPLAINCTL_DEVICE", str),
-        "slots": ("EXPLAINCTL_SLOTS", int),
-        "preload": ("EXPLAINCTL_PRELOAD", _split),
-        "allowed_models": ("EXPLAINCTL_ALLOWED_MODELS", _split),
-        "max_image_bytes": ("EXPLAINCTL_MAX_IMAGE_BYTES", int),
-        "max_pixels": ("EXPLAINCTL_MAX_PIXELS", int),
-        "allowed_roots": ("EXPLAINCTL_ALLOWED_ROOTS", lambda t: _split(t, os.pathsep)),
-        "allow_http": ("EXPLAINCTL_ALLOW_HTTP", _flag),
-        "http_allowed_hosts": ("EXPLAINCTL_HTTP_ALLOWED_HOSTS", _split),
-    }
+    @staticmethod
+    def variable(name: str) -> str:
+        """The environment variable of setting `name`."""
+        return "EXPLAINCTL_" + name.upper()
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
         """Settings from `env` (default os.environ), overridden by flags that are not None."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        for name, (variable, parse) in cls._ENV.items():
+        for item in fields(cls):
+            variable = cls.variable(item.name)
             raw = env.get(variable)
             if raw is not None and raw.strip() != "":
                 try:
-                    values[name] = parse(raw)
+                    values[item.name] = _parser(item)(raw)
                 except ValueError:
                     raise InvalidInput(f"{variable}={raw!r} is not valid") from None
+        unknown = set(flags) - {item.name for item in fields(cls)}
+        if unknown:
+            raise TypeError(f"not settings: {', '.join(sorted(unknown))}")
         values.update({name: value for name, value in flags.items() if value is not None})
         settings = cls(**values)
         settings.check()
@@ -100,37 +135,52 @@ class Settings:
 
     @property
     def home_dir(self) -> Path:
-        from explainctl import embedded
-
-        return Path(self.home).expanduser() if self.home else embedded.home()
-
-    def resolve(self) -> Settings:
-        """Fill in the embedded defaults: the embedded Redis (started if need be) and
-        <home>/output, so one machine works with no configuration at all."""
-        if self.broker_url and self.output:
-            return self
-        from explainctl import embedded
-
-        broker = self.broker_url or embedded.ensure_redis(self.home_dir)
-        output = self.output or str(self.home_dir / "output")
-        return replace(self, broker_url=broker, output=output)
+        if self.home:
+            return Path(self.home).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+            os.path.expanduser("~"), ".local", "share"
+        )
+        return Path(base) / "explainctl"
 
     def environment(self) -> dict[str, str]:
-        """These settings as environment variables, for processes this one starts."""
+        """Every setting as an environment variable, for processes this one starts, so a
+        child sees exactly these settings whatever its parent's environment held."""
         result = {}
-        defaults = Settings()
         for item in fields(self):
-            if item.name.startswith("_") or item.name not in self._ENV:
-                continue
             value = getattr(self, item.name)
-            if value == getattr(defaults, item.name):
-                continue
-            variable = self._ENV[item.name][0]
             if isinstance(value, tuple):
-                sep = os.pathsep if item.name == "allowed_roots" else ","
-                result[variable] = sep.join(value)
+                text = item.metadata["sep"].join(value)
             elif isinstance(value, bool):
-                result[variable] = "1" if value else "0"
+                text = "1" if value else "0"
             else:
-                result[variable] = str(value)
+                text = str(value)
+            result[self.variable(item.name)] = text
         return result
+
+
+def _parser(item) -> Callable[[str], Any]:
+    kind = type(item.default)
+    if kind is tuple:
+        sep = item.metadata["sep"]
+        return lambda text: tuple(part.strip() for part in text.split(sep) if part.strip())
+    if kind is bool:
+        return _flag
+    return kind
+
+
+def describe(name: str) -> str:
+    """A setting's CLI help: its doc line and variable."""
+    item = next(item for item in fields(Settings) if item.name == name)
+    return f"{item.metadata['doc']} [env {Settings.variable(name)}]"
+
+
+def markdown_table() -> str:
+    """The README's configuration table."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for item in fields(Settings):
+        flag = f" (`{item.metadata['flag']}`)" if item.metadata["flag"] else ""
+        rows.append(
+            f"| `{Settings.variable(item.name)}`{flag} | {item.metadata['shown']} "
+            f"| {item.metadata['doc']} |"
+        )
+    return "\n".join(rows)

@@ -12,15 +12,16 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
 from explainctl.client import Client
 from explainctl.config import Settings
-from explainctl.contracts import ExplainParams, ModelSpec
+from explainctl.contracts import ModelSpec
 from explainctl.errors import MissingDependency
 from explainctl.inputs import InputItem
+from explainctl.methods import ExplainParams
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,10 @@ def run_demo(
     device: str | None = None,
 ) -> DemoResult:
     check_model(spec)
-    client = Client(settings)  # starts the embedded Redis when no broker is configured
-    env = {
-        **client.settings.environment(),
-        "EXPLAINCTL_ALLOWED_MODELS": spec.name,
-        "EXPLAINCTL_DEVICE": device or client.settings.device,
-    }
+    client = Client(settings)
+    env = replace(
+        settings, allowed_models=(spec.name,), device=device or settings.device
+    ).environment()
     log_path = client.settings.home_dir / "demo-worker.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:

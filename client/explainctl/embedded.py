@@ -25,19 +25,24 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import redis
 
+from explainctl.config import Settings
 from explainctl.errors import MissingDependency, ServiceUnavailable
 
 
-def home(env: dict[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    if env.get("EXPLAINCTL_HOME"):
-        return Path(env["EXPLAINCTL_HOME"]).expanduser()
-    base = env.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "explainctl"
+def resolve(settings: Settings) -> Settings:
+    """`settings` with the embedded defaults filled in: this home's Redis (started here if
+    it is not running) when no broker is configured, <home>/output when no output is. The
+    one place that starts a service for the user: reading settings never does."""
+    if settings.broker_url and settings.output:
+        return settings
+    broker = settings.broker_url or ensure_redis(settings.home_dir)
+    output = settings.output or str(settings.home_dir / "output")
+    return replace(settings, broker_url=broker, output=output)
 
 
 def _redis_binary() -> str:
@@ -70,9 +75,8 @@ def running_url(root: Path) -> str | None:
     return url if _answers(url) else None
 
 
-def ensure_redis(root: Path | None = None) -> str:
+def ensure_redis(root: Path) -> str:
     """Start the embedded Redis unless it runs already; returns its URL."""
-    root = root or home()
     if url := running_url(root):
         return url
     data = root / "redis"
@@ -115,8 +119,7 @@ def ensure_redis(root: Path | None = None) -> str:
     return url
 
 
-def stop_redis(root: Path | None = None) -> bool:
-    root = root or home()
+def stop_redis(root: Path) -> bool:
     url = running_url(root)
     if url is None:
         return False
@@ -142,18 +145,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def running_workers(root: Path | None = None) -> list[int]:
-    path = _worker_file(root or home())
+def running_workers(root: Path) -> list[int]:
+    path = _worker_file(root)
     if not path.exists():
         return []
     return [pid for pid in json.loads(path.read_text()) if _alive(pid)]
 
 
 def start_workers(
-    count: int, env: dict[str, str], root: Path | None = None, extra_args: list[str] = ()
+    count: int, env: dict[str, str], root: Path, extra_args: list[str] = ()
 ) -> list[int]:
     """Start `explainctl worker` processes in the background; returns their PIDs."""
-    root = root or home()
     root.mkdir(parents=True, exist_ok=True)
     log = open(root / "workers.log", "ab")  # noqa: SIM115 - inherited by the children
     pids = running_workers(root)
@@ -173,9 +175,8 @@ def start_workers(
     return pids
 
 
-def stop_workers(root: Path | None = None, timeout: float = 60) -> int:
+def stop_workers(root: Path, timeout: float = 60) -> int:
     """SIGTERM (warm shutdown: running chunks finish) then wait; returns how many stopped."""
-    root = root or home()
     pids = running_workers(root)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):

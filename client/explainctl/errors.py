@@ -2,6 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+# Every code an item can fail with: stable, machine-readable, in `results` and items.jsonl.
+ERROR_CODES: dict[str, str] = {
+    "bad-uri": "the input is not a URI or path explainctl can read",
+    "unsupported-scheme": "a scheme other than a path, s3:// or http(s)://",
+    "not-found": "no such file or object",
+    "is-a-directory": "a directory or S3 prefix where an image was expected",
+    "access-denied": "permission denied, or no usable credentials",
+    "outside-allowed-roots": "a local path outside EXPLAINCTL_ALLOWED_ROOTS",
+    "too-large": "larger than EXPLAINCTL_MAX_IMAGE_BYTES",
+    "storage-error": "S3 or the file system failed (after retries)",
+    "http-disabled": "an http(s) input while EXPLAINCTL_ALLOW_HTTP is off",
+    "host-not-allowed": "an http(s) host outside EXPLAINCTL_HTTP_ALLOWED_HOSTS",
+    "blocked-address": "an http(s) host that resolves to a non-public address",
+    "fetch-error": "the http(s) fetch failed (DNS, connection, timeout)",
+    "http-error": "the server answered with an error status",
+    "too-many-redirects": "more redirects than a fetch follows",
+    "empty": "the image has 0 bytes",
+    "corrupt": "damaged or truncated image data",
+    "unsupported-format": "not an image format explainctl decodes",
+    "too-many-pixels": "more pixels than EXPLAINCTL_MAX_PIXELS",
+    "bad-target": "the target class does not exist for this model",
+    "model-not-allowed": "the worker does not accept this model (EXPLAINCTL_ALLOWED_MODELS)",
+    "model-unavailable": "the worker cannot load the model or its weights",
+    "worker-lost": "its worker was lost EXPLAINCTL_MAX_DELIVERIES times (a poison item)",
+}
+ErrorCode = Literal[tuple(ERROR_CODES)]  # type: ignore[valid-type]
+
 
 class ExplainctlError(Exception):
     """Base of every error a user may see; `str(error)` is the one-line message."""
@@ -30,7 +59,9 @@ class MissingDependency(ExplainctlError):
 class ItemError(ExplainctlError):
     """One item failed; the others go on. `code` is stable and machine-readable."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: ErrorCode, message: str):
+        if code not in ERROR_CODES:
+            raise ValueError(f"undeclared item error code {code!r}")
         super().__init__(message)
         self.code = code
         self.message = message
@@ -46,3 +77,10 @@ class ServiceUnavailable(ExplainctlError):
     """The broker or storage cannot be reached."""
 
     exit_code = 6
+
+
+def markdown_error_codes() -> str:
+    """The README's table of item error codes."""
+    rows = ["| error code | meaning |", "|---|---|"]
+    rows += [f"| `{code}` | {meaning} |" for code, meaning in ERROR_CODES.items()]
+    return "\n".join(rows)

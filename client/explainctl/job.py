@@ -29,13 +29,13 @@ from explainctl.contracts import (
     ITEM_STATES,
     TERMINAL_STATES,
     ChunkItem,
-    ItemRecord,
     JobInfo,
     JobState,
     item_name,
 )
 from explainctl.errors import JobNotFound, ServiceUnavailable
 from explainctl.ids import check_job_id
+from explainctl.item import ItemRecord
 
 JOBS_KEY = "explainctl:jobs"
 _BATCH = 1000

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from explainctl.contracts import ITEMS_JSONL, JOB_JSON, ItemRecord, JobInfo, job_key
+from explainctl.contracts import ITEMS_JSONL, JOB_JSON, JobInfo, job_key
 from explainctl.errors import ItemError, JobNotFound, ServiceUnavailable
 from explainctl.ids import check_job_id
+from explainctl.item import ItemRecord
 from explainctl.job import JobStatus, JobStore
 from explainctl.storage import Storage
 

@@ -19,8 +19,9 @@ from importlib import resources
 
 from PIL import Image, ImageOps
 
-from explainctl.contracts import OVERLAY_PNG, PERTURBED_PNG, ItemRecord
+from explainctl.contracts import OVERLAY_PNG, PERTURBED_PNG
 from explainctl.errors import ExplainctlError
+from explainctl.item import SCORE_FIELDS, ItemRecord, field_views, sort_value
 
 THUMBNAIL = 120  # the gallery shows them 120 px wide
 ORIGINAL_MAX_BYTES = 50 * 1024 * 1024
@@ -45,19 +46,10 @@ def _row(record: ItemRecord, read: Callable[[str], bytes]) -> dict:
         "state": record.state,
         "class": record.target_name
         or (str(record.target_index) if record.target_index is not None else ""),
-        "target_index": record.target_index,
-        "p_before": record.prob_before,
-        "p_after": record.prob_after,
-        "drop": (record.prob_before - record.prob_after)
-        if record.prob_before is not None and record.prob_after is not None
-        else None,
-        "area": record.mask_area,
-        "seconds": record.seconds,
+        "drop": sort_value(record, "drop"),
         "error": f"{record.error_code}: {record.error}" if record.error else None,
+        **{name: getattr(record, name) for name in SCORE_FIELDS},
     }
-    for key in ("deletion_auc", "deletion_auc_blur", "insertion_auc"):
-        if getattr(record, key, None) is not None:
-            row[key] = getattr(record, key)
     if record.state != "done":
         return row
     images = {}
@@ -82,6 +74,7 @@ def build_report(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         rows = list(pool.map(lambda r: _row(r, read), records))
     done = [r for r in rows if r["state"] == "done"]
+    fields = field_views()
     seconds = [r["seconds"] for r in done if r["seconds"] is not None]
     wall = (status.get("finished_at") or time.time()) - status["created"]
     summary = {
@@ -97,12 +90,16 @@ def build_report(
         "throughput": round(len(done) / wall, 3) if wall > 0 else None,
         "output": status["info"]["output"],
     }
-    for key in ("deletion_auc", "deletion_auc_blur", "insertion_auc"):
-        values = [r[key] for r in done if r.get(key) is not None]
+    # The job's mean of every sortable score its items have (the faithfulness ones only
+    # where --metrics measured them).
+    means = {}
+    for view in fields:
+        values = [r[view["key"]] for r in done if view["sort"] and r[view["key"]] is not None]
         if values:
-            summary[f"mean_{key}"] = round(sum(values) / len(values), 4)
+            means[view["key"]] = round(sum(values) / len(values), 4)
+    summary["means"] = means
     # Every "<" escaped, so no text from the job can end or comment out the script element.
-    data = json.dumps({"summary": summary, "rows": rows}).replace("<", "\\u003c")
+    data = json.dumps({"summary": summary, "fields": fields, "rows": rows}).replace("<", "\\u003c")
     title = html.escape(f"explainctl audit {status['job_id']}")
     template = resources.files("explainctl").joinpath("report.html").read_text()
     return template.replace("{{TITLE}}", title).replace("{{DATA}}", data)

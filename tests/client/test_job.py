@@ -4,9 +4,10 @@ import time
 
 import pytest
 
-from explainctl.contracts import ChunkItem, ExplainParams, JobInfo, ModelSpec
+from explainctl.contracts import ChunkItem, JobInfo, ModelSpec
 from explainctl.errors import InvalidInput, JobNotFound
 from explainctl.ids import new_job_id
+from explainctl.methods import ExplainParams
 
 
 def _job(store, n: int, chunk_size: int = 4) -> str:

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explainctl.contracts import ARTIFACT_FILES, ExplainParams, ItemResult
+from explainctl.contracts import ARTIFACT_FILES
+from explainctl.item import ItemResult
+from explainctl.methods import ExplainParams
 from explainctl_worker.artifact import colormap, render, upsample_mask
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 from explainctl_worker.convergence import Convergence
 
 PARAMS = ExplainParams(early_stop_window=10, early_stop_ratio=1.5, early_stop_tol=1e-3)

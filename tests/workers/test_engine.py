@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 from explainctl_worker.engine import explain_batch
 from tests.models import (
     DISTRACTOR_BOX,

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from explainctl.contracts import ExplainParams, ModelSpec
+from explainctl.contracts import ModelSpec
+from explainctl.methods import ExplainParams
 from explainctl_worker.explain import ItemInput, Timings, explain_items
 from explainctl_worker.model import LoadedModel
 from tests.models import tiny_classifier

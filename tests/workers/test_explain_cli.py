@@ -5,7 +5,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from explainctl.contracts import ARTIFACT_FILES, ItemResult
+from explainctl.contracts import ARTIFACT_FILES
+from explainctl.item import ItemResult
 from tests import cli
 from tests.models import evidence_image
 

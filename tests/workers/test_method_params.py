@@ -3,14 +3,16 @@
 import pytest
 from pydantic import ValidationError
 
-from explainctl.contracts import ExplainParams, ItemRecord
 from explainctl.errors import InvalidInput
+from explainctl.item import ItemRecord
+from explainctl.methods import ExplainParams
 from explainctl.options import build_params
 
 
-def test_seed_defaults_are_unchanged():
+def test_original_defaults_are_unchanged_and_seed_is_its_alias():
     params = ExplainParams()
-    assert params.method == "seed"
+    assert params.method == "original"
+    assert ExplainParams(method="seed") == params  # its name before 0.2
     assert (params.iterations, params.lr, params.l1_coeff, params.tv_coeff) == (500, 0.1, 0.01, 0.2)
     assert (params.noise_std, params.upsample, params.jitter) == (0.2, "bilinear", 0)
     assert params.blur_levels is None and params.areas is None and params.variant is None

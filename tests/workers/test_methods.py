@@ -5,7 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from explainctl.contracts import ARTIFACT_FILES, ExplainParams, ItemResult, ModelSpec
+from explainctl.contracts import ARTIFACT_FILES, ModelSpec
+from explainctl.item import ItemResult
+from explainctl.methods import ExplainParams
 from explainctl_worker.engine import explain_batch
 from explainctl_worker.explain import explain_paths
 from explainctl_worker.model import LoadedModel
@@ -165,3 +167,10 @@ def test_paper_artifacts_draw_the_blurred_mask(tmp_path):
     drawn = np.asarray(Image.open(tmp_path / "out" / "evidence" / "mask.png"), dtype=np.float32)
     # Nearest upsampling alone would leave 4-px blocks; the paper's blur leaves none.
     assert np.abs(np.diff(drawn, axis=1)).max() < 80
+
+
+def test_every_method_in_the_table_has_exactly_one_runner():
+    from explainctl.methods import METHOD_NAMES
+    from explainctl_worker.methods import RUNNERS
+
+    assert set(RUNNERS) == set(METHOD_NAMES)

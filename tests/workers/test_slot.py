@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 from explainctl_worker.engine import explain_batch
 from explainctl_worker.optim import RowOptimizer
 from explainctl_worker.slot import Entry, jitter_rows, run_slots
@@ -71,7 +71,7 @@ def _alone(model, image: torch.Tensor, params: ExplainParams):
         ExplainParams(method="paper", iterations=30, mask_size=8, image_size=32, noise_std=0.1),
         ExplainParams(method="extremal", iterations=30, image_size=32, areas=(0.1, 0.3)),
     ],
-    ids=["seed", "paper", "extremal"],
+    ids=["original", "paper", "extremal"],
 )
 def test_an_item_entering_a_refilled_slot_gets_its_mask_alone(params):
     """Two slots, five items: items 2-4 enter slots that earlier items left."""
@@ -92,7 +92,7 @@ def test_an_item_entering_a_refilled_slot_gets_its_mask_alone(params):
             assert torch.allclose(results[i].area_masks, alone.area_masks, atol=1e-5), i
 
 
-@pytest.mark.parametrize("method", ["seed", "paper"])
+@pytest.mark.parametrize("method", ["original", "paper"])
 def test_items_stopping_at_different_times_refill_their_slots_mid_run(method):
     """With early stop the items finish at different checkpoints, so later items enter
     slots beside items already part-way through; each still gets its mask alone."""
@@ -113,10 +113,15 @@ def test_items_stopping_at_different_times_refill_their_slots_mid_run(method):
     results = dict(run_slots(model, (Entry(i, images[i]) for i in range(6)), params, slots=2))
     iterations = [int(results[i].iterations) for i in range(6)]
     assert len(set(iterations)) > 1, iterations  # the precondition: staggered finishes
+    # The paper's pyramid picks blur levels by the mask's value, so a 1e-7 difference
+    # from a batch size's conv kernel can move a pixel across a level boundary; on an
+    # AMD EPYC that moved one item by 5e-4 after 60 steps. A slot holding another item's
+    # state or noise moves masks by tenths.
+    atol = 1e-3 if method == "paper" else 1e-5
     for i in range(6):
         alone = _alone(model, images[i], params)
         assert int(alone.iterations) == iterations[i]
-        assert torch.allclose(results[i].masks, alone.masks, atol=1e-5), i
+        assert torch.allclose(results[i].masks, alone.masks, atol=atol), i
 
 
 def test_same_item_same_mask_whatever_the_slot_count():

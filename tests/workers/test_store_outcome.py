@@ -5,14 +5,10 @@ import io
 import torch
 from PIL import Image
 
-from explainctl.contracts import (
-    ChunkPayload,
-    ExplainParams,
-    ItemRecord,
-    ModelSpec,
-    Target,
-)
+from explainctl.contracts import ChunkPayload, ModelSpec, Target
 from explainctl.ids import new_job_id
+from explainctl.item import ItemRecord
+from explainctl.methods import ExplainParams
 from explainctl_worker.chunk import WorkerContext, _record, _store_artifacts
 from explainctl_worker.explain import ItemInput, explain_items
 from explainctl_worker.model import LoadedModel

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 from explainctl_worker.mask import blend
 from explainctl_worker.substrate import (
     blur_pyramid,

@@ -13,6 +13,7 @@ import time
 from celery.signals import worker_process_init
 from pydantic import ValidationError
 
+from explainctl import embedded
 from explainctl.config import Settings
 from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload, ModelSpec
 from explainctl.queue import make_app
@@ -20,7 +21,8 @@ from explainctl_worker import lease, metrics
 from explainctl_worker.chunk import WorkerContext, run_chunk
 
 log = logging.getLogger("explainctl.worker")
-settings = Settings.load().resolve()
+# A worker started with no broker configured joins this machine's embedded Redis.
+settings = embedded.resolve(Settings.load())
 app = make_app(settings)
 
 _context: WorkerContext | None = None

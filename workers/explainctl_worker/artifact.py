@@ -19,8 +19,8 @@ from explainctl.contracts import (
     OVERLAY_PNG,
     PERTURBED_PNG,
     RESULT_JSON,
-    ItemResult,
 )
+from explainctl.item import ItemResult
 
 OVERLAY_ALPHA = 0.5
 # Written beside mask.npy when a method returns several masks (extremal with several

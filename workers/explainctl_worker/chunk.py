@@ -24,7 +24,7 @@ from explainctl.contracts import (
     artifact_key,
     item_name,
 )
-from explainctl.errors import ExplainctlError, ItemError
+from explainctl.errors import ERROR_CODES, ErrorCode, ExplainctlError, ItemError
 from explainctl.fetch import HttpPolicy, fetch_http
 from explainctl.job import JobStore
 from explainctl.manifest import write_manifest
@@ -96,7 +96,9 @@ class WorkerContext:
         return "*" in allowed or spec.name in allowed
 
 
-def _failure(code: str, message: str) -> dict:
+def _failure(code: ErrorCode, message: str) -> dict:
+    if code not in ERROR_CODES:
+        raise ValueError(f"undeclared item error code {code!r}")
     return {"error_code": code, "error": message}
 
 
@@ -119,24 +121,8 @@ def _store_artifacts(context: WorkerContext, payload: ChunkPayload, outcome: Ite
 
 
 def _record(outcome: ItemOutcome) -> dict:
-    """The job record's fields of a stored item."""
-    r = outcome.result
-    return {
-        "artifacts": outcome.artifacts,
-        "target_index": r.target_index,
-        "target_name": r.target_name,
-        "prob_before": r.prob_before,
-        "prob_after": r.prob_after,
-        "mask_area": r.mask_area,
-        "iterations": r.iterations,
-        "stop_reason": r.stop_reason,
-        "seconds": r.seconds,
-        "method": r.method,
-        "deletion_auc": r.deletion_auc,
-        "deletion_auc_blur": r.deletion_auc_blur,
-        "insertion_auc": r.insertion_auc,
-        "prob_keep": r.prob_keep,
-    }
+    """The job record's fields of a stored item: its artifacts and every score."""
+    return {"artifacts": outcome.artifacts, **outcome.result.scores()}
 
 
 def _explain_group(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 
 
 class Convergence:

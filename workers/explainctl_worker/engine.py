@@ -1,6 +1,6 @@
 """Explanations of a batch of images: `explain_batch`, the slot engine run over a tensor.
 
-params.method picks the optimisation (methods/seed.py, paper.py, extremal.py); the slot
+params.method picks the optimisation (methods/original.py, paper.py, extremal.py); the slot
 engine (slot.py) runs it with every image in a slot of its own, so each image gets the
 mask it would get alone. With params.metrics the engine then scores each mask's
 faithfulness (faithfulness.py: RISE deletion and insertion) in a few batched passes.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 from explainctl_worker.slot import Entry, Explanation, run_slots
 
 

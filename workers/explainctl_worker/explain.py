@@ -21,8 +21,10 @@ import torch
 from PIL import Image
 
 import explainctl
-from explainctl.contracts import ARTIFACT_FILES, ExplainParams, ItemResult, Target
+from explainctl.contracts import ARTIFACT_FILES, Target
 from explainctl.errors import ExplainctlError, ItemError
+from explainctl.item import ItemResult
+from explainctl.methods import ExplainParams
 from explainctl_worker.artifact import MASKS_NPY, render
 from explainctl_worker.decode import DecodeLimits, decode_image
 from explainctl_worker.model import LoadedModel, resolve_target

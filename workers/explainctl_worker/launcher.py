@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 
 from explainctl.config import Settings
 from explainctl.errors import InvalidInput
@@ -59,9 +60,10 @@ def run_workers(settings: Settings, gpus: list[str], loglevel: str = "INFO") -> 
     plans = []
     if gpus:
         for position, gpu in enumerate(gpus):
-            env = {**base_env, "CUDA_VISIBLE_DEVICES": gpu, "EXPLAINCTL_DEVICE": "cuda"}
-            if settings.metrics_port:  # one port per process: base, base + 1, ...
-                env["EXPLAINCTL_METRICS_PORT"] = str(settings.metrics_port + position)
+            # One metrics port per process: base, base + 1, ...
+            port = settings.metrics_port + position if settings.metrics_port else 0
+            own = replace(settings, device="cuda", metrics_port=port).environment()
+            env = {**base_env, **own, "CUDA_VISIBLE_DEVICES": gpu}
             plans.append((celery_command(settings, f"explain-gpu{gpu}", loglevel), env))
     else:
         plans.append((celery_command(settings, "explain", loglevel), base_env))

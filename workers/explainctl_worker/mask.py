@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from explainctl.contracts import Upsample
+from explainctl.methods import Upsample
 
 
 def l1_term(m: torch.Tensor) -> torch.Tensor:

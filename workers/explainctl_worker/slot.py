@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import DEFAULT_METHOD, ExplainParams
 from explainctl_worker import faithfulness
 from explainctl_worker.convergence import Convergence
 from explainctl_worker.mask import mask_area
@@ -55,9 +55,9 @@ class Explanation:
     converged: torch.Tensor  # (N,) bool: stopped by the convergence rule, not the budget
     seconds: torch.Tensor  # (N,) wall time of the passes spent on the item: its share of each
     substrate: torch.Tensor  # (N, C, H, W) pixel-space substrate, for rendering
-    method: str = "seed"
+    method: str = DEFAULT_METHOD
     # (N, L, C, H, W) pixel-space blur pyramid, for methods whose perturbation varies
-    # the blur with the mask (paper, extremal); None for the seed's single substrate.
+    # the blur with the mask (paper, extremal); None for the original's single substrate.
     levels: torch.Tensor | None = None
     # (N, 1, H, W) the mask as the model saw it, at its input resolution; 1 - masks_full
     # is the saliency the metrics rank.

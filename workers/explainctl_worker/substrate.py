@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 
 # Median filtering unfolds k*k copies of the image; process this many images at a time
 # so a batch of 64 at 224 px needs ~0.3 GB instead of ~5 GB.

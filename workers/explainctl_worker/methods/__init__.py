@@ -1,13 +1,13 @@
-"""Explanation methods, chosen by ExplainParams.method; each is a `Runner` (common.py)
-that the slot engine (slot.py) drives."""
+"""Explanation methods: one `Runner` (common.py) per entry of the method table
+(explainctl.methods), driven by the slot engine (slot.py)."""
 
 from __future__ import annotations
 
-from explainctl_worker.methods import extremal, paper, seed
+from explainctl_worker.methods import extremal, original, paper
 from explainctl_worker.methods.common import Runner
 
 RUNNERS: dict[str, Runner] = {
-    "seed": seed.RUNNER,
+    "original": original.RUNNER,
     "paper": paper.RUNNER,
     "extremal": extremal.RUNNER,
 }

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 from explainctl_worker.optim import Kind
 
 # Progress is reported, convergence decided and slots refilled every this many

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 from explainctl_worker.mask import area_penalty, smooth_max_pool, upsample
 from explainctl_worker.methods.common import (
     MethodResult,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 from explainctl_worker.mask import l1_sum, tv_iso_sum, upsample
 from explainctl_worker.methods.common import (
     MethodResult,

@@ -1,4 +1,4 @@
-"""The seed's meaningful perturbation (Fong & Vedaldi 2017, as the seed script runs it).
+"""The original script's meaningful perturbation (Fong & Vedaldi 2017, as that script runs it).
 
 For each image x (C, H, W) with target class c, find a low-resolution mask m in [0, 1]:
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from explainctl.contracts import ExplainParams
+from explainctl.methods import ExplainParams
 from explainctl_worker.mask import blend, l1_term, tv_term, upsample
 from explainctl_worker.methods.common import (
     MethodResult,

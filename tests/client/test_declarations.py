@@ -1,0 +1,130 @@
+"""Each idea declared once: a method parameter, a result field, a setting, an error code.
+These tests catch the forgotten other half (a stale README table, a flag without its
+setting, a field the record or `results` leaves out, an undeclared error code)."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import typer.main
+
+from explainctl import docs
+from explainctl.cli import app
+from explainctl.config import Settings
+from explainctl.errors import ERROR_CODES, ItemError
+from explainctl.item import RESULT_COLUMNS, SCORE_FIELDS, SORT_KEYS, ItemRecord, ItemScores
+from explainctl.methods import (
+    METHOD_NAMES,
+    ExplainParams,
+    default_help,
+    flag_of,
+    method_info,
+    readers,
+)
+from explainctl.options import build_params
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+
+
+def test_readme_tables_are_generated_from_their_declarations():
+    text = README.read_text()
+    assert set(docs.blocks(text)) == set(docs.TABLES), "a generated table is missing"
+    assert docs.render(text) == text, "stale: run python -m explainctl.docs README.md"
+
+
+def _options(command: str) -> set[str]:
+    click_app = typer.main.get_command(app)
+    params = click_app.commands[command].params
+    return {name for p in params for name in (*p.opts, *p.secondary_opts)}
+
+
+@pytest.mark.parametrize("command", ["explain", "submit", "demo"])
+def test_every_command_that_runs_a_method_has_every_method_flag(command):
+    options = _options(command)
+    for name in ExplainParams.model_fields:
+        if flag := flag_of(name):
+            assert set(flag.split("/")) <= options, f"{command}: {flag} missing"
+    assert "--param" in options
+
+
+def test_help_gives_each_methods_own_default():
+    assert default_help("iterations") == "Default 500 (paper 300, extremal 800)."
+    assert default_help("areas").startswith("extremal only.")
+
+
+def test_every_parameter_says_what_it_does_and_who_reads_it():
+    for name, info in ExplainParams.model_fields.items():
+        assert info.description, f"{name}: no help line"
+        only = readers()[name]
+        assert only is None or set(only) <= set(METHOD_NAMES), name
+
+
+def test_unknown_parameters_are_errors_never_dropped():
+    with pytest.raises(Exception, match="itrations"):
+        build_params({"itrations": 5})
+    with pytest.raises(Exception, match="unknown parameter 'itrations'"):
+        build_params({}, ["itrations=5"])
+    with pytest.raises(Exception, match="extra"):
+        ExplainParams(itrations=5)
+
+
+def test_the_original_method_keeps_its_old_name_as_an_alias():
+    assert method_info("seed").name == "original" == METHOD_NAMES[0]
+    assert ExplainParams(method="seed").method == "original"
+    old = ItemRecord(index=0, uri="a", item="000000-a", state="done", method="seed")
+    assert old.method == "original"  # records written before the rename read back
+
+
+def test_every_score_reaches_the_record_the_columns_and_the_sort_keys():
+    record_fields = set(ItemRecord.model_fields)
+    for name in SCORE_FIELDS:
+        assert name in record_fields, f"{name}: not in the job record"
+        assert name in RESULT_COLUMNS, f"{name}: not a results column"
+        view = ItemScores.model_fields[name].json_schema_extra
+        assert view["label"], f"{name}: no label"
+        if view["sort"]:
+            assert name in SORT_KEYS
+    # A failed item has none of them, and says so with None.
+    failed = ItemRecord(index=1, uri="b", item="000001-b", state="failed",
+                        error_code="corrupt", error="x")  # fmt: skip
+    assert all(getattr(failed, name) is None for name in SCORE_FIELDS)
+
+
+def test_every_setting_round_trips_through_the_environment_and_has_a_doc_line():
+    changed = Settings(queue="gpu-a100", slots=3, allow_http=True,
+                       allowed_roots=("/data", "/mnt/x"), preload=("resnet18", "vgg19"))  # fmt: skip
+    assert Settings.load(env=changed.environment()) == changed
+    for item in dataclasses.fields(Settings):
+        assert item.metadata.get("doc"), f"{item.name}: no doc line"
+
+
+def test_every_settings_flag_names_its_variable_in_the_help():
+    click_app = typer.main.get_command(app)
+    flags = {item.metadata["flag"]: item.name for item in dataclasses.fields(Settings)}
+    for command in click_app.commands.values():
+        for param in command.params:
+            env = re.search(r"\[env (EXPLAINCTL_[A-Z_]+)\]", param.help or "")
+            if env:
+                name = env.group(1).removeprefix("EXPLAINCTL_").lower()
+                assert name in {i.name for i in dataclasses.fields(Settings)}, env.group(1)
+            for opt in param.opts:
+                if opt in flags and opt != "--device":  # explain's --device is local
+                    assert env, f"{command.name} {opt}: a setting's flag without its variable"
+
+
+def test_loading_settings_starts_nothing(tmp_path):
+    settings = Settings.load(env={"EXPLAINCTL_HOME": str(tmp_path)})
+    assert settings.broker_url == "" and settings.home_dir == tmp_path
+    assert list(tmp_path.iterdir()) == []  # no Redis data, no url file
+
+
+def test_error_codes_in_the_sources_are_declared():
+    sources = [*ROOT.glob("client/explainctl/**/*.py"), *ROOT.glob("workers/**/*.py")]
+    pattern = re.compile(r'(?:ItemError|_failure)\(\s*"([a-z-]+)"')
+    used = {code for path in sources for code in pattern.findall(path.read_text())}
+    assert used, "the pattern no longer finds the codes"
+    assert used <= set(ERROR_CODES), used - set(ERROR_CODES)
+    with pytest.raises(ValueError, match="undeclared"):
+        ItemError("no-such-code", "x")
