@@ -93,8 +93,13 @@ def test_every_score_reaches_the_record_the_columns_and_the_sort_keys():
 
 
 def test_every_setting_round_trips_through_the_environment_and_has_a_doc_line():
-    changed = Settings(queue="gpu-a100", slots=3, allow_http=True,
-                       allowed_roots=("/data", "/mnt/x"), preload=("resnet18", "vgg19"))  # fmt: skip
+    changed = Settings(
+        queue="gpu-a100",
+        slots=3,
+        allow_http=True,
+        allowed_roots=("/data", "/mnt/x"),
+        preload=("resnet18", "vgg19"),
+    )
     assert Settings.load(env=changed.environment()) == changed
     for item in dataclasses.fields(Settings):
         assert item.metadata.get("doc"), f"{item.name}: no doc line"
