@@ -63,6 +63,8 @@ TargetOpt = Annotated[
     str | None,
     typer.Option("--target", help="Class index or name to explain (default: top-1)."),
 ]
+
+
 def _target(text: str | None) -> Target:
     try:
         return Target.parse(text)
