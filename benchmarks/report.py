@@ -23,7 +23,7 @@ from PIL import Image
 
 from explainctl.item import ItemRecord
 from explainctl.report import build_report
-from explainctl.storage import read_uri
+from explainctl.sources import read_uri
 
 
 def make_items(folder: Path, n: int) -> list[ItemRecord]:

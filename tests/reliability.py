@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from explainctl.contracts import ITEMS_JSONL, job_key
 from explainctl.job import JobStore
-from explainctl.storage import open_storage, read_uri
+from explainctl.sources import read_uri
+from explainctl.storage import open_storage
 
 ROWS: list[Row] = []
 

@@ -11,7 +11,6 @@ import sys
 import time
 from typing import Annotated
 
-import redis
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -29,7 +28,6 @@ from explainctl.errors import (
     ExplainctlError,
     InvalidInput,
     MissingDependency,
-    ServiceUnavailable,
 )
 from explainctl.item import RESULT_COLUMNS, SORT_KEYS, sort_value, summary_line
 from explainctl.options import (
@@ -543,9 +541,6 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("aborted", highlight=False)
         sys.exit(130)
-    except redis.RedisError as error:
-        err.print(f"error: lost Redis: {type(error).__name__}", highlight=False, markup=False)
-        sys.exit(ServiceUnavailable.exit_code)
     except Exception as error:
         if _usage_error(error):
             err.print(

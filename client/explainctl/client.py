@@ -11,14 +11,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
-import redis
-from kombu.exceptions import OperationalError
-
 from explainctl.config import Settings
 from explainctl.contracts import (
     FINISHED_JOB_STATES,
     REPORT_HTML,
-    TASK_EXPLAIN_CHUNK,
     ChunkItem,
     ChunkPayload,
     JobInfo,
@@ -38,9 +34,11 @@ from explainctl.item import ItemRecord
 from explainctl.job import JobStatus, JobStore
 from explainctl.manifest import read_manifest, write_job_json, write_manifest
 from explainctl.methods import ExplainParams
-from explainctl.queue import make_app
+from explainctl.queue import make_app, send_chunk
 from explainctl.report import build_report
-from explainctl.storage import Storage, open_storage, parse_uri, read_uri
+from explainctl.sources import read_uri
+from explainctl.storage import Storage, open_storage
+from explainctl.uri import parse_uri
 
 DEFAULT_CHUNK_SIZE = 16
 ITEM_NAME = re.compile(r"\d{6,}-[A-Za-z0-9_-]+")
@@ -135,9 +133,9 @@ class Client:
                     raise
                 total += len(chunk)
                 chunks += 1
-        except (ExplainctlError, redis.RedisError) as error:
+        except ExplainctlError as error:
             # What is queued stays queued and can finish; the job just ends where input did.
-            with contextlib.suppress(redis.RedisError):
+            with contextlib.suppress(ServiceUnavailable):
                 self.store.mark_submitted(info.job_id)
             message = f"{error} (job {info.job_id} kept the {total} items queued before it)"
             kind = InvalidInput if isinstance(error, InvalidInput) else ServiceUnavailable
@@ -164,16 +162,7 @@ class Client:
             items=items,
             sent_at=time.time(),
         )
-        try:
-            self.app.send_task(
-                TASK_EXPLAIN_CHUNK,
-                args=[payload.model_dump(mode="json")],
-                queue=info.queue,
-                retry=True,
-                retry_policy={"max_retries": 5, "interval_start": 0.5, "interval_step": 1},
-            )
-        except (OperationalError, redis.RedisError) as error:
-            raise ServiceUnavailable(f"cannot queue job {info.job_id}: {error}") from None
+        send_chunk(self.app, payload, info.queue)
 
     # --- reading ----------------------------------------------------------------------
 
@@ -187,7 +176,7 @@ class Client:
         while True:
             try:
                 status = self.store.status(job_id)
-            except (redis.ConnectionError, redis.TimeoutError, ServiceUnavailable):
+            except ServiceUnavailable:
                 outage_started = outage_started or time.monotonic()
                 if time.monotonic() - outage_started > 300:
                     raise ServiceUnavailable("lost Redis for 5 minutes while waiting") from None

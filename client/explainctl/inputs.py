@@ -21,18 +21,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from explainctl.errors import InvalidInput, ItemError
-from explainctl.storage import (
-    DEFAULT_IMAGE_EXTENSIONS,
-    Location,
-    _one_line,
-    _s3_error,
-    iter_images,
-    make_s3_client,
-    parse_uri,
-)
+from explainctl.s3 import make_s3_client, s3_errors
+from explainctl.sources import DEFAULT_IMAGE_EXTENSIONS, iter_images
+from explainctl.uri import Location, parse_uri
+from explainctl.uri import one_line as _one_line
 
 __all__ = ["LIST_EXTENSIONS", "InputItem", "expand_inputs"]
 
@@ -213,15 +206,16 @@ def _s3_list_items(arg: str, location: Location, client: _S3ClientFactory) -> It
         return _s3_relative(bucket, base, text, where)
 
     try:
-        response = client().get_object(Bucket=bucket, Key=key)
-        # StreamingBody's own __enter__ hands back the raw urllib3 stream, which lacks
-        # iter_lines; closing() keeps the wrapper and still drops the connection on exit.
-        with contextlib.closing(response["Body"]) as body:
-            # keepends keeps quoted line breaks inside CSV fields intact, as with files.
-            lines = _decode_lines(body.iter_lines(keepends=True), arg)
-            yield from _parse_list(lines, arg, relative, require_csv=key.lower().endswith(".csv"))
-    except (ClientError, BotoCoreError) as err:
-        error = _s3_error(err, uri)
+        with s3_errors(uri):
+            response = client().get_object(Bucket=bucket, Key=key)
+            # StreamingBody's own __enter__ hands back the raw urllib3 stream, which lacks
+            # iter_lines; closing() keeps the wrapper and still drops the connection on exit.
+            with contextlib.closing(response["Body"]) as body:
+                # keepends keeps quoted line breaks inside CSV fields intact, as with files.
+                lines = _decode_lines(body.iter_lines(keepends=True), arg)
+                csv_list = key.lower().endswith(".csv")
+                yield from _parse_list(lines, arg, relative, require_csv=csv_list)
+    except ItemError as error:
         if error.code == "not-found":
             raise InvalidInput(f"{_one_line(arg)}: list file not found") from None
         raise InvalidInput(f"{_one_line(arg)}: cannot read list file: {error.message}") from None

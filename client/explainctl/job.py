@@ -12,13 +12,19 @@ and `explainctl:jobs`, a sorted set of job IDs by creation time.
 Every state change goes through one Lua script that moves the item and its counters
 together, and refuses to leave a final state: a chunk delivered twice cannot count an item
 twice. The same script notices the change that finishes the job, exactly once.
+
+This is the Redis boundary: every JobStore method turns a redis error into
+ServiceUnavailable (`_redis_errors`), so no caller handles redis's own exceptions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -127,6 +133,41 @@ def job_state(
     return "running"
 
 
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """The one place a redis error becomes a domain error (after the client's own retries)."""
+    try:
+        yield
+    except redis.RedisError as error:
+        raise ServiceUnavailable(f"lost Redis: {type(error).__name__}") from None
+
+
+def _translated(method: Callable) -> Callable:
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def generator(*args, **kwargs):
+            with redis_errors():
+                yield from method(*args, **kwargs)
+
+        return generator
+
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        with redis_errors():
+            return method(*args, **kwargs)
+
+    return call
+
+
+def _redis_boundary(cls: type) -> type:
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(value):
+            setattr(cls, name, _translated(value))
+    return cls
+
+
+@_redis_boundary
 class JobStore:
     def __init__(self, client: redis.Redis):
         self.redis = client
@@ -147,10 +188,7 @@ class JobStore:
         return cls(client)
 
     def ping(self) -> None:
-        try:
-            self.redis.ping()
-        except redis.RedisError as error:
-            raise ServiceUnavailable(f"cannot reach Redis: {type(error).__name__}") from None
+        self.redis.ping()
 
     @staticmethod
     def _key(job_id: str, part: str) -> str:

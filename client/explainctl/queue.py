@@ -1,13 +1,32 @@
 """The one Celery app definition, shared by the client (which sends) and workers (which run).
 
-Every setting that matters for long GPU tasks is here, with its reason.
+Every setting that matters for long GPU tasks is here, with its reason; `send_chunk` is
+the queue's boundary, where kombu's and redis's errors become ServiceUnavailable.
 """
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from explainctl.config import Settings
+from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload
+from explainctl.errors import ServiceUnavailable
+
+
+def send_chunk(app: Celery, payload: ChunkPayload, queue: str) -> None:
+    """Queue one chunk, riding out a broker blip of a few seconds."""
+    try:
+        app.send_task(
+            TASK_EXPLAIN_CHUNK,
+            args=[payload.model_dump(mode="json")],
+            queue=queue,
+            retry=True,
+            retry_policy={"max_retries": 5, "interval_start": 0.5, "interval_step": 1},
+        )
+    except (OperationalError, redis.RedisError) as error:
+        raise ServiceUnavailable(f"cannot queue job {payload.job_id}: {error}") from None
 
 
 def make_app(settings: Settings) -> Celery:

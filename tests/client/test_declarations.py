@@ -127,8 +127,14 @@ def test_loading_settings_starts_nothing(tmp_path):
 
 def test_error_codes_in_the_sources_are_declared():
     sources = [*ROOT.glob("client/explainctl/**/*.py"), *ROOT.glob("workers/**/*.py")]
-    pattern = re.compile(r'(?:ItemError|_failure)\(\s*"([a-z-]+)"')
-    used = {code for path in sources for code in pattern.findall(path.read_text())}
+    patterns = [
+        re.compile(r'(?:ItemError|_failure)\(\s*"([a-z-]+)"'),
+        re.compile(r'"error_code": "([a-z-]+)"'),
+        re.compile(r'error_code(?:, [a-z_.]+)* = "([a-z-]+)"'),
+    ]
+    texts = [path.read_text() for path in sources]
+    used = {code for text in texts for pattern in patterns for code in pattern.findall(text)}
+    assert {"render-error", "not-queued", "corrupt"} <= used
     assert used, "the pattern no longer finds the codes"
     assert used <= set(ERROR_CODES), used - set(ERROR_CODES)
     with pytest.raises(ValueError, match="undeclared"):

@@ -13,17 +13,10 @@ import boto3
 import pytest
 
 from explainctl.errors import InvalidInput, ItemError
-from explainctl.storage import (
-    LocalStorage,
-    Location,
-    S3Settings,
-    S3Storage,
-    iter_images,
-    open_storage,
-    parse_uri,
-    read_uri,
-    safe_key,
-)
+from explainctl.s3 import S3Settings
+from explainctl.sources import iter_images, read_uri
+from explainctl.storage import LocalStorage, S3Storage, open_storage
+from explainctl.uri import Location, parse_uri, safe_key
 
 # Keeps failures against an unreachable endpoint quick; botocore's own retries are off so
 # only our retry loop is being measured.

@@ -1,7 +1,8 @@
 """Readers and checkers of deploy/, kept apart from the tests so each can be run on any text.
 
 Every fact comes from the code: the commands and options of the real Typer app, the variables
-of `Settings._ENV`, the default queue of `Settings()`, the probe's own argument parser.
+of `Settings` (explainctl.config), the default queue of `Settings()`, the probe's own
+argument parser.
 """
 
 from __future__ import annotations
@@ -582,7 +583,7 @@ def check_variables(text: str, where: str, known_explainctl: Iterable[str]) -> l
     """EXPLAINCTL_* names the code does not read, AWS_* names that are not boto3's."""
     known = set(known_explainctl)
     problems = [
-        f"{where}: {name} is not a setting of explainctl (Settings._ENV)"
+        f"{where}: {name} is not a setting of explainctl (explainctl.config)"
         for name in sorted(variables_in(text, "EXPLAINCTL_") - known)
     ]
     problems += [

@@ -34,7 +34,7 @@ from tests.deploy.checks import (
     Invocation,
 )
 
-SETTINGS_VARIABLES = {variable for variable, _ in Settings._ENV.values()}
+SETTINGS_VARIABLES = set(Settings().environment())
 DEFAULTS = Settings()
 
 

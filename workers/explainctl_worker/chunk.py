@@ -25,10 +25,11 @@ from explainctl.contracts import (
     item_name,
 )
 from explainctl.errors import ERROR_CODES, ErrorCode, ExplainctlError, ItemError
-from explainctl.fetch import HttpPolicy, fetch_http
+from explainctl.fetch import HttpPolicy
 from explainctl.job import JobStore
 from explainctl.manifest import write_manifest
-from explainctl.storage import Storage, open_storage, read_uri
+from explainctl.sources import SourcePolicy, read_source
+from explainctl.storage import Storage, open_storage
 from explainctl_worker import metrics
 from explainctl_worker.decode import DecodeLimits
 from explainctl_worker.explain import ItemInput, ItemOutcome, Timings, explain_items
@@ -74,18 +75,18 @@ class WorkerContext:
             max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_pixels
         )
 
-    def read(self, uri: str) -> bytes:
-        if uri.startswith(("http://", "https://")):
-            policy = HttpPolicy(
-                enabled=self.settings.allow_http,
-                allowed_hosts=self.settings.http_allowed_hosts,
-            )
-            return fetch_http(uri, max_bytes=self.settings.max_image_bytes, policy=policy)
-        return read_uri(
-            uri,
+    def source_policy(self) -> SourcePolicy:
+        """What this worker may read, from its settings."""
+        return SourcePolicy(
             max_bytes=self.settings.max_image_bytes,
             allowed_roots=self.settings.allowed_roots or None,
+            http=HttpPolicy(
+                enabled=self.settings.allow_http, allowed_hosts=self.settings.http_allowed_hosts
+            ),
         )
+
+    def read(self, uri: str) -> bytes:
+        return read_source(uri, self.source_policy())
 
     def model_allowed(self, spec: ModelSpec) -> bool:
         from torchvision import models

@@ -25,6 +25,7 @@ from explainctl.contracts import ARTIFACT_FILES, Target
 from explainctl.errors import ExplainctlError, ItemError
 from explainctl.item import ItemResult
 from explainctl.methods import ExplainParams
+from explainctl.sources import SourcePolicy, read_source
 from explainctl_worker.artifact import MASKS_NPY, render
 from explainctl_worker.decode import DecodeLimits, decode_image
 from explainctl_worker.model import LoadedModel, resolve_target
@@ -321,24 +322,8 @@ def local_item_names(paths: Sequence[str]) -> list[str]:
     return names
 
 
-def _read_local(path: str, limits: DecodeLimits) -> Callable[[], bytes]:
-    def load() -> bytes:
-        try:
-            size = os.path.getsize(path)
-            if size > limits.max_bytes:
-                raise ItemError(
-                    "too-large", f"{size} bytes is over the limit of {limits.max_bytes}"
-                )
-            with open(path, "rb") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            raise ItemError("not-found", f"no such file: {path}") from None
-        except IsADirectoryError:
-            raise ItemError("is-a-directory", f"{path} is a directory") from None
-        except PermissionError:
-            raise ItemError("access-denied", f"permission denied: {path}") from None
-
-    return load
+def _reader(path: str, policy: SourcePolicy) -> Callable[[], bytes]:
+    return lambda: read_source(path, policy)
 
 
 def write_outcome(out_dir: str, outcome: ItemOutcome) -> None:
@@ -367,9 +352,10 @@ def explain_paths(
     on_progress receives the number of image-iterations done since the last call.
     """
     limits = limits or DecodeLimits()
+    policy = SourcePolicy(max_bytes=limits.max_bytes)  # the user's own files: no roots
     names = local_item_names(paths)
     items = [
-        ItemInput(name, os.path.abspath(path), _read_local(path, limits), target or Target())
+        ItemInput(name, os.path.abspath(path), _reader(path, policy), target or Target())
         for name, path in zip(names, paths, strict=True)
     ]
 
