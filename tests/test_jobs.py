@@ -199,6 +199,6 @@ def test_methods_and_metrics_through_the_queue(tmp_path, start_workers, worker_e
         assert all(0 <= r["insertion_auc"] <= 1 and 0 <= r["prob_keep"] <= 1 for r in records)
     page = tmp_path / "report.html"
     cli.run("report", job["job_id"], "--out", str(page), **worker_env)
-    assert "mean deletion auc" in browser.dump_dom(page, tmp_path / "profile")
+    assert "mean deletion AUC" in browser.dump_dom(page, tmp_path / "profile")
     wrong = cli.run("submit", str(folder), "--area", "0.2", *small, **worker_env)
     assert wrong.returncode == 2 and "extremal" in wrong.stderr  # --area needs --method extremal

@@ -201,7 +201,7 @@ def submit(
     std: StdOpt = None,
     target: TargetOpt = None,
     chunk_size: Annotated[
-        int, typer.Option("--chunk-size", min=1, help="Images per task (one GPU batch).")
+        int, typer.Option("--chunk-size", min=1, help="Images per chunk (one queue message).")
     ] = 16,
     broker: BrokerOpt = None,
     output: OutputOpt = None,
@@ -414,9 +414,18 @@ def worker(
     preload: Annotated[list[str] | None, setting_option("preload")] = None,
     broker: BrokerOpt = None,
     metrics_port: Annotated[int | None, setting_option("metrics_port")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="Node name (NAME@HOST); default explain-<Slurm job or PID>@<host>, unique "
+            "per host and process.",
+        ),
+    ] = None,
     loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
 ) -> None:
-    """Run worker processes that explain queued chunks (needs the worker extra)."""
+    """Run worker processes that explain queued chunks, restarting any that die (needs
+    the worker extra)."""
     import importlib.util
 
     from explainctl import embedded
@@ -439,7 +448,7 @@ def worker(
         raise MissingDependency(
             f"workers need the worker extra (pip install 'explainctl[worker]'): {error}"
         ) from None
-    raise typer.Exit(launcher.run_workers(settings, launcher.parse_gpus(gpus), loglevel))
+    raise typer.Exit(launcher.run_workers(settings, launcher.parse_gpus(gpus), loglevel, name=name))
 
 
 @app.command()

@@ -60,6 +60,10 @@ class Settings:
     lease_seconds: int = setting(
         60, "a chunk whose worker stopped renewing its lease this long runs again"
     )
+    broker_stall_seconds: int = setting(
+        300, "a worker that gets no answer from the broker this long exits non-zero, so its "
+        "supervisor starts a fresh one; 0: never",
+    )  # fmt: skip
     metrics_port: int = setting(
         0, "Prometheus metrics of a worker process", flag="--metrics-port", shown="off"
     )
@@ -76,8 +80,9 @@ class Settings:
         (), "models a worker loads at start, comma-separated", flag="--preload", shown=""
     )
     allowed_models: tuple[str, ...] = setting(
-        (), "model specs a worker accepts besides torchvision names (files, "
-        "`module:callable`); `*` for any", shown="",
+        (), "the complete list of model specs a worker accepts (torchvision names, files, "
+        "`module:callable`), `*` for any; unset: torchvision models with their own weights",
+        shown="",
     )  # fmt: skip
     max_image_bytes: int = setting(50 * 1024 * 1024, "largest encoded image a worker reads")
     max_pixels: int = setting(50_000_000, "largest image (width × height) a worker decodes")
@@ -121,6 +126,8 @@ class Settings:
     def check(self) -> None:
         if min(self.chunk_time_limit, self.max_deliveries, self.lease_seconds) <= 0:
             raise InvalidInput("chunk time limit, max deliveries and lease must be positive")
+        if self.broker_stall_seconds < 0:
+            raise InvalidInput("EXPLAINCTL_BROKER_STALL_SECONDS must be 0 (never) or more")
         if self.slots < 0:
             raise InvalidInput(f"EXPLAINCTL_SLOTS ({self.slots}) must be 0 (auto) or more")
         # A chunk still running when the visibility timeout passes is handed to a second

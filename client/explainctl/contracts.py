@@ -1,4 +1,4 @@
-"""Shapes both sides agree on: model specs, result.json, task payloads, storage layout.
+"""Shapes both sides agree on: model specs, task payloads, storage layout, job states.
 
 The client validates with these models before anything runs or is queued; the worker
 reads the same models back. Method parameters are in explainctl.methods.
@@ -85,7 +85,8 @@ class ChunkItem(_Strict):
 
 
 class ChunkPayload(_Strict):
-    """One task message: a chunk of a job's items, explained as one batch.
+    """One queue message: a chunk of a job's items, which a worker explains in its
+    device's slots (a batch refilled as items finish).
 
     Holds no credentials: workers reach storage with their own configuration.
     """

@@ -1,4 +1,4 @@
-"""Domain errors. The CLI maps each to an exit code and a one-line message."""
+"""Domain errors, each with its exit code, and the item error codes (declared once here)."""
 
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 from explainctl.errors import InvalidInput, ItemError
+from explainctl.uri import one_line as _one_line
 
 __all__ = ["HttpPolicy", "fetch_http"]
 
@@ -117,14 +118,6 @@ class _Target:
 
 
 # --------------------------------------------------------------------------- messages
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    # URLs come from users and from remote Location headers: no control characters, one
-    # line, bounded.
-    flat = "".join(c if c.isprintable() else " " for c in str(text))
-    flat = " ".join(flat.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def _shown(url: object) -> str:

@@ -25,8 +25,10 @@ class Location:
 
 
 def one_line(text: str, limit: int = 300) -> str:
-    # Paths and keys may hold newlines; messages must stay one line and bounded.
-    flat = " ".join(str(text).split())
+    """`text` fit for a one-line message: URIs, keys and URLs come from users and remote
+    headers, so no control characters, no line breaks, bounded."""
+    flat = "".join(c if c.isprintable() else " " for c in str(text))
+    flat = " ".join(flat.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 

@@ -459,10 +459,10 @@ def test_probe_pings_the_nodes_of_a_real_worker(start_workers, worker_env):
     host = socket.gethostname()
     done = _probe(worker_env, "--timeout", "5")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip() == f"ok: explain@{host}"
-    # A worker started with --gpus 0,1 would run explain-gpu0 and explain-gpu1: not these.
+    assert re.fullmatch(rf"ok: explain-pid\d+@{re.escape(host)}", done.stdout.strip())
+    # A worker started with --gpus 0,1 would run explain-…-gpu0 and -gpu1: not this one.
     done = _probe(worker_env, "--gpus", "0,1", "--timeout", "2")
-    assert done.returncode == 1 and "explain-gpu0@" in done.stdout
+    assert done.returncode == 1 and "gpu0@" in done.stdout
     worker.stop()
     done = _probe(worker_env, "--timeout", "2")
     assert done.returncode == 1, done.stdout

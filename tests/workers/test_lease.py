@@ -45,3 +45,25 @@ def test_an_expired_lease_is_sent_again_once(setup):
     assert lease.reap(client, app, now=later) == 0  # claimed once only
     (message,) = client.lrange(queue, 0, -1)
     assert json.loads(message)["headers"]["task"] == "explainctl.explain_chunk"
+
+
+def test_a_reaper_that_fails_to_send_loses_nothing_and_no_payload_outlives_its_lease(setup):
+    client, app, queue = setup
+    with pytest.raises(RuntimeError), lease.hold(client, _payload(), queue, seconds=30):
+        raise RuntimeError("the worker died")
+    (key,) = client.zrange(lease.LEASES, 0, -1)
+    later = lease._now(client) + 60
+
+    class Broken:
+        def send_task(self, *args, **kwargs):
+            raise ConnectionError("the broker went away mid-reap")
+
+    with pytest.raises(ConnectionError):
+        lease.reap(client, Broken(), now=later)
+    # Claimed but not sent: it stays, and no reaper takes it again before the claim ends.
+    assert client.zcard(lease.LEASES) == 1
+    assert lease.reap(client, app, now=later + 1) == 0
+    assert lease.reap(client, app, now=later + lease.CLAIM_SECONDS + 1) == 1
+    assert client.lrange(queue, 0, -1)
+    assert client.zcard(lease.LEASES) == 0
+    assert not client.exists(lease._payload_key(key.decode() if isinstance(key, bytes) else key))

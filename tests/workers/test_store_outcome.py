@@ -45,3 +45,19 @@ def test_the_record_gets_the_method_and_metrics(tmp_path):
     for name in ("deletion_auc", "deletion_auc_blur", "insertion_auc", "prob_keep"):
         assert getattr(record, name) == getattr(outcome.result, name) is not None
     assert set(record.artifacts) == set(outcome.files)
+
+
+def test_allowed_models_when_set_is_the_complete_list():
+    from explainctl.config import Settings
+
+    def allowed(setting: tuple[str, ...], name: str, weights: str | None = None) -> bool:
+        context = WorkerContext(settings=Settings(allowed_models=setting), store=None)
+        return context.model_allowed(ModelSpec(name=name, weights=weights))
+
+    # Unset: torchvision's own models with their own weights, nothing else.
+    assert allowed((), "resnet18") and not allowed((), "resnet18", weights="/tmp/w.pt")
+    assert not allowed((), "tests.models:tiny_classifier")
+    # Set: exactly the list, torchvision names included.
+    assert not allowed(("tests.models:tiny_classifier",), "vgg19")
+    assert allowed(("tests.models:tiny_classifier",), "tests.models:tiny_classifier")
+    assert allowed(("*",), "vgg19") and allowed(("*",), "/models/x.pt")

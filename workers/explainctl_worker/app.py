@@ -10,14 +10,14 @@ import logging
 import threading
 import time
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 from pydantic import ValidationError
 
 from explainctl import embedded
 from explainctl.config import Settings
 from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload, ModelSpec
 from explainctl.queue import make_app
-from explainctl_worker import lease, metrics
+from explainctl_worker import lease, metrics, watchdog
 from explainctl_worker.chunk import WorkerContext, run_chunk
 
 log = logging.getLogger("explainctl.worker")
@@ -36,6 +36,12 @@ def context() -> WorkerContext:
         if _context is None:
             _context = WorkerContext.from_settings(settings)
         return _context
+
+
+@worker_ready.connect
+def _start_watchdog(**_) -> None:
+    # In the main process, which holds the broker connection the pool children feed from.
+    watchdog.watch(settings.broker_url, settings.broker_stall_seconds)
 
 
 @worker_process_init.connect

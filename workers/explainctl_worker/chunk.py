@@ -89,12 +89,14 @@ class WorkerContext:
         return read_source(uri, self.source_policy())
 
     def model_allowed(self, spec: ModelSpec) -> bool:
+        """EXPLAINCTL_ALLOWED_MODELS, when set, is the complete list (`*`: any); unset, a
+        worker runs torchvision's own models with their published weights only."""
+        allowed = self.settings.allowed_models
+        if allowed:
+            return "*" in allowed or spec.name in allowed
         from torchvision import models
 
-        if spec.name in models.list_models(module=models) and spec.weights is None:
-            return True
-        allowed = self.settings.allowed_models
-        return "*" in allowed or spec.name in allowed
+        return spec.name in models.list_models(module=models) and spec.weights is None
 
 
 def _failure(code: ErrorCode, message: str) -> dict:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from explainctl.contracts import IMAGENET_MEAN, IMAGENET_STD
 from explainctl.methods import ExplainParams
 from explainctl_worker.slot import Entry, Explanation, run_slots
 
@@ -25,8 +26,8 @@ def explain_batch(
     images: torch.Tensor,
     params: ExplainParams,
     *,
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
     targets: torch.Tensor | None = None,
     slots: int | None = None,
     progress: Callable[[int], None] | None = None,

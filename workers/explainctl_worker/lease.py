@@ -3,9 +3,13 @@
 While a worker runs a chunk it holds a lease in Redis (`explainctl:leases`, a sorted set
 scored by expiry time) and renews it from a heartbeat thread. When the whole worker
 vanishes (SIGKILL, a lost node or spot instance) the renewals stop; every worker's reaper
-thread looks for expired leases, and the one whose ZREM succeeds sends the chunk again.
-The original message is still redelivered by Redis after the visibility timeout; by then
-its items are settled and the second run does nothing (explainctl.job keeps items final).
+thread looks for expired leases and claims one atomically (a Lua script pushes its expiry
+out by CLAIM_SECONDS, so no other reaper takes it), sends the chunk again, and only then
+removes the lease and its payload. A reaper that dies between claim and send leaves a
+lease that expires again and is claimed by another: a re-send is never lost, at worst
+made twice, and items are idempotent. The original message is still redelivered by Redis
+after the visibility timeout; by then its items are settled and the second run does
+nothing (explainctl.job keeps items final).
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ import redis
 from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload
 
 LEASES = "explainctl:leases"
+CLAIM_SECONDS = 30.0  # how long a claimed lease is left to its reaper before another may
 log = logging.getLogger("explainctl.worker")
+
+# KEYS[1] the leases; ARGV: member, now, claimed expiry. 1 if this caller claimed it.
+_CLAIM = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+"""
 
 
 def _key(payload: ChunkPayload) -> str:
@@ -74,19 +87,24 @@ def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float)
 
 def reap(client: redis.Redis, app, now: float | None = None, limit: int = 20) -> int:
     """Send again the chunks whose leases expired; returns how many."""
-    expired = client.zrangebyscore(LEASES, "-inf", now or _now(client), start=0, num=limit)
+    now = now or _now(client)
+    claim = client.register_script(_CLAIM)
+    expired = client.zrangebyscore(LEASES, "-inf", now, start=0, num=limit)
     sent = 0
     for member in expired:
         key = member.decode() if isinstance(member, bytes) else member
-        if not client.zrem(LEASES, key):
+        if not claim(keys=[LEASES], args=[key, now, now + CLAIM_SECONDS]):
             continue  # another worker's reaper claimed it first
         body = client.get(_payload_key(key))
-        if body is None:
-            continue
-        lease = json.loads(body)
-        app.send_task(TASK_EXPLAIN_CHUNK, args=[lease["payload"]], queue=lease["queue"])
-        log.warning("chunk %s lost its worker; sent it again", key)
-        sent += 1
+        if body is not None:
+            lease = json.loads(body)
+            app.send_task(TASK_EXPLAIN_CHUNK, args=[lease["payload"]], queue=lease["queue"])
+            log.warning("chunk %s lost its worker; sent it again", key)
+            sent += 1
+        pipe = client.pipeline()
+        pipe.zrem(LEASES, key)
+        pipe.delete(_payload_key(key))
+        pipe.execute()
     return sent
 
 

@@ -1,4 +1,4 @@
-"""The mask m and the regularisers of the loss: the seed's and the 2017 paper's (Fong &
+"""The mask m and the regularisers of the loss: the original script's and the 2017 paper's (Fong &
 Vedaldi), and the 2019 extremal perturbations' area constraint and smooth masks.
 
 m has shape (N, 1, h, w) with values in [0, 1]: 1 keeps a pixel, 0 replaces it with the

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from explainctl.contracts import IMAGENET_MEAN, IMAGENET_STD
 from explainctl.methods import DEFAULT_METHOD, ExplainParams
 from explainctl_worker import faithfulness
 from explainctl_worker.convergence import Convergence
@@ -211,8 +212,8 @@ def run_slots(
     params: ExplainParams,
     *,
     slots: int,
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
     device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
     channels_last: bool = True,
