@@ -3,9 +3,12 @@ unreachable S3, poison items, duplicates and cancellation. Each test adds a row 
 reliability table (tests/reliability.py): the target is 0 lost and 0 duplicated."""
 
 import json
+import os
+import signal
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -81,6 +84,36 @@ def test_worker_killed_mid_chunk(tmp_path, start_workers, worker_env):
     assert max(r.attempts for r in store.items(job)) == 2  # the lost chunk ran again
     row = audit(store, job, "worker SIGKILLed mid-chunk")
     assert (row.done, row.lost, row.duplicated) == (4, 0, 0)
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for child in (int(c) for c in (task / "children").read_text().split()):
+            found += [child, *_descendants(child)]
+    return found
+
+
+def test_worker_killed_with_a_chunk_received_but_not_started(tmp_path, start_workers, worker_env):
+    """Reserved, not running: without a lease on receipt it would wait out the 2,100 s
+    visibility timeout in Redis's unacked hash."""
+    env = {**worker_env, "EXPLAINCTL_LEASE_SECONDS": "4"}
+    images(tmp_path / "in", 2)
+    (victim,) = start_workers(1, **env)
+    (pool,) = _descendants(victim.process.pid)[-1:]  # the Celery pool process, a leaf
+    os.kill(pool, signal.SIGSTOP)  # it cannot start what its main process receives
+    job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(20))
+    client = JobStore.connect(env["EXPLAINCTL_BROKER_URL"]).redis
+    until(lambda: any(k.startswith("reserved:") for k in client.zrange("explainctl:leases", 0, -1)))
+    assert status(env, job)["counts"]["queued"] == 2  # received, not started
+    victim.kill()
+    started = time.monotonic()
+    start_workers(1, **env)
+    final = wait(env, job, timeout=120)
+    assert final["state"] == "completed" and time.monotonic() - started < 120
+    row = audit(JobStore.connect(env["EXPLAINCTL_BROKER_URL"]), job,
+                "worker SIGKILLed holding a reserved chunk")  # fmt: skip
+    assert (row.done, row.lost, row.duplicated) == (2, 0, 0)
 
 
 def test_worker_sigterm_mid_chunk_is_a_warm_shutdown(tmp_path, start_workers, worker_env):

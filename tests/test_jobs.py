@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import sys
+import time
 
 import numpy as np
 import redis
@@ -138,6 +139,49 @@ def test_results_outlive_redis(tmp_path, start_workers, worker_env):
     listed = cli.run("results", job, "--json", **worker_env)
     assert listed.returncode == 0, listed.stderr
     assert [json.loads(line)["state"] for line in listed.stdout.splitlines()] == ["done", "done"]
+
+
+def test_a_finished_job_expires_and_every_command_still_answers(
+    tmp_path, start_workers, worker_env
+):
+    env = {**worker_env, "EXPLAINCTL_JOB_TTL": "2"}
+    folder = _folder(tmp_path, good=2, broken=1)
+    start_workers(1, **env)
+    done = cli.run("submit", str(folder), "--wait", "--json", *TINY, **env)
+    assert done.returncode == 1, done.stderr  # one item failed, as planned
+    job = json.loads(done.stdout)["job_id"]
+    client = redis.Redis.from_url(env["EXPLAINCTL_BROKER_URL"], decode_responses=True)
+    assert 0 < client.ttl(f"explainctl:job:{job}:meta") <= 2
+    time.sleep(3)
+    assert client.keys(f"explainctl:job:{job}:*") == [f"explainctl:job:{job}:index"]
+
+    # From the index entry and the manifest, as if nothing had expired.
+    status = _json(cli.run("status", job, "--json", **env))
+    assert (status["state"], status["counts"]["done"], status["counts"]["failed"]) == (
+        "completed_with_failures",
+        2,
+        1,
+    )
+    listed = [
+        json.loads(line) for line in cli.run("results", job, "--json", **env).stdout.splitlines()
+    ]
+    assert [r["state"] for r in listed] == ["done", "done", "failed"]
+    assert all(
+        r["artifacts"]["overlay.png"].startswith(env["EXPLAINCTL_OUTPUT"]) for r in listed[:2]
+    )
+    assert job in [
+        json.loads(line)["job_id"] for line in cli.run("jobs", "--json", **env).stdout.splitlines()
+    ]
+    assert cli.run("download", job, str(tmp_path / "copy"), **env).returncode == 0
+    assert (tmp_path / "copy" / listed[0]["item"] / "mask.npy").exists()
+    assert cli.run("report", job, "--out", str(tmp_path / "r.html"), **env).returncode == 0
+
+    # Once the index entry is gone too, job.json in storage still answers `status`, and
+    # `prune` forgets the job.
+    client.delete(f"explainctl:job:{job}:index")
+    assert _json(cli.run("status", job, "--json", **env))["state"] == "completed_with_failures"
+    assert _json(cli.run("prune", "--json", **env))["forgotten"] >= 1
+    assert job not in cli.run("jobs", "--json", **env).stdout
 
 
 def test_worker_refuses_models_it_was_not_allowed(tmp_path, start_workers, worker_env):

@@ -207,6 +207,14 @@ def submit(
     output: OutputOpt = None,
     queue: QueueOpt = None,
     wait_: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Finish queueing this interrupted job from the same inputs (its own model "
+            "and parameters apply).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     method_flags: dict | None = None,
 ) -> None:
@@ -220,7 +228,10 @@ def submit(
     items = expand_inputs(inputs, stdin=sys.stdin)
     if target is not None:
         items = (i if i.target is not None else type(i)(i.uri, target) for i in items)
-    done = client.submit(items, spec, params, chunk_size=chunk_size)
+    if resume is not None:
+        done = client.resume(resume, items)
+    else:
+        done = client.submit(items, spec, params, chunk_size=chunk_size)
     if as_json and wait_:
         pass  # the final status, printed by _follow, carries the job ID
     elif as_json:
@@ -254,6 +265,11 @@ def status(job: JobArg, broker: BrokerOpt = None, as_json: JsonOpt = False) -> N
         return
     counts = ", ".join(f"{n} {s}" for s, n in current.counts.items())
     print(f"{current.job_id} {current.state}: {counts} (of {current.total})")
+    if current.state == "interrupted":
+        print(
+            f"its submit stopped after queueing {current.total} items: `explainctl submit "
+            f"--resume {current.job_id} INPUT...` with the same inputs queues the rest"
+        )
 
 
 def _follow(
@@ -402,6 +418,16 @@ def jobs(
                 f"{current.job_id}  {stamp}  {current.state:<24} {settled}/{current.total}"
                 f"  {current.info.model.name}"
             )
+
+
+@app.command()
+def prune(broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
+    """Forget jobs whose records and listing expired (EXPLAINCTL_JOB_TTL), now."""
+    done = _client(broker).prune()
+    if as_json:
+        print(json.dumps(done))
+    else:
+        print(f"forgot {done['forgotten']} expired jobs; sealed {done['sealed']} finished ones")
 
 
 @app.command()

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import os
 import re
+import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from explainctl.item import ItemRecord
 from explainctl.job import JobStatus, JobStore
 from explainctl.manifest import read_manifest, write_job_json, write_manifest
 from explainctl.methods import ExplainParams
-from explainctl.queue import make_app, send_chunk
+from explainctl.queue import make_app, send_chunk, waiting_chunks
 from explainctl.report import build_report
 from explainctl.sources import read_uri
 from explainctl.storage import Storage, open_storage
@@ -71,7 +72,7 @@ class Client:
 
     @cached_property
     def store(self) -> JobStore:
-        store = JobStore.connect(self.settings.broker_url)
+        store = JobStore.connect(self.settings.broker_url, job_ttl=self.settings.job_ttl)
         store.ping()
         return store
 
@@ -109,19 +110,68 @@ class Client:
             queue=self.settings.queue,
             chunk_size=chunk_size,
         )
-        storage = self.storage(output)
         try:
-            write_job_json(storage, info)
+            write_job_json(self.storage(output), info)
         except ItemError as error:
             raise ServiceUnavailable(f"cannot write to {output}: {error.message}") from None
-        self.store.create(info)
+        token = secrets.token_hex(8)
+        self.store.create(info, submitter=token)
+        return self._queue(info, itertools.chain([first], iterator), 0, 0, token)
+
+    def resume(self, job_id: str, inputs: Iterable[InputItem]) -> Submitted:
+        """Finish queueing an interrupted job from the same inputs: chunks recorded but
+        not sent are sent, then the items after the last recorded one are queued. No item
+        is queued twice; inputs that differ from the first submit are refused."""
+        status = self.store.status(check_job_id(job_id))
+        if status.state != "interrupted":
+            raise InvalidInput(f"job {job_id} is {status.state}; only an interrupted job resumes")
+        token = secrets.token_hex(8)
+        if not self.store.claim_submitter(job_id, token):
+            raise InvalidInput(f"job {job_id} is being queued by another submit")
+        info = status.info
+        recorded, chunks, sent = self.store.progress(job_id)
+        size = info.chunk_size
+        for number in range(sent, chunks):
+            items = self.store.chunk_items(
+                job_id, number * size, min((number + 1) * size, recorded)
+            )
+            if items and not self._was_sent(info, number, items):
+                self._send(info, items, number)
+            self.store.mark_sent(job_id, number + 1)
+        iterator = iter(inputs)
+        skipped = list(itertools.islice(iterator, recorded))
+        last = self.store.chunk_items(job_id, recorded - 1, recorded) if recorded else []
+        if len(skipped) < recorded or (last and skipped[-1].uri != last[0].uri):
+            self.store.release_submitter(job_id)
+            raise InvalidInput(
+                f"these inputs are not the ones job {job_id} was submitted with "
+                f"(its item {recorded - 1} differs or is missing)"
+            )
+        return self._queue(info, iterator, recorded, chunks, token)
+
+    def _was_sent(self, info: JobInfo, number: int, items: list[ChunkItem]) -> bool:
+        """Whether chunk `number`, recorded before its submit died, reached the queue:
+        a worker took one of its items, or its message waits in the queue or is reserved."""
+        states = self.store.states(info.job_id, [item.index for item in items])
+        if any(state != "queued" for state in states):
+            return True
+        return any(
+            payload.get("job_id") == info.job_id and payload.get("chunk") == number
+            for payload in waiting_chunks(self.store.redis, info.queue)
+        )
+
+    def _queue(
+        self, info: JobInfo, entries: Iterable[InputItem], first: int, chunks: int, token: str
+    ) -> Submitted:
+        """Record and send the items of `entries`, numbered from `first`, in chunks."""
         items = (
             ChunkItem(index=index, uri=entry.uri, target=entry.target)
-            for index, entry in enumerate(itertools.chain([first], iterator))
+            for index, entry in enumerate(entries, start=first)
         )
-        total = chunks = 0
+        total = first
+        renewed = time.monotonic()
         try:
-            for chunk in _chunks(items, chunk_size):
+            for chunk in _chunks(items, info.chunk_size):
                 number = self.store.add_chunk(info.job_id, chunk)
                 try:
                     self._send(info, chunk, number)
@@ -131,8 +181,12 @@ class Client:
                     failure = {"error_code": "not-queued", "error": "the broker refused it"}
                     self.store.settle(info.job_id, [(i.index, "failed", failure) for i in chunk])
                     raise
+                self.store.mark_sent(info.job_id, number + 1)
                 total += len(chunk)
                 chunks += 1
+                if time.monotonic() - renewed > 2:
+                    self.store.renew_submitter(info.job_id, token)
+                    renewed = time.monotonic()
         except ExplainctlError as error:
             # What is queued stays queued and can finish; the job just ends where input did.
             with contextlib.suppress(ServiceUnavailable):
@@ -141,8 +195,8 @@ class Client:
             kind = InvalidInput if isinstance(error, InvalidInput) else ServiceUnavailable
             raise kind(message) from None
         if self.store.mark_submitted(info.job_id):
-            write_manifest(self.store, storage, info.job_id)
-        return Submitted(info.job_id, total, chunks, output)
+            write_manifest(self.store, self.storage(info.output), info.job_id)
+        return Submitted(info.job_id, total, chunks, info.output)
 
     @staticmethod
     def _absolute_output(output: str) -> str:
@@ -167,7 +221,17 @@ class Client:
     # --- reading ----------------------------------------------------------------------
 
     def status(self, job_id: str) -> JobStatus:
-        return self.store.status(check_job_id(job_id))
+        """From the live records, the sealed index entry, or job.json in storage."""
+        try:
+            return self.store.status(check_job_id(job_id))
+        except JobNotFound:
+            job, _ = read_manifest(self.storage(self._output_of(job_id)), job_id)
+            return JobStatus.from_document(job)
+
+    def _output_of(self, job_id: str) -> str:
+        """Where a job's manifest is: its index entry says, else the configured output."""
+        sealed = self.store.sealed(job_id)
+        return sealed.info.output if sealed else self.settings.output
 
     def watch(self, job_id: str, interval: float = 1.0) -> Iterator[JobStatus]:
         """Statuses until the job settles; rides out Redis restarts by reconnecting."""
@@ -191,15 +255,17 @@ class Client:
     def results(self, job_id: str) -> Iterator[ItemRecord]:
         """Item records from Redis, or from the manifest when Redis no longer has the job."""
         check_job_id(job_id)
-        try:
-            self.store.info(job_id)
-        except JobNotFound:
-            _, records = read_manifest(self.storage(), job_id)
+        if not self.store.live(job_id):
+            _, records = read_manifest(self.storage(self._output_of(job_id)), job_id)
             return records
         return self.store.items(job_id)
 
     def jobs(self, limit: int = 20) -> list[JobStatus]:
         return [self.store.status(job_id) for job_id in self.store.recent(limit)]
+
+    def prune(self) -> dict[str, int]:
+        """Forget expired jobs now and seal finished ones that were never sealed."""
+        return self.store.prune()
 
     def download(self, job_id: str, directory: str) -> int:
         """Copy a job's artifacts and manifest into DIRECTORY/<item>/; returns files copied."""
@@ -227,16 +293,10 @@ class Client:
         """Write the job's HTML audit report to `out` (a file), or next to its artifacts;
         returns where it went."""
         check_job_id(job_id)
-        try:
-            status = self.store.status(job_id)
-            summary = {**status.as_json(), "info": status.info.model_dump(mode="json")}
-            records = list(self.store.items(job_id))
-            output = status.info.output
-        except JobNotFound:
-            job, items = read_manifest(self.storage(), job_id)
-            summary = {**job["status"], "info": job["info"]}
-            records = list(items)
-            output = job["info"]["output"]
+        status = self.status(job_id)
+        summary = {**status.as_json(), "info": status.info.model_dump(mode="json")}
+        records = list(self.results(job_id))
+        output = status.info.output
         page = build_report(
             summary, records, lambda uri: read_uri(uri, max_bytes=ARTIFACT_MAX_BYTES)
         ).encode()
@@ -252,7 +312,11 @@ class Client:
     # --- changing ---------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> int:
-        cancelled = self.store.cancel(check_job_id(job_id))
+        before = self.store.status(check_job_id(job_id))
+        cancelled = self.store.cancel(job_id)
+        if before.state == "interrupted":
+            # Nothing more will be queued: the job may now finish (and expire) as it stands.
+            self.store.mark_submitted(job_id)
         status = self.store.status(job_id)
         if status.counts.get("running", 0) == 0:
             write_manifest(self.store, self.storage(status.info.output), job_id)

@@ -56,6 +56,11 @@ class Settings:
         2100, "seconds before Redis hands a lost chunk to another worker; must exceed the "
         "time limit",
     )  # fmt: skip
+    job_ttl: int = setting(
+        7 * 24 * 3600, "seconds a finished job's records stay in Redis once its manifest is "
+        "written (it stays listed 12 times longer); afterwards commands read the manifest; "
+        "0: forever",
+    )  # fmt: skip
     max_deliveries: int = setting(3, "attempts per item before it fails as a poison item")
     lease_seconds: int = setting(
         60, "a chunk whose worker stopped renewing its lease this long runs again"
@@ -126,6 +131,8 @@ class Settings:
     def check(self) -> None:
         if min(self.chunk_time_limit, self.max_deliveries, self.lease_seconds) <= 0:
             raise InvalidInput("chunk time limit, max deliveries and lease must be positive")
+        if self.job_ttl < 0:
+            raise InvalidInput("EXPLAINCTL_JOB_TTL must be 0 (forever) or more seconds")
         if self.broker_stall_seconds < 0:
             raise InvalidInput("EXPLAINCTL_BROKER_STALL_SECONDS must be 0 (never) or more")
         if self.slots < 0:

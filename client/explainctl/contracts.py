@@ -128,8 +128,15 @@ def job_key(job_id: str, filename: str) -> str:
 ItemState = Literal["queued", "running", "done", "failed", "cancelled"]
 ITEM_STATES: tuple[str, ...] = get_args(ItemState)
 TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})  # an item never leaves these
+# interrupted: its submit stopped (killed) before queueing every item; `submit --resume`.
 JobState = Literal[
-    "submitting", "queued", "running", "completed", "completed_with_failures", "cancelled"
+    "submitting",
+    "interrupted",
+    "queued",
+    "running",
+    "completed",
+    "completed_with_failures",
+    "cancelled",
 ]
 FINISHED_JOB_STATES = frozenset({"completed", "completed_with_failures", "cancelled"})
 

@@ -6,6 +6,10 @@ the queue's boundary, where kombu's and redis's errors become ServiceUnavailable
 
 from __future__ import annotations
 
+import base64
+import json
+from collections.abc import Iterator
+
 import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
@@ -13,6 +17,21 @@ from kombu.exceptions import OperationalError
 from explainctl.config import Settings
 from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload
 from explainctl.errors import ServiceUnavailable
+
+
+def waiting_chunks(client: redis.Redis, queue: str) -> Iterator[dict]:
+    """The chunk payloads waiting in `queue` or reserved by a worker (kombu's Redis layout:
+    a list per queue, and the `unacked` hash of reserved messages)."""
+    raw = [*client.lrange(queue, 0, -1), *client.hvals("unacked")]
+    for message in raw:
+        try:
+            envelope = json.loads(message)
+            if isinstance(envelope, list):  # unacked entries: [message, exchange, routing key]
+                envelope = envelope[0]
+            body = json.loads(base64.b64decode(envelope["body"]))
+            yield body[0][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue  # not a chunk message
 
 
 def send_chunk(app: Celery, payload: ChunkPayload, queue: str) -> None:

@@ -11,7 +11,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 from botocore.exceptions import ClientError
@@ -37,7 +37,13 @@ class Storage(Protocol):
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> str: ...
 
+    def put_stream(
+        self, key: str, chunks: Iterable[bytes], content_type: str | None = None
+    ) -> str: ...
+
     def get(self, key: str) -> bytes: ...
+
+    def lines(self, key: str) -> Iterator[bytes]: ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -64,6 +70,10 @@ class LocalStorage:
         return self._path(key)
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        return self.put_stream(key, (data,), content_type)
+
+    def put_stream(self, key: str, chunks: Iterable[bytes], content_type: str | None = None) -> str:
+        """Write `chunks` to `key` as one file that appears whole or not at all."""
         path = self._path(key)
         parent = os.path.dirname(path)
         with os_errors(path):
@@ -77,7 +87,8 @@ class LocalStorage:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
+                    for chunk in chunks:
+                        handle.write(chunk)
                     handle.flush()
                     os.fsync(handle.fileno())
                 os.replace(tmp, path)
@@ -92,6 +103,11 @@ class LocalStorage:
         with os_errors(path), open(path, "rb") as handle:
             return handle.read()
 
+    def lines(self, key: str) -> Iterator[bytes]:
+        path = self._path(key)
+        with os_errors(path), open(path, "rb") as handle:
+            yield from handle
+
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
 
@@ -101,6 +117,25 @@ class LocalStorage:
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.root!r})"
+
+
+# Parts of a multipart upload: S3 wants at least 5 MiB each but the last.
+PART_BYTES = 8 * 1024 * 1024
+
+
+def _parts(head: bytearray, rest: Iterator[bytes]) -> Iterator[bytes]:
+    """`head` then `rest` cut into PART_BYTES parts, the last one shorter."""
+    buffer = head
+    for chunk in rest:
+        buffer += chunk
+        while len(buffer) >= PART_BYTES:
+            yield bytes(buffer[:PART_BYTES])
+            del buffer[:PART_BYTES]
+    while len(buffer) >= PART_BYTES:
+        yield bytes(buffer[:PART_BYTES])
+        del buffer[:PART_BYTES]
+    if buffer:
+        yield bytes(buffer)
 
 
 class S3Storage:
@@ -142,12 +177,59 @@ class S3Storage:
             )
         return uri
 
+    def put_stream(self, key: str, chunks: Iterable[bytes], content_type: str | None = None) -> str:
+        """Upload `chunks` in constant memory: one PUT when they fit in one part, else a
+        multipart upload of PART_BYTES parts, aborted if anything fails."""
+        full = self._full(check_key(key))
+        uri = s3_uri(self.bucket, full)
+        buffer = bytearray()
+        stream = iter(chunks)
+        for chunk in stream:
+            buffer += chunk
+            if len(buffer) >= PART_BYTES:
+                break
+        else:
+            return self.put(key, bytes(buffer), content_type)
+        extra = {"ContentType": content_type} if content_type else {}
+        with s3_errors(uri):
+            upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=full, **extra)
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            for number, body in enumerate(_parts(buffer, stream), start=1):
+                with s3_errors(uri):
+                    done = retry_connection(
+                        lambda body=body, number=number: self.client.upload_part(
+                            Bucket=self.bucket, Key=full, UploadId=upload_id,
+                            PartNumber=number, Body=body,
+                        ),
+                        uri, self.settings, self._sleep,
+                    )  # fmt: skip
+                parts.append({"ETag": done["ETag"], "PartNumber": number})
+            with s3_errors(uri):
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            raise
+        return uri
+
     def get(self, key: str) -> bytes:
         full = self._full(check_key(key))
         with s3_errors(s3_uri(self.bucket, full)):
             response = self.client.get_object(Bucket=self.bucket, Key=full)
             with response["Body"] as body:
                 return body.read()
+
+    def lines(self, key: str) -> Iterator[bytes]:
+        full = self._full(check_key(key))
+        with s3_errors(s3_uri(self.bucket, full)):
+            response = self.client.get_object(Bucket=self.bucket, Key=full)
+            with contextlib.closing(response["Body"]) as body:
+                yield from body.iter_lines(keepends=True)
 
     def exists(self, key: str) -> bool:
         full = self._full(check_key(key))

@@ -117,3 +117,13 @@ def s3_uri(bucket: str, key: str) -> str:
 
 def is_under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def key_uri(root: str, key: str) -> str:
+    """The URI that storage rooted at `root` gives `key` (what `Storage.uri` returns),
+    derived without opening it: job records store no artifact URIs, only their names."""
+    location = parse_uri(root)
+    if location.scheme == "s3":
+        prefix = location.key.strip("/")
+        return s3_uri(location.bucket, f"{prefix}/{key}" if prefix else key)
+    return os.path.join(location.key, *key.split("/"))

@@ -82,7 +82,9 @@ def test_items_come_back_in_order_with_their_results(job_store):
     job_store.settle(job_id, [(1234, "done", {"mask_area": 0.25, "artifacts": {"a": "s3://b/k"}})])
     records = list(job_store.items(job_id))
     assert [r.index for r in records] == list(range(2500))
-    assert records[1234].mask_area == 0.25 and records[1234].artifacts == {"a": "s3://b/k"}
+    # Artifact URIs are derived from the job's output, not stored.
+    derived = {"a": f"/tmp/out/{job_id}/001234-1234/a"}
+    assert records[1234].mask_area == 0.25 and records[1234].artifacts == derived
     assert records[7].item == "000007-7"
     assert [r.index for r in job_store.items(job_id, {"done"})] == [1234]
 
@@ -133,3 +135,42 @@ def test_cancelling_never_discards_a_started_item(job_store):
     job_store.begin(job_id, [0])
     job_store.settle(job_id, [(0, "cancelled", {}), (1, "cancelled", {})], mode="queued-only")
     assert [r.state for r in job_store.items(job_id)] == ["running", "cancelled"]
+
+
+def test_records_store_no_derivable_field_and_read_back_whole(job_store):
+    from explainctl.contracts import ARTIFACT_FILES, artifact_key, item_name
+    from explainctl.storage import open_storage
+
+    job_id = _job(job_store, 2)
+    job_store.begin(job_id, [0, 1])
+    storage = open_storage("/tmp/out")
+    name = item_name(0, "/images/0.png")
+    artifacts = {f: storage.uri(artifact_key(job_id, name, f)) for f in ARTIFACT_FILES}
+    scores = {"target_index": 3, "target_name": "cat", "prob_before": 0.9, "prob_after": 0.1,
+              "mask_area": 0.2, "iterations": 40, "stop_reason": "converged", "seconds": 1.5,
+              "method": "original"}  # fmt: skip
+    failure = {"error_code": "corrupt", "error": "bad"}
+    job_store.settle(
+        job_id, [(0, "done", {"artifacts": artifacts, **scores}), (1, "failed", failure)]
+    )
+    stored = job_store.redis.hget(f"explainctl:job:{job_id}:result", "0")
+    assert "/tmp/out" not in stored and name not in stored  # derived, not stored
+    assert name not in job_store.redis.hget(f"explainctl:job:{job_id}:items", "0")
+    done, failed = job_store.items(job_id)
+    assert done.item == name and done.artifacts == artifacts
+    assert {k: getattr(done, k) for k in scores} == scores
+    assert (failed.error_code, failed.artifacts, failed.mask_area) == ("corrupt", {}, None)
+
+
+def test_records_of_an_older_form_or_another_layout_still_read(job_store):
+    job_id = _job(job_store, 2)
+    key = f"explainctl:job:{job_id}"
+    # The spelt-out form of earlier versions, and a layout with a field this one lacks.
+    job_store.redis.hset(f"{key}:items", "0", '{"uri": "/images/0.png", "target": null, '
+                         '"item": "000000-0"}')  # fmt: skip
+    job_store.redis.hset(f"{key}:result", "0", '{"mask_area": 0.3, "artifacts": {"a.png": "x"}}')
+    job_store.redis.hset(f"{key}:meta", "layout:zz", "mask_area,future_score,prob_after")
+    job_store.redis.hset(f"{key}:result", "1", '{"l": "zz", "s": [0.4, 7, 0.2]}')
+    old, other = job_store.items(job_id)
+    assert (old.uri, old.mask_area, old.artifacts) == ("/images/0.png", 0.3, {"a.png": "x"})
+    assert (other.mask_area, other.prob_after) == (0.4, 0.2)

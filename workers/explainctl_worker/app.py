@@ -10,12 +10,13 @@ import logging
 import threading
 import time
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import task_received, worker_process_init, worker_ready
 from pydantic import ValidationError
 
 from explainctl import embedded
 from explainctl.config import Settings
 from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload, ModelSpec
+from explainctl.job import JobStore
 from explainctl.queue import make_app
 from explainctl_worker import lease, metrics, watchdog
 from explainctl_worker.chunk import WorkerContext, run_chunk
@@ -38,10 +39,28 @@ def context() -> WorkerContext:
         return _context
 
 
+_reservations: lease.Reservations | None = None
+
+
 @worker_ready.connect
 def _start_watchdog(**_) -> None:
     # In the main process, which holds the broker connection the pool children feed from.
+    global _reservations
     watchdog.watch(settings.broker_url, settings.broker_stall_seconds)
+    _reservations = lease.Reservations(JobStore.connect(settings.broker_url).redis,
+                                       settings.lease_seconds)  # fmt: skip
+
+
+@task_received.connect
+def _reserve(request, **_) -> None:
+    """In the main process, on receipt: the chunk is ours until its pool process starts it."""
+    if _reservations is None or request.name != TASK_EXPLAIN_CHUNK or not request.args:
+        return
+    queue = (request.delivery_info or {}).get("routing_key") or settings.queue
+    try:
+        _reservations.take(request.id, request.args[0], queue)
+    except Exception as error:  # a reservation helps recovery; it must never drop a chunk
+        log.warning("cannot reserve chunk %s: %s", request.id, error)
 
 
 @worker_process_init.connect
@@ -66,8 +85,10 @@ def _preload(**_) -> None:
         threading.Thread(target=load, name="preload", daemon=True).start()
 
 
-@app.task(name=TASK_EXPLAIN_CHUNK)
-def explain_chunk_task(payload: dict) -> None:
+@app.task(name=TASK_EXPLAIN_CHUNK, bind=True)
+def explain_chunk_task(self, payload: dict) -> None:
+    # Started: the reservation taken on receipt gives way to the run's own lease below.
+    lease.release(context().store.redis, lease.reservation_key(self.request.id))
     try:
         chunk = ChunkPayload.model_validate(payload)
     except ValidationError as error:

@@ -51,7 +51,8 @@ class WorkerContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
-        return cls(settings=settings, store=JobStore.connect(settings.broker_url))
+        store = JobStore.connect(settings.broker_url, job_ttl=settings.job_ttl)
+        return cls(settings=settings, store=store)
 
     def torch_device(self) -> torch.device:
         # Chosen on first use, inside the pool process: CUDA must not start before fork.
@@ -187,6 +188,10 @@ def _explain_group(
 def run_chunk(payload: ChunkPayload, context: WorkerContext) -> None:
     store = context.store
     job = payload.job_id
+    if not store.live(job):
+        # A copy delivered after the job's records expired: its manifest holds the job.
+        log.info("job %s chunk %d: the job's records are gone; nothing to do", job, payload.chunk)
+        return
     deliveries = store.record_delivery(job, payload.chunk)
     states = store.states(job, [item.index for item in payload.items])
     pending = [

@@ -7,9 +7,15 @@ thread looks for expired leases and claims one atomically (a Lua script pushes i
 out by CLAIM_SECONDS, so no other reaper takes it), sends the chunk again, and only then
 removes the lease and its payload. A reaper that dies between claim and send leaves a
 lease that expires again and is claimed by another: a re-send is never lost, at worst
-made twice, and items are idempotent. The original message is still redelivered by Redis
-after the visibility timeout; by then its items are settled and the second run does
-nothing (explainctl.job keeps items final).
+made twice, and items are idempotent.
+
+A chunk a worker has received but not yet started (reserved: waiting for its pool
+process) holds a reservation lease, taken by the worker's main process on receipt and
+renewed by it (`Reservations`), released when the chunk starts; a worker that dies with
+a reserved chunk therefore loses it for seconds too, not for the visibility timeout.
+
+The original message is still redelivered by Redis after the visibility timeout; by then
+its items are settled and the second run does nothing (explainctl.job keeps items final).
 """
 
 from __future__ import annotations
@@ -79,10 +85,7 @@ def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float)
     finally:
         stop.set()
         beat.join()
-    pipe = client.pipeline()
-    pipe.zrem(LEASES, key)
-    pipe.delete(_payload_key(key))
-    pipe.execute()
+    release(client, key)
 
 
 def reap(client: redis.Redis, app, now: float | None = None, limit: int = 20) -> int:
@@ -101,11 +104,57 @@ def reap(client: redis.Redis, app, now: float | None = None, limit: int = 20) ->
             app.send_task(TASK_EXPLAIN_CHUNK, args=[lease["payload"]], queue=lease["queue"])
             log.warning("chunk %s lost its worker; sent it again", key)
             sent += 1
-        pipe = client.pipeline()
-        pipe.zrem(LEASES, key)
-        pipe.delete(_payload_key(key))
-        pipe.execute()
+        release(client, key)
     return sent
+
+
+def reservation_key(task_id: str) -> str:
+    return f"reserved:{task_id}"
+
+
+class Reservations:
+    """The reservation leases of one worker's main process, renewed from one thread."""
+
+    def __init__(self, client: redis.Redis, seconds: float):
+        self.client = client
+        self.seconds = seconds
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._renew, name="reservations", daemon=True).start()
+
+    def take(self, task_id: str, payload: dict, queue: str) -> None:
+        key = reservation_key(task_id)
+        body = json.dumps({"queue": queue, "payload": payload})
+        pipe = self.client.pipeline()
+        pipe.set(_payload_key(key), body)
+        pipe.zadd(LEASES, {key: _now(self.client) + self.seconds})
+        pipe.execute()
+        with self._lock:
+            self._held.add(key)
+
+    def _renew(self) -> None:
+        while True:
+            time.sleep(self.seconds / 4)
+            with self._lock:
+                held = sorted(self._held)
+            if not held:
+                continue
+            with contextlib.suppress(redis.RedisError):  # a blip: the next beat retries
+                expiry = _now(self.client) + self.seconds
+                pipe = self.client.pipeline()
+                for key in held:
+                    pipe.zadd(LEASES, {key: expiry}, xx=True, ch=True)
+                kept = pipe.execute()
+                with self._lock:  # released (the chunk started) or reaped: stop renewing
+                    self._held -= {k for k, alive in zip(held, kept, strict=True) if not alive}
+
+
+def release(client: redis.Redis, key: str) -> None:
+    """Remove a lease and its payload."""
+    pipe = client.pipeline()
+    pipe.zrem(LEASES, key)
+    pipe.delete(_payload_key(key))
+    pipe.execute()
 
 
 def start_reaper(client: redis.Redis, app, seconds: float) -> threading.Thread:
