@@ -91,7 +91,7 @@ def _synthetic_result(index: int):
 def run(n: int, chunk: int, work: Path) -> dict:
     from explainctl.client import Client
     from explainctl.config import Settings
-    from explainctl.contracts import ITEMS_JSONL, ModelSpec, job_key
+    from explainctl.contracts import ITEMS_JSONL, ModelSpec, artifact_key, job_key
     from explainctl.inputs import InputItem
     from explainctl.job import JobStore
     from explainctl.manifest import write_manifest
@@ -122,9 +122,9 @@ def run(n: int, chunk: int, work: Path) -> dict:
             settled = []
             for i in indices:
                 outcome = ItemOutcome(name=f"{i:06d}-{i:07d}", source="")
-                outcome.result = template.model_copy(update={"item": outcome.name})
+                outcome.result = template.model_copy(update={"item": outcome.name, "attempt": 1})
                 outcome.artifacts = {
-                    name: storage.uri(job_key(job.job_id, f"{outcome.name}/{name}"))
+                    name: storage.uri(artifact_key(job.job_id, outcome.name, name, 1))
                     for name in template.artifacts
                 }
                 settled.append((i, "done", _record(outcome)))

@@ -8,7 +8,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from explainctl.contracts import ITEMS_JSONL, job_key
+from explainctl.contracts import ITEMS_JSONL, RESULT_JSON, job_key
+from explainctl.item import SCORE_FIELDS
 from explainctl.job import JobStore
 from explainctl.sources import read_uri
 from explainctl.storage import open_storage
@@ -24,18 +25,27 @@ class Row:
     failed_as_expected: int
     lost: int
     duplicated: int
+    disagreeing: int = 0  # done items whose result.json in storage is not their record
 
     def markdown(self) -> str:
         return (
             f"| {self.fault} | {self.submitted} | {self.done} | {self.failed_as_expected} "
-            f"| {self.lost} | {self.duplicated} |"
+            f"| {self.lost} | {self.duplicated} | {self.disagreeing} |"
         )
 
 
 HEADER = (
-    "| fault or input | submitted | done | failed as expected | lost | duplicated |\n"
-    "|---|---|---|---|---|---|"
+    "| fault or input | submitted | done | failed as expected | lost | duplicated "
+    "| record ≠ storage |\n|---|---|---|---|---|---|---|"
 )
+
+
+def _agrees(record) -> bool:
+    """result.json, as stored, says what the record says: same attempt, same scores."""
+    stored = json.loads(read_uri(record.artifacts[RESULT_JSON], max_bytes=1 << 20))
+    return stored.get("attempt") == record.attempt and all(
+        stored.get(name) == getattr(record, name) for name in SCORE_FIELDS
+    )
 
 
 def audit(store: JobStore, job_id: str, fault: str, expected_failed: set[int] = frozenset(),
@@ -45,14 +55,15 @@ def audit(store: JobStore, job_id: str, fault: str, expected_failed: set[int] = 
     records = list(store.items(job_id))
     failed = {r.index for r in records if r.state == "failed"}
     done = [r for r in records if r.state == "done"]
-    missing_artifacts = 0
+    missing_artifacts = disagreeing = 0
     for record in done:
-        for uri in record.artifacts.values():
-            try:
+        try:
+            for uri in record.artifacts.values():
                 read_uri(uri, max_bytes=512 * 1024 * 1024)
-            except Exception:  # any unreadable artifact counts as lost
-                missing_artifacts += 1
-                break
+        except Exception:  # any unreadable artifact counts as lost
+            missing_artifacts += 1
+            continue
+        disagreeing += not _agrees(record)
     settled = status.counts["done"] + status.counts["failed"] + status.counts["cancelled"]
     unsettled = status.total - settled
     manifest = open_storage(status.info.output).get(job_key(job_id, ITEMS_JSONL)).splitlines()
@@ -60,7 +71,8 @@ def audit(store: JobStore, job_id: str, fault: str, expected_failed: set[int] = 
     lost = unsettled + missing_artifacts + (status.total - len(set(indices)))
     lost += len(failed - expected_failed) + max(0, status.counts["cancelled"] - expected_cancelled)
     duplicated = (sum(status.counts.values()) - status.total) + (len(indices) - len(set(indices)))
-    row = Row(fault, status.total, len(done), len(failed & expected_failed), lost, duplicated)
+    row = Row(fault, status.total, len(done), len(failed & expected_failed), lost, duplicated,
+              disagreeing)  # fmt: skip
     ROWS.append(row)
     return row
 

@@ -79,8 +79,9 @@ def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env, tmp
     prefix = f"audits/{job['job_id']}/"
     for record in (r for r in records if r.state == "done"):
         assert sorted(record.artifacts) == sorted(ARTIFACT_FILES)
+        assert record.attempt == 1
         for name, uri in record.artifacts.items():
-            assert uri == f"s3://{s3_bucket}/{prefix}{record.item}/{name}"
+            assert uri == f"s3://{s3_bucket}/{prefix}{record.item}/attempt-1/{name}"
             body = s3.get_object(Bucket=s3_bucket, Key=uri.split("/", 3)[3])["Body"].read()
             if name.endswith(".png"):
                 Image.open(io.BytesIO(body)).verify()
@@ -88,7 +89,7 @@ def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env, tmp
                 assert np.load(io.BytesIO(body)).shape == (8, 8)
             else:
                 stored = json.loads(body)
-                assert stored["item"] == record.item
+                assert stored["item"] == record.item and stored["attempt"] == record.attempt
                 # The record says how long each mask ran and why it stopped, as result.json.
                 assert (stored["iterations"], stored["stop_reason"]) == (5, "budget")
                 assert (record.iterations, record.stop_reason) == (5, "budget")

@@ -115,8 +115,14 @@ def item_name(index: int, uri: str) -> str:
     return f"{index:06d}-{safe or 'image'}"
 
 
-def artifact_key(job_id: str, item: str, filename: str) -> str:
-    return f"{job_id}/{item}/{filename}"
+def artifact_key(job_id: str, item: str, filename: str, attempt: int | None = None) -> str:
+    """Where an item's file goes. A worker writes under the attempt it runs
+    (`<job>/<item>/attempt-<n>/`), so two copies of a chunk never overwrite each other
+    and the record, which names the attempt that settled the item, vouches for exactly
+    the files that attempt wrote."""
+    if attempt is None:
+        return f"{job_id}/{item}/{filename}"
+    return f"{job_id}/{item}/attempt-{attempt}/{filename}"
 
 
 def job_key(job_id: str, filename: str) -> str:

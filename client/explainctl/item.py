@@ -116,6 +116,7 @@ class ItemResult(ItemScores):
     params: ExplainParams
     versions: dict[str, str]
     artifacts: list[str] = list(ARTIFACT_FILES)
+    attempt: int | None = Field(None, description="the worker's attempt that wrote these files")
 
     def scores(self) -> dict[str, Any]:
         return self.model_dump(include=set(SCORE_FIELDS), mode="json")
@@ -132,6 +133,7 @@ class _RecordState(_Strict):
     error_code: str | None = None
     error: str | None = None
     attempts: int = 0
+    attempt: int | None = None  # the attempt whose files `artifacts` names (it settled it)
     artifacts: dict[str, str] = {}
 
 

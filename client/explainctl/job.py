@@ -204,6 +204,8 @@ def _encode(fields: dict) -> str:
         names = list(fields.pop("artifacts") or ())
         if names != list(ARTIFACT_FILES):
             stored["f"] = names
+    if "attempt" in fields:
+        stored["a"] = fields.pop("attempt")
     if any(name in fields for name in SCORE_FIELDS):
         stored["l"] = _LAYOUT_ID
         stored["s"] = [fields.pop(name, None) for name in SCORE_FIELDS]
@@ -219,12 +221,14 @@ def _decode(raw: str | None, layouts: dict[str, list[str]], uri_of) -> dict:
     if "s" not in stored and "f" not in stored:
         return stored  # an error, or a record written before the compact form
     fields = {}
+    attempt = stored.pop("a", None)
     if "s" in stored:
         names = layouts.get(stored.pop("l", _LAYOUT_ID), SCORE_FIELDS)
         known = set(ItemRecord.model_fields)
         fields = {n: v for n, v in zip(names, stored.pop("s"), strict=False) if n in known}
         names_of_files = stored.pop("f", ARTIFACT_FILES)
-        fields["artifacts"] = {f: uri_of(f) for f in names_of_files}
+        fields["artifacts"] = {f: uri_of(f, attempt) for f in names_of_files}
+        fields["attempt"] = attempt
     fields.update(stored)
     return fields
 
@@ -515,8 +519,8 @@ class JobStore:
                 uri, target = _item(json.loads(raw))
                 name = item_name(int(index), uri)
 
-                def uri_of(filename: str, name: str = name) -> str:
-                    return key_uri(output, artifact_key(job_id, name, filename))
+                def uri_of(filename: str, attempt: int | None, name: str = name) -> str:
+                    return key_uri(output, artifact_key(job_id, name, filename, attempt))
 
                 yield ItemRecord(
                     index=int(index),
@@ -525,11 +529,7 @@ class JobStore:
                     item=name,
                     state=state,
                     attempts=int(tries or 0),
-                    **_decode(
-                        result,
-                        layouts,
-                        lambda f, n=name: key_uri(output, artifact_key(job_id, n, f)),
-                    ),
+                    **_decode(result, layouts, uri_of),
                 )
 
     def cancel(self, job_id: str) -> int:

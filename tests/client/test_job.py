@@ -145,19 +145,18 @@ def test_records_store_no_derivable_field_and_read_back_whole(job_store):
     job_store.begin(job_id, [0, 1])
     storage = open_storage("/tmp/out")
     name = item_name(0, "/images/0.png")
-    artifacts = {f: storage.uri(artifact_key(job_id, name, f)) for f in ARTIFACT_FILES}
+    artifacts = {f: storage.uri(artifact_key(job_id, name, f, 1)) for f in ARTIFACT_FILES}
     scores = {"target_index": 3, "target_name": "cat", "prob_before": 0.9, "prob_after": 0.1,
               "mask_area": 0.2, "iterations": 40, "stop_reason": "converged", "seconds": 1.5,
               "method": "original"}  # fmt: skip
     failure = {"error_code": "corrupt", "error": "bad"}
-    job_store.settle(
-        job_id, [(0, "done", {"artifacts": artifacts, **scores}), (1, "failed", failure)]
-    )
+    done = {"attempt": 1, "artifacts": artifacts, **scores}
+    job_store.settle(job_id, [(0, "done", done), (1, "failed", failure)])
     stored = job_store.redis.hget(f"explainctl:job:{job_id}:result", "0")
     assert "/tmp/out" not in stored and name not in stored  # derived, not stored
     assert name not in job_store.redis.hget(f"explainctl:job:{job_id}:items", "0")
     done, failed = job_store.items(job_id)
-    assert done.item == name and done.artifacts == artifacts
+    assert done.item == name and done.artifacts == artifacts and done.attempt == 1
     assert {k: getattr(done, k) for k in scores} == scores
     assert (failed.error_code, failed.artifacts, failed.mask_area) == ("corrupt", {}, None)
 

@@ -67,3 +67,22 @@ def test_a_reaper_that_fails_to_send_loses_nothing_and_no_payload_outlives_its_l
     assert client.lrange(queue, 0, -1)
     assert client.zcard(lease.LEASES) == 0
     assert not client.exists(lease._payload_key(key.decode() if isinstance(key, bytes) else key))
+
+
+def test_a_second_copy_of_a_running_chunk_stands_aside_while_the_first_lease_lives(setup):
+    client, _, queue = setup
+    payload = _payload()
+    with lease.hold(client, payload, queue, seconds=30) as first:
+        assert first is True
+        with lease.hold(client, payload, queue, seconds=30) as second:
+            assert second is False  # the first copy runs it, under its live lease
+        assert client.zcard(lease.LEASES) == 1
+        assert len(client.keys("explainctl:lease:*")) == 1  # the stand-aside left nothing
+        # The first copy's worker is gone: its lease expired (the reaper re-sends it) and
+        # the copy that arrives then runs.
+        (key,) = client.zrange(lease.LEASES, 0, -1)
+        client.zadd(lease.LEASES, {key: lease._now(client) - 1})
+        with lease.hold(client, payload, queue, seconds=30) as third:
+            assert third is True
+    with lease.hold(client, payload, queue, seconds=30) as later:
+        assert later is True  # a finished run leaves no claim behind

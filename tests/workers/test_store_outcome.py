@@ -1,6 +1,7 @@
 """chunk._store_artifacts and _record: what a finished item puts into its job record."""
 
 import io
+import json
 
 import torch
 from PIL import Image
@@ -36,7 +37,7 @@ def test_the_record_gets_the_method_and_metrics(tmp_path):
     # Storing needs only the context's storage, not its settings or job store.
     context = WorkerContext(settings=None, store=None)
     (outcome,) = explain_items(
-        [item], loaded, params, deliver=lambda o: _store_artifacts(context, payload, o)
+        [item], loaded, params, deliver=lambda o: _store_artifacts(context, payload, o, 2)
     )
     assert outcome.ok, outcome.error
     record = ItemRecord(index=0, uri=item.source, item=item.name, state="done", **_record(outcome))
@@ -45,6 +46,11 @@ def test_the_record_gets_the_method_and_metrics(tmp_path):
     for name in ("deletion_auc", "deletion_auc_blur", "insertion_auc", "prob_keep"):
         assert getattr(record, name) == getattr(outcome.result, name) is not None
     assert set(record.artifacts) == set(outcome.files)
+    # Written under its attempt, and result.json says which attempt wrote it.
+    assert record.attempt == 2
+    stored = tmp_path / payload.job_id / item.name / "attempt-2"
+    assert record.artifacts["mask.npy"] == str(stored / "mask.npy")
+    assert json.loads((stored / "result.json").read_text())["attempt"] == 2
 
 
 def test_allowed_models_when_set_is_the_complete_list():

@@ -96,6 +96,9 @@ def explain_chunk_task(self, payload: dict) -> None:
         log.error("dropping a malformed chunk message: %s", str(error).splitlines()[0])
         return
     started = time.time()
-    with lease.hold(context().store.redis, chunk, settings.queue, settings.lease_seconds):
+    with lease.hold(context().store.redis, chunk, settings.queue, settings.lease_seconds) as mine:
+        if not mine:
+            log.info("job %s chunk %d runs elsewhere under a live lease", chunk.job_id, chunk.chunk)
+            return
         run_chunk(chunk, context())
     metrics.record_chunk(chunk.sent_at, started, context().device)

@@ -40,6 +40,11 @@ _RAMP = np.array(
 )
 
 
+def result_json(result: ItemResult) -> bytes:
+    """result.json's bytes."""
+    return (json.dumps(result.model_dump(mode="json"), indent=2) + "\n").encode()
+
+
 def colormap(values: np.ndarray) -> np.ndarray:
     """Map values in [0, 1] of shape (H, W) to colours (H, W, 3) uint8; high = red."""
     v = np.clip(values, 0.0, 1.0)
@@ -137,7 +142,7 @@ def render(
         HEATMAP_PNG: _png(heatmap),
         OVERLAY_PNG: _png(to_u8(overlay)),
         PERTURBED_PNG: _png(to_u8(perturbed)),
-        RESULT_JSON: (json.dumps(result.model_dump(mode="json"), indent=2) + "\n").encode(),
+        RESULT_JSON: result_json(result),
     }
     if area_masks is not None:
         files[MASKS_NPY] = _npy(area_masks)

@@ -16,6 +16,7 @@ import torch
 
 from explainctl.config import Settings
 from explainctl.contracts import (
+    RESULT_JSON,
     TERMINAL_STATES,
     ChunkItem,
     ChunkPayload,
@@ -31,6 +32,7 @@ from explainctl.manifest import write_manifest
 from explainctl.sources import SourcePolicy, read_source
 from explainctl.storage import Storage, open_storage
 from explainctl_worker import metrics
+from explainctl_worker.artifact import result_json
 from explainctl_worker.decode import DecodeLimits
 from explainctl_worker.explain import ItemInput, ItemOutcome, Timings, explain_items
 from explainctl_worker.model import ModelCache, pick_device
@@ -106,14 +108,18 @@ def _failure(code: ErrorCode, message: str) -> dict:
     return {"error_code": code, "error": message}
 
 
-def _store_artifacts(context: WorkerContext, payload: ChunkPayload, outcome: ItemOutcome) -> None:
-    """Upload the item's files (in a render thread, beside the optimisation of the others);
-    a storage error fails the item alone."""
+def _store_artifacts(
+    context: WorkerContext, payload: ChunkPayload, outcome: ItemOutcome, attempt: int
+) -> None:
+    """Upload the item's files under this attempt (in a render thread, beside the
+    optimisation of the others); a storage error fails the item alone."""
     storage = context.storage(payload.output)
+    outcome.result = outcome.result.model_copy(update={"attempt": attempt})
+    outcome.files[RESULT_JSON] = result_json(outcome.result)
     artifacts = {}
     try:
         for filename, data in outcome.files.items():
-            key = artifact_key(payload.job_id, outcome.name, filename)
+            key = artifact_key(payload.job_id, outcome.name, filename, attempt)
             content_type = {"png": "image/png", "json": "application/json"}.get(
                 filename.rsplit(".", 1)[-1], "application/octet-stream"
             )
@@ -125,8 +131,13 @@ def _store_artifacts(context: WorkerContext, payload: ChunkPayload, outcome: Ite
 
 
 def _record(outcome: ItemOutcome) -> dict:
-    """The job record's fields of a stored item: its artifacts and every score."""
-    return {"artifacts": outcome.artifacts, **outcome.result.scores()}
+    """The job record's fields of a stored item: the attempt that wrote its artifacts,
+    the artifacts, and every score."""
+    return {
+        "attempt": outcome.result.attempt,
+        "artifacts": outcome.artifacts,
+        **outcome.result.scores(),
+    }
 
 
 def _explain_group(
@@ -136,6 +147,7 @@ def _explain_group(
     attempts = store.begin(payload.job_id, [item.index for item in group])
     settled: list[tuple[int, str, dict]] = []
     runnable: list[tuple[ChunkItem, Target]] = []
+    attempt_of: dict[str, int] = {}
     for item, attempt in zip(group, attempts, strict=True):
         if attempt is None:
             continue  # another copy of this chunk settled it meanwhile
@@ -145,6 +157,7 @@ def _explain_group(
             continue
         try:
             runnable.append((item, Target.parse(item.target)))
+            attempt_of[item_name(item.index, item.uri)] = attempt
         except ValueError:
             message = f"invalid target {item.target!r}: a class index >= 0, a name, or top1"
             settled.append((item.index, "failed", _failure("bad-target", message)))
@@ -166,7 +179,9 @@ def _explain_group(
             payload.params,
             context.limits(),
             slots=context.slots(),
-            deliver=lambda outcome: _store_artifacts(context, payload, outcome),
+            deliver=lambda outcome: _store_artifacts(
+                context, payload, outcome, attempt_of[outcome.name]
+            ),
             timings=timings,
         )
         if inputs

@@ -36,6 +36,20 @@ LEASES = "explainctl:leases"
 CLAIM_SECONDS = 30.0  # how long a claimed lease is left to its reaper before another may
 log = logging.getLogger("explainctl.worker")
 
+# KEYS: the chunk's runner key, the leases; ARGV: my lease, its expiry, now, seconds.
+# The chunk is mine unless the runner key names another lease that is still alive; the
+# lease is taken in the same step, so a runner key always names a lease that can expire.
+_RUN = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  local score = redis.call('ZSCORE', KEYS[2], holder)
+  if score and tonumber(score) > tonumber(ARGV[3]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', math.max(1, math.floor(tonumber(ARGV[4]))))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+
 # KEYS[1] the leases; ARGV: member, now, claimed expiry. 1 if this caller claimed it.
 _CLAIM = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -62,26 +76,41 @@ def _payload_key(key: str) -> str:
     return f"explainctl:lease:{key}"
 
 
+def _runner_key(payload: ChunkPayload) -> str:
+    return f"explainctl:runner:{payload.job_id}:{payload.chunk}"
+
+
 @contextlib.contextmanager
-def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float) -> Iterator[None]:
-    """Hold the chunk's lease while the block runs. The lease is released only when the
-    block finishes normally: after an exception it expires and the chunk is sent again
+def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float) -> Iterator[bool]:
+    """Hold the chunk's lease while the block runs; yields False, holding nothing, when
+    another copy of the chunk is running under a live lease (after a Redis restart kombu
+    hands back the message of a chunk still running): that copy's lease covers it, and
+    if its worker dies the reaper sends the chunk again. The lease is released only when
+    the block finishes normally: after an exception it expires and the chunk is sent again
     (the attempt counts of explainctl.job bound how often)."""
     key = _key(payload)
     body = json.dumps({"queue": queue, "payload": payload.model_dump(mode="json")})
     client.set(_payload_key(key), body)
-    client.zadd(LEASES, {key: _now(client) + seconds})
+    claim = client.register_script(_RUN)
+    now = _now(client)
+    if not claim(keys=[_runner_key(payload), LEASES], args=[key, now + seconds, now, seconds]):
+        client.delete(_payload_key(key))
+        yield False
+        return
     stop = threading.Event()
 
     def renew() -> None:
         while not stop.wait(seconds / 4):
             with contextlib.suppress(redis.RedisError):  # a blip: the next beat retries
-                client.zadd(LEASES, {key: _now(client) + seconds}, xx=True)
+                pipe = client.pipeline()
+                pipe.zadd(LEASES, {key: _now(client) + seconds}, xx=True)
+                pipe.expire(_runner_key(payload), max(1, int(seconds)))
+                pipe.execute()
 
     beat = threading.Thread(target=renew, name=f"lease-{key}", daemon=True)
     beat.start()
     try:
-        yield
+        yield True
     finally:
         stop.set()
         beat.join()
