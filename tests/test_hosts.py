@@ -87,66 +87,62 @@ def _audit(env, job: str, fault: str):
     return row
 
 
-def test_a_worker_cut_off_longer_than_its_lease_and_then_back(cluster, env, tmp_path):
-    network = cluster[0]
-    first = _worker(cluster, env, "w1")
-    _worker(cluster, env, "w2")
+def _worker_lost_mid_chunk(cluster, env, tmp_path, fault: str, lose) -> None:
+    """Two workers each running a chunk; `lose` takes one of them away, and the other
+    must run its chunk again."""
+    first = _worker(cluster, env, f"w-{uuid.uuid4().hex[:4]}")
+    _worker(cluster, env, f"w-{uuid.uuid4().hex[:4]}")
     images(tmp_path / "in", 4)
     job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(1500))
     until(lambda: status(env, job)["counts"]["running"] == 4, timeout=120)
-    network.cut(first)  # still computing, but reaching neither Redis nor S3
-    time.sleep(15)  # well past its 4 s lease: the other worker runs its chunk again
-    network.restore(first)
+    lose(first)
     final = wait(env, job, timeout=240)
     assert final["state"] == "completed", final
-    assert _audit(env, job, "worker's link cut past its lease, then back").done == 4
-    # The cut-off worker's chunk was run again elsewhere: two attempts, one record each,
-    # and the record names the attempt whose files it vouches for.
+    assert _audit(env, job, fault).done == 4
+    # Its chunk ran again elsewhere: two attempts, one record each, and the record names
+    # the attempt whose files it vouches for.
     records = list(JobStore.connect(env["EXPLAINCTL_BROKER_URL"]).items(job))
     assert max(r.attempts for r in records) == 2
 
 
-def test_a_worker_host_gone_for_good(cluster, env, tmp_path):
+def test_a_worker_cut_off_longer_than_its_lease_and_then_back(cluster, env, tmp_path):
     network = cluster[0]
-    doomed = _worker(cluster, env, "w3")
-    _worker(cluster, env, "w4")
+
+    def cut_then_restore(host: Host) -> None:
+        network.cut(host)  # still computing, but reaching neither Redis nor S3
+        time.sleep(15)  # well past its 4 s lease
+        network.restore(host)
+
+    _worker_lost_mid_chunk(
+        cluster, env, tmp_path, "worker's link cut past its lease, then back", cut_then_restore
+    )
+
+
+def test_a_worker_host_gone_for_good(cluster, env, tmp_path):
+    _worker_lost_mid_chunk(cluster, env, tmp_path, "worker host gone for good", cluster[0].remove)
+
+
+def _service_unreachable(cluster, env, tmp_path, host: Host, seconds: float, fault: str):
+    """One worker explains a job while `host` is unreachable for `seconds` mid-job."""
+    network = cluster[0]
+    _worker(cluster, env, f"w-{uuid.uuid4().hex[:4]}")
     images(tmp_path / "in", 4)
-    job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(1500))
-    until(lambda: status(env, job)["counts"]["running"] == 4, timeout=120)
-    network.remove(doomed)
-    final = wait(env, job, timeout=240)
+    job = submit(env, str(tmp_path / "in"), "--chunk-size", "1", *tiny(300))
+    until(lambda: status(env, job)["counts"]["done"] >= 1, timeout=120)
+    network.cut(host)
+    time.sleep(seconds)
+    network.restore(host)
+    final = wait(env, job, timeout=300)
     assert final["state"] == "completed", final
-    assert _audit(env, job, "worker host gone for good").done == 4
-    records = list(JobStore.connect(env["EXPLAINCTL_BROKER_URL"]).items(job))
-    assert max(r.attempts for r in records) == 2  # its chunk ran again on the other host
+    assert _audit(env, job, fault).done == 4
 
 
 def test_the_s3_link_down_for_a_few_seconds(cluster, env, tmp_path):
-    network, _redis, s3_host, *_ = cluster
-    _worker(cluster, env, "w5")
-    images(tmp_path / "in", 4)
-    job = submit(env, str(tmp_path / "in"), "--chunk-size", "1", *tiny(300))
-    until(lambda: status(env, job)["counts"]["done"] >= 1, timeout=120)
-    network.cut(s3_host)
-    time.sleep(5)
-    network.restore(s3_host)
-    final = wait(env, job, timeout=240)
-    assert final["state"] == "completed", final
-    assert _audit(env, job, "S3 host's link down 5 s").done == 4
+    _service_unreachable(cluster, env, tmp_path, cluster[2], 5, "S3 host's link down 5 s")
 
 
 def test_redis_unreachable_for_30_seconds(cluster, env, tmp_path):
-    network, redis_host, *_ = cluster
-    _worker(cluster, env, "w6")
-    images(tmp_path / "in", 4)
-    job = submit(env, str(tmp_path / "in"), "--chunk-size", "1", *tiny(300))
-    until(lambda: status(env, job)["counts"]["done"] >= 1, timeout=120)
-    network.cut(redis_host)
-    time.sleep(30)
-    network.restore(redis_host)
-    final = wait(env, job, timeout=300)
-    assert final["state"] == "completed", final
-    assert _audit(env, job, "Redis host unreachable 30 s").done == 4
+    _service_unreachable(cluster, env, tmp_path, cluster[1], 30, "Redis host unreachable 30 s")
 
 
 def test_a_closed_network_leaves_no_namespace_behind():

@@ -12,16 +12,19 @@ from tests import browser
 HOSTILE = "<!--<script>alert(1)</script>"
 
 
-def test_text_from_the_job_cannot_end_or_comment_out_the_script():
-    record = ItemRecord(index=0, uri=f"/images/{HOSTILE}.png", item="000000-x", state="failed",
-                        error_code="corrupt", error=HOSTILE)  # fmt: skip
-    status = {
-        "job_id": "01m8m5ytrjk834w7f5", "state": "completed_with_failures", "total": 1,
-        "counts": {"queued": 0, "running": 0, "done": 0, "failed": 1, "cancelled": 0},
+def _status(state: str, done: int, failed: int) -> dict:
+    return {
+        "job_id": "01m8m5ytrjk834w7f5", "state": state, "total": done + failed,
+        "counts": {"queued": 0, "running": 0, "done": done, "failed": failed, "cancelled": 0},
         "created": time.time() - 5, "finished_at": time.time(),
         "info": {"model": {"name": "m"}, "params": {}, "output": "/tmp/out"},
     }  # fmt: skip
-    page = build_report(status, [record], lambda uri: b"")
+
+
+def test_text_from_the_job_cannot_end_or_comment_out_the_script():
+    record = ItemRecord(index=0, uri=f"/images/{HOSTILE}.png", item="000000-x", state="failed",
+                        error_code="corrupt", error=HOSTILE)  # fmt: skip
+    page = build_report(_status("completed_with_failures", 0, 1), [record], lambda uri: b"")
     data = re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S)
     assert "<" not in data.group(1)
     assert json.loads(data.group(1))["rows"][0]["error"] == f"corrupt: {HOSTILE}"
@@ -51,14 +54,8 @@ def test_every_declared_score_is_rendered_in_a_browser(tmp_path):
     scores = _every_score()
     record = ItemRecord(index=0, uri="/images/cat.png", item="000000-cat", state="done",
                         artifacts={}, **scores)  # fmt: skip
-    status = {
-        "job_id": "01m8m5ytrjk834w7f5", "state": "completed", "total": 1,
-        "counts": {"queued": 0, "running": 0, "done": 1, "failed": 0, "cancelled": 0},
-        "created": time.time() - 5, "finished_at": time.time(),
-        "info": {"model": {"name": "m"}, "params": {}, "output": "/tmp/out"},
-    }  # fmt: skip
     page = tmp_path / "report.html"
-    page.write_text(build_report(status, [record], lambda uri: b""))
+    page.write_text(build_report(_status("completed", 1, 0), [record], lambda uri: b""))
     dom = browser.dump_dom(page, tmp_path / "profile")
     cells = dict(re.findall(r'<td data-field="([a-z_]+)">([^<]*)</td>', dom))
     heads = set(re.findall(r'<th[^>]*data-field="([a-z_]+)"', dom))
