@@ -1,6 +1,7 @@
 """Chunk leases against a real Redis and a real Celery app (messages land in Redis)."""
 
 import json
+import socket
 import uuid
 
 import pytest
@@ -86,3 +87,24 @@ def test_a_second_copy_of_a_running_chunk_stands_aside_while_the_first_lease_liv
             assert third is True
     with lease.hold(client, payload, queue, seconds=30) as later:
         assert later is True  # a finished run leaves no claim behind
+
+
+def test_a_copy_takes_over_from_a_dead_pool_process_of_its_own_host_at_once(setup):
+    import subprocess
+    import sys
+
+    client, _, queue = setup
+    payload = _payload()
+    # A holder that was a process of this host and died (OOM, segfault): its lease still
+    # looks alive for its whole term, but the requeued copy need not wait for it.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    runner = lease._runner_key(payload)
+    with lease.hold(client, payload, queue, seconds=30) as first:
+        assert first is True
+        value = client.get(runner)
+        value = value.decode() if isinstance(value, bytes) else value
+        key = value.split("|")[0]
+        client.set(runner, f"{key}|{socket.gethostname()}|{gone.pid}")
+        with lease.hold(client, payload, queue, seconds=30) as second:
+            assert second is True  # the holder's pid is gone from this host

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -36,16 +38,18 @@ LEASES = "explainctl:leases"
 CLAIM_SECONDS = 30.0  # how long a claimed lease is left to its reaper before another may
 log = logging.getLogger("explainctl.worker")
 
-# KEYS: the chunk's runner key, the leases; ARGV: my lease, its expiry, now, seconds.
-# The chunk is mine unless the runner key names another lease that is still alive; the
-# lease is taken in the same step, so a runner key always names a lease that can expire.
+# KEYS: the chunk's runner key, the leases; ARGV: my lease, its expiry, now, seconds, a
+# holder known to be dead, me (host|pid). The chunk is mine unless the runner key names
+# another lease that is still alive; the lease is taken in the same step, so a runner key
+# always names a lease that can expire.
 _RUN = """
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then
-  local score = redis.call('ZSCORE', KEYS[2], holder)
+if holder and holder ~= ARGV[5] then
+  local score = redis.call('ZSCORE', KEYS[2], string.match(holder, '^[^|]*'))
   if score and tonumber(score) > tonumber(ARGV[3]) then return 0 end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', math.max(1, math.floor(tonumber(ARGV[4]))))
+local ttl = math.max(1, math.floor(tonumber(ARGV[4])))
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[6], 'EX', ttl)
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return 1
 """
@@ -80,6 +84,30 @@ def _runner_key(payload: ChunkPayload) -> str:
     return f"explainctl:runner:{payload.job_id}:{payload.chunk}"
 
 
+def _me() -> str:
+    return f"{socket.gethostname()}|{os.getpid()}"
+
+
+def _dead_holder(client: redis.Redis, runner: str) -> str:
+    """The runner value of a holder that was a process of this host and is gone (a pool
+    process killed mid-chunk: its lease would look alive until it expired), else ""."""
+    value = client.get(runner)
+    if not value:
+        return ""
+    value = value.decode() if isinstance(value, bytes) else value
+    parts = value.rsplit("|", 2)
+    if len(parts) != 3 or parts[1] != socket.gethostname() or not parts[2].isdigit():
+        return ""
+    pid = parts[2]
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return value
+    except PermissionError:
+        pass  # alive, someone else's
+    return ""
+
+
 @contextlib.contextmanager
 def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float) -> Iterator[bool]:
     """Hold the chunk's lease while the block runs; yields False, holding nothing, when
@@ -93,7 +121,9 @@ def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float)
     client.set(_payload_key(key), body)
     claim = client.register_script(_RUN)
     now = _now(client)
-    if not claim(keys=[_runner_key(payload), LEASES], args=[key, now + seconds, now, seconds]):
+    runner = _runner_key(payload)
+    dead = _dead_holder(client, runner)
+    if not claim(keys=[runner, LEASES], args=[key, now + seconds, now, seconds, dead, _me()]):
         client.delete(_payload_key(key))
         yield False
         return
