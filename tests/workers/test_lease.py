@@ -78,7 +78,8 @@ def test_a_second_copy_of_a_running_chunk_stands_aside_while_the_first_lease_liv
         with lease.hold(client, payload, queue, seconds=30) as second:
             assert second is False  # the first copy runs it, under its live lease
         assert client.zcard(lease.LEASES) == 1
-        assert len(client.keys("explainctl:lease:*")) == 1  # the stand-aside left nothing
+        # The stand-aside left nothing (other tests' leftovers in this database aside).
+        assert len(client.keys(f"explainctl:lease:{payload.job_id}:*")) == 1
         # The first copy's worker is gone: its lease expired (the reaper re-sends it) and
         # the copy that arrives then runs.
         (key,) = client.zrange(lease.LEASES, 0, -1)
