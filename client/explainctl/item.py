@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import Field, create_model, field_validator
 
-from explainctl.contracts import ARTIFACT_FILES, ItemState
+from explainctl.contracts import ARTIFACT_FILES, ItemState, _Strict
 from explainctl.methods import DEFAULT_METHOD, ExplainParams, Method, method_info
 
 # Why an item's optimisation ended: its convergence rule held, or it spent its budget.
@@ -28,10 +28,6 @@ def score(default: Any = ..., *, label: str, help: str, fmt: str = "", sort: boo
     `sort` whether results and the report can be ordered by it."""
     extra = {"label": label, "fmt": fmt, "sort": sort}
     return Field(default, description=help, json_schema_extra=extra)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ItemScores(_Strict):
