@@ -50,6 +50,49 @@ class ItemScores(_Strict):
         fmt=".3f",
         sort=True,
     )
+    # How far to trust the explanation (the worker's diagnostics.py): None on records
+    # written before they existed.
+    prob_ratio: float | None = score(
+        None,
+        label="p ratio",
+        help="p after / p before: below 0.1 the mask removed the evidence",
+        fmt=".3f",
+        sort=True,
+    )
+    class_changed: bool | None = score(
+        None, label="class changed", help="the model's top-1 class differs under the mask"
+    )
+    perturbation: float | None = score(
+        None,
+        label="perturbation",
+        help="mean |perturbed - original| in pixel space (0 to 1): how hard the image was changed",
+        fmt=".4f",
+        sort=True,
+    )
+    compactness: float | None = score(
+        None,
+        label="compactness",
+        help="share of the saliency in the most salient 10 % of the image (0.1 uniform, 1 compact)",
+        fmt=".3f",
+        sort=True,
+    )
+    regions: int | None = score(
+        None, label="regions", help="connected regions of the deleted area (mask < 0.5)", sort=True
+    )
+    stability_iou: float | None = score(
+        None,
+        label="stability IoU",
+        help="IoU of the most salient 10 % under a second seed (--stability)",
+        fmt=".3f",
+        sort=True,
+    )
+    stability_rank: float | None = score(
+        None,
+        label="stability rank",
+        help="rank correlation of the saliency under a second seed (--stability)",
+        fmt=".3f",
+        sort=True,
+    )
     iterations: int = score(label="iterations", help="steps the mask was optimised for",
                             sort=True)  # fmt: skip
     stop_reason: StopReason = score("budget", label="stopped", help="converged or budget")
@@ -113,6 +156,9 @@ class ItemResult(ItemScores):
     versions: dict[str, str]
     artifacts: list[str] = list(ARTIFACT_FILES)
     attempt: int | None = Field(None, description="the worker's attempt that wrote these files")
+    heatmap_max: float | None = Field(
+        None, description="the saliency heatmap.png draws in its top colour (params.heatmap_scale)"
+    )
 
     def scores(self) -> dict[str, Any]:
         return self.model_dump(include=set(SCORE_FIELDS), mode="json")
@@ -178,6 +224,8 @@ def shown(name: str, value: Any) -> str:
     """A score as people read it."""
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     fmt = ItemScores.model_fields[name].json_schema_extra["fmt"]  # type: ignore[index]
     return format(value, fmt) if fmt else str(value)
 

@@ -23,6 +23,7 @@ Substrate = Literal["average", "gaussian", "median"]
 Upsample = Literal["bilinear", "nearest"]
 Variant = Literal["preserve", "delete", "dual"]
 Precision = Literal["fp32", "bf16"]
+HeatmapScale = Literal["item", "absolute"]
 
 
 def _extremal_mask_size(values: Mapping[str, Any]) -> int:
@@ -207,6 +208,23 @@ class ExplainParams(BaseModel):
     metric_steps: int | None = param(None, "steps of the metric curves (default: image side)",
                                      ge=1)  # fmt: skip
     metric_batch: int = param(64, "most images per metric pass", ge=1, le=4096)
+    stability: bool = param(
+        False,
+        "optimise every mask again under a second seed and report their agreement",
+        flag="--stability/--no-stability",
+    )
+    stability_sample: float = param(
+        0.0,
+        "share of the items (chosen by name) measured as --stability does",
+        flag=True,
+        ge=0,
+        le=1,
+    )
+    heatmap_scale: HeatmapScale = param(
+        "item",
+        "heatmap colours: item (0 to the item's strongest deletion) or absolute (0 to 1)",
+        flag=True,
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -4,6 +4,7 @@ declared result field on the page."""
 import json
 import re
 import time
+import typing
 
 from explainctl.item import SCORE_FIELDS, SORT_KEYS, ItemRecord, ItemScores, shown
 from explainctl.report import build_report
@@ -35,13 +36,16 @@ def _every_score() -> dict:
     """A value for every declared score, each one recognisable on the page."""
     values = {}
     for n, (name, info) in enumerate(ItemScores.model_fields.items()):
-        kind = info.annotation
+        kind = next(a for a in (*typing.get_args(info.annotation), info.annotation) if a is not
+                    type(None))  # fmt: skip
         if name == "method":
             values[name] = "paper"
         elif name == "stop_reason":
             values[name] = "converged"
         elif name == "target_name":
             values[name] = "tabby"
+        elif kind is bool:
+            values[name] = True
         elif kind in (int, "int") or name in ("target_index", "iterations"):
             values[name] = 100 + n
         else:

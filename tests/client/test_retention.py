@@ -45,17 +45,19 @@ def _memory(client: redis.Redis) -> int:
 
 def test_finished_jobs_expire_and_redis_memory_stays_flat(server, tmp_path):
     client = redis.Redis.from_url(server.url, decode_responses=True)
-    store = JobStore(client, job_ttl=1, index_ttl=2)
+    # Long enough that the first of 100 jobs is still there when the 100th is made, on a
+    # busy 2-core machine too.
+    store = JobStore(client, job_ttl=3, index_ttl=4)
     output = str(tmp_path / "out")
     _finished_job(store, output)  # warm: scripts loaded, first allocations made
-    time.sleep(2.5)
+    time.sleep(4.5)
     store.prune()
     baseline, keys = _memory(client), client.dbsize()
     after = []
     for _round in range(3):
         ids = [_finished_job(store, output) for _ in range(100)]
         assert client.dbsize() > keys + 100 * 5  # every job's records are there
-        time.sleep(2.5)
+        time.sleep(4.5)
         done = store.prune()
         assert done["forgotten"] == 100
         after.append(_memory(client))

@@ -8,7 +8,13 @@ from PIL import Image
 from explainctl.contracts import ARTIFACT_FILES
 from explainctl.item import ItemResult
 from explainctl.methods import ExplainParams
-from explainctl_worker.artifact import colormap, render, upsample_mask
+from explainctl_worker.artifact import (
+    ITEM_SCALE_FLOOR,
+    colormap,
+    heatmap_top,
+    render,
+    upsample_mask,
+)
 
 
 def _result() -> ItemResult:
@@ -69,3 +75,31 @@ def test_render_writes_every_artifact_at_original_resolution():
     assert heat[10, 2, 0] > heat[10, 2, 2]  # deleted = salient = red
     assert json.loads(files["result.json"])["target_index"] == 3
     assert ItemResult.model_validate_json(files["result.json"]).mask_area == pytest.approx(0.25)
+
+
+def _heat(mask: np.ndarray, scale: str) -> tuple[float, np.ndarray, np.ndarray]:
+    image = Image.new("RGB", (16, 16), (128, 128, 128))
+    top = heatmap_top(mask, scale)
+    files = render(image, mask, np.zeros((3, 16, 16)), _result(), top=top)
+    decode = lambda name: np.asarray(Image.open(io.BytesIO(files[name])), dtype=np.int16)  # noqa: E731
+    return top, decode("heatmap.png"), decode("overlay.png")
+
+
+def test_item_scale_shows_a_mild_deletion_everywhere_and_absolute_hides_it():
+    mild = np.full((4, 4), 0.6)  # 40 % of the blur, everywhere
+    mild[0, 0] = 0.55
+    top, heat, _ = _heat(mild, "item")
+    assert top == pytest.approx(0.45)
+    assert heat[..., 0].mean() > 200  # red to yellow over the whole image: it did act
+    top, heat, _ = _heat(mild, "absolute")
+    assert top == 1.0 and heat[..., 0].mean() < 100  # the same mask, drawn against 1
+
+
+def test_item_scale_never_stretches_a_weak_deletion_into_a_strong_one():
+    weak = np.ones((4, 4))
+    weak[1:3, 1:3] = 0.95
+    top, heat, overlay = _heat(weak, "item")
+    assert top == ITEM_SCALE_FLOOR
+    assert heat[..., 0].max() == 0  # no red anywhere: 0.05 of 0.25 stays blue
+    # What the mask left alone is the photo itself in the overlay.
+    assert (overlay[0, 0] == 128).all()

@@ -23,6 +23,10 @@ from explainctl.contracts import (
 from explainctl.item import ItemResult
 
 OVERLAY_ALPHA = 0.5
+# On the item scale the heatmap's top colour is the item's strongest deletion, but never a
+# saliency below this: a mask that deleted nothing strongly is not stretched into one that
+# looks decisive, while one that deleted mildly everywhere does not look like nothing.
+ITEM_SCALE_FLOOR = 0.25
 # Written beside mask.npy when a method returns several masks (extremal with several
 # areas): (A, h, w) float32, one per area in the order of params.areas.
 MASKS_NPY = "masks.npy"
@@ -57,6 +61,14 @@ def upsample_mask(mask: np.ndarray, width: int, height: int, mode: str = "biline
     resample = Image.Resampling.NEAREST if mode == "nearest" else Image.Resampling.BILINEAR
     image = Image.fromarray(mask.astype(np.float32), mode="F").resize((width, height), resample)
     return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+
+
+def heatmap_top(mask: np.ndarray, scale: str = "item") -> float:
+    """The saliency 1 - m that heatmap.png draws in its top colour: 1 on the absolute
+    scale; on the item scale the item's strongest deletion, at least ITEM_SCALE_FLOOR."""
+    if scale == "absolute":
+        return 1.0
+    return float(max(1.0 - float(np.min(mask)), ITEM_SCALE_FLOOR))
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -106,6 +118,7 @@ def render(
     mask_full: np.ndarray | None = None,
     levels: np.ndarray | None = None,
     area_masks: np.ndarray | None = None,
+    top: float = 1.0,
 ) -> dict[str, bytes]:
     """All artifact files of one item, by file name.
 
@@ -116,6 +129,9 @@ def render(
     levels: (L, 3, S, S) blur pyramid, for methods whose blur varies with the mask; then
     perturbed.png interpolates between levels instead of blending with `substrate`.
     area_masks: (A, h, w), written as masks.npy.
+    top: the saliency drawn in the heatmap's top colour (`heatmap_top`); the overlay lays
+    the heatmap over the image in proportion to saliency / top, so what the mask left
+    alone stays visible as it is.
     """
     width, height = image.size
     original = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
@@ -124,9 +140,10 @@ def render(
     else:
         m = upsample_mask(mask, width, height, upsample_mode)[..., None]
 
-    saliency = 1.0 - m[..., 0]
-    heatmap = colormap(saliency)
-    overlay = (1 - OVERLAY_ALPHA) * original + OVERLAY_ALPHA * heatmap.astype(np.float32) / 255.0
+    shown = np.clip((1.0 - m) / top, 0.0, 1.0)  # (H, W, 1)
+    heatmap = colormap(shown[..., 0])
+    alpha = OVERLAY_ALPHA * shown
+    overlay = (1 - alpha) * original + alpha * heatmap.astype(np.float32) / 255.0
     if levels is not None:
         perturbed = _pyramid_perturbed(original, levels, m[..., 0])
     else:

@@ -10,6 +10,7 @@ import os
 import platform
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +27,8 @@ from explainctl.errors import ExplainctlError, ItemError
 from explainctl.item import ItemResult
 from explainctl.methods import ExplainParams
 from explainctl.sources import SourcePolicy, read_source
-from explainctl_worker.artifact import MASKS_NPY, render
+from explainctl_worker import diagnostics
+from explainctl_worker.artifact import MASKS_NPY, heatmap_top, render
 from explainctl_worker.decode import DecodeLimits, decode_image
 from explainctl_worker.model import LoadedModel, resolve_target
 from explainctl_worker.slot import Entry, Explanation, choose_slots, run_slots
@@ -196,6 +198,11 @@ def explain_items(
         spent.waiting += time.perf_counter() - began
         return future
 
+    twins = {i for i, item in enumerate(items) if measures_stability(params, item.name)}
+    if twins and progress:
+        # The progress total counts each item's budget once; twins make the same work twice.
+        progress = _scaled(progress, len(items), len(items) + len(twins))
+
     def entries(decoder) -> Iterator[Entry]:
         # Keep up to `slots` items decoded ahead of the loop: a refill never waits for a read.
         ahead = deque(submit(decoder, decode, i) for i in range(min(slots, len(items))))
@@ -209,7 +216,9 @@ def explain_items(
                 following += 1
             if image is not None:
                 images[position] = image
-                yield Entry(position, tensor, target)
+                yield Entry((position, 0), tensor, target)
+                if position in twins:
+                    yield Entry((position, 1), tensor, target, seed=twin_seed(params.seed))
             elif progress:
                 progress(params.iterations)  # a failed item is done with: credit its budget
 
@@ -239,13 +248,68 @@ def explain_items(
             device=loaded.device,
             progress=progress,
         )
-        pending = [submit(renderer, finish, key, explanation) for key, explanation in stream]
+        pending = [
+            submit(renderer, finish, position, explanation)
+            for position, explanation in _with_twins(stream, twins)
+        ]
         began = time.perf_counter()
         for future in pending:
             future.result()
         spent.waiting += time.perf_counter() - began
     spent.wall += time.perf_counter() - started
     return outcomes
+
+
+def measures_stability(params: ExplainParams, name: str) -> bool:
+    """Whether item `name` is optimised twice: every item with params.stability, else a
+    share params.stability_sample of them chosen by a hash of the name (so a rerun measures
+    the same items). A method that draws nothing at random would repeat itself exactly:
+    none of its items is measured."""
+    if params.noise_std == 0 and params.jitter == 0:
+        return False
+    if params.stability:
+        return True
+    return zlib.crc32(name.encode()) < params.stability_sample * 2**32
+
+
+def twin_seed(seed: int) -> int:
+    """The second seed of a stability measurement."""
+    return (seed + 1) % 2**63
+
+
+def _scaled(progress: Callable[[int], None], total: int, work: int) -> Callable[[int], None]:
+    owed = 0.0
+
+    def report(done: int) -> None:
+        nonlocal owed
+        owed += done * total / work
+        whole = int(owed)
+        owed -= whole
+        if whole:
+            progress(whole)
+
+    return report
+
+
+def _with_twins(
+    stream: Iterator[tuple[tuple[int, int], Explanation]], twins: set[int]
+) -> Iterator[tuple[int, Explanation]]:
+    """(position, explanation) per item from the slots' ((position, copy), explanation):
+    an item with a twin comes once both copies are done, carrying their agreement."""
+    waiting: dict[int, tuple[int, Explanation]] = {}
+    for (position, copy), explanation in stream:
+        if position not in twins:
+            yield position, explanation
+            continue
+        if position not in waiting:
+            waiting[position] = (copy, explanation)
+            continue
+        other_copy, other = waiting.pop(position)
+        first, second = (other, explanation) if other_copy == 0 else (explanation, other)
+        iou, rank = diagnostics.stability(first.masks_full, second.masks_full)
+        first.stability_iou, first.stability_rank = iou, rank
+        first.seconds = first.seconds + second.seconds
+        yield position, first
 
 
 def _render(
@@ -262,7 +326,14 @@ def _render(
     area_masks = None if explanation.area_masks is None else explanation.area_masks[0].numpy()
 
     def value(values: torch.Tensor | None) -> float | None:
-        return None if values is None else float(values[0])
+        if values is None or torch.isnan(values[0]):
+            return None
+        return float(values[0])
+
+    # The paper blurs its upsampled mask: draw what the model saw.
+    mask_full = explanation.masks_full[0, 0].numpy() if params.method == "paper" else None
+    mask = explanation.masks[0, 0].numpy()
+    top = heatmap_top(mask if mask_full is None else mask_full, params.heatmap_scale)
 
     result = ItemResult(
         source=outcome.source,
@@ -275,6 +346,14 @@ def _render(
         prob_before=float(explanation.prob_before[0]),
         prob_after=float(explanation.prob_after[0]),
         mask_area=float(explanation.mask_area[0]),
+        prob_ratio=value(explanation.prob_ratio),
+        class_changed=bool(explanation.class_changed[0]),
+        perturbation=value(explanation.perturbation),
+        compactness=value(explanation.compactness),
+        regions=int(explanation.regions[0]),
+        stability_iou=value(explanation.stability_iou),
+        stability_rank=value(explanation.stability_rank),
+        heatmap_max=round(top, 4),
         iterations=int(explanation.iterations[0]),
         stop_reason=explanation.stop_reason[0],
         seconds=round(float(explanation.seconds[0]), 4),
@@ -292,14 +371,14 @@ def _render(
     try:
         outcome.files = render(
             image,
-            explanation.masks[0, 0].numpy(),
+            mask,
             explanation.substrate[0].numpy(),
             result,
             params.upsample,
-            # The paper blurs its upsampled mask: draw what the model saw.
-            mask_full=explanation.masks_full[0, 0].numpy() if params.method == "paper" else None,
+            mask_full=mask_full,
             levels=None if explanation.levels is None else explanation.levels[0].numpy(),
             area_masks=area_masks,
+            top=top,
         )
     except (OSError, ValueError, MemoryError) as error:
         outcome.error_code, outcome.error = "render-error", f"cannot render: {error}"

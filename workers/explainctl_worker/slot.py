@@ -26,7 +26,7 @@ from torch import nn
 
 from explainctl.contracts import IMAGENET_MEAN, IMAGENET_STD
 from explainctl.methods import DEFAULT_METHOD, ExplainParams
-from explainctl_worker import faithfulness
+from explainctl_worker import diagnostics, faithfulness
 from explainctl_worker.convergence import Convergence
 from explainctl_worker.mask import mask_area
 from explainctl_worker.methods import RUNNERS
@@ -36,11 +36,13 @@ from explainctl_worker.optim import RowOptimizer
 
 @dataclass
 class Entry:
-    """An item waiting for a slot: its pixels (C, H, W) in [0, 1] and its target (-1: top-1)."""
+    """An item waiting for a slot: its pixels (C, H, W) in [0, 1], its target (-1: top-1)
+    and the seed of its randomness (None: params.seed)."""
 
     key: Any
     image: torch.Tensor
     target: int = -1
+    seed: int | None = None
 
 
 @dataclass
@@ -52,6 +54,13 @@ class Explanation:
     prob_before: torch.Tensor  # (N,) softmax of the target on the clean image
     prob_after: torch.Tensor  # (N,) on the image perturbed by the final mask, no noise
     mask_area: torch.Tensor  # (N,) mean(1 - m)
+    # How far to trust it (diagnostics.py): p after / p before, top-1 class changed,
+    # mean |x_m - x| in pixel space, saliency share of the top tenth, deleted regions.
+    prob_ratio: torch.Tensor
+    class_changed: torch.Tensor
+    perturbation: torch.Tensor
+    compactness: torch.Tensor
+    regions: torch.Tensor
     iterations: torch.Tensor  # (N,) iterations each mask was optimised for
     converged: torch.Tensor  # (N,) bool: stopped by the convergence rule, not the budget
     seconds: torch.Tensor  # (N,) wall time of the passes spent on the item: its share of each
@@ -70,6 +79,9 @@ class Explanation:
     deletion_auc_blur: torch.Tensor | None = None
     insertion_auc: torch.Tensor | None = None
     prob_keep: torch.Tensor | None = None
+    # Agreement with the same item's mask under a second seed (N,), when it was measured.
+    stability_iou: torch.Tensor | None = None
+    stability_rank: torch.Tensor | None = None
 
     @property
     def stop_reason(self) -> list[str]:
@@ -129,13 +141,13 @@ def _row_bytes(model: nn.Module, image_size: int, device: torch.device) -> int:
 
 
 class ItemRandom:
-    """The randomness of one item: a generator seeded with params.seed, drawn in the same
-    order every iteration (jitter shift, then noise), so the item sees the sequence it
-    would see alone."""
+    """The randomness of one item: a generator seeded with `seed` (default params.seed),
+    drawn in the same order every iteration (jitter shift, then noise), so the item sees
+    the sequence it would see alone."""
 
-    def __init__(self, params: ExplainParams, device: torch.device):
+    def __init__(self, params: ExplainParams, device: torch.device, seed: int | None = None):
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(params.seed)
+        self.generator.manual_seed(params.seed if seed is None else seed)
 
     def draw(self, params: ExplainParams, shape: tuple[int, ...], device):
         """(shift (2,) or None, noise (C, H, W) or None) for this iteration."""
@@ -264,7 +276,7 @@ def run_slots(
                 convergence.add_rows(p0)
                 problem = new if problem is None else problem.extend(new)
                 keys += [e.key for e in admitted]
-                randoms += [ItemRandom(params, device) for _ in admitted]
+                randoms += [ItemRandom(params, device, e.seed) for e in admitted]
                 done_steps += [0] * len(admitted)
                 spent += [0.0] * len(admitted)
         if not keys:
@@ -361,12 +373,29 @@ def _explanations(problem: Problem, result, iterations, converged, params) -> li
             max_batch=params.metric_batch,
         )
     final = result.masks.detach()
+    probabilities = problem.model(result.perturbed).softmax(dim=1)
+    prob_after = probabilities.gather(1, problem.targets.view(-1, 1)).squeeze(1)
+    trust = diagnostics.evaluate(
+        problem.images,
+        problem.pixels(result.perturbed),
+        final,
+        result.masks_full,
+        problem.prob_before,
+        prob_after,
+        problem.top1_before,
+        probabilities.argmax(dim=1),
+    )
     batch = Explanation(
         masks=final.float().cpu(),
         targets=problem.targets.cpu(),
         prob_before=problem.prob_before.float().cpu(),
-        prob_after=result.prob_after.float().cpu(),
+        prob_after=prob_after.float().cpu(),
         mask_area=mask_area(final).float().cpu(),
+        prob_ratio=trust.prob_ratio.float().cpu(),
+        class_changed=trust.class_changed.cpu(),
+        perturbation=trust.perturbation.float().cpu(),
+        compactness=trust.compactness.float().cpu(),
+        regions=trust.regions.cpu(),
         iterations=torch.tensor(iterations, dtype=torch.long),
         converged=torch.tensor(converged, dtype=torch.bool),
         seconds=torch.zeros(len(iterations), dtype=torch.float64),

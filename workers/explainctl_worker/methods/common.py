@@ -33,6 +33,7 @@ class Problem:
     x: torch.Tensor  # (N, C, H, W) normalised, what the model reads
     targets: torch.Tensor  # (N,) int64, top-1 placeholders resolved
     prob_before: torch.Tensor  # (N,) softmax of the target on the clean image
+    top1_before: torch.Tensor  # (N,) int64, the model's class for the clean image
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -43,6 +44,13 @@ class Problem:
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixel space to model input, for (..., C, H, W)."""
         return normalise(pixels, self.mean, self.std)
+
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input back to pixel space, for (..., C, H, W)."""
+        shape = (-1, 1, 1)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return x * std + mean
 
     def select(self, index: torch.Tensor) -> Problem:
         """The items at `index` (n,), in that order."""
@@ -55,7 +63,7 @@ class Problem:
         )
 
 
-_PER_ITEM = ("images", "x", "targets", "prob_before")
+_PER_ITEM = ("images", "x", "targets", "prob_before", "top1_before")
 
 
 @dataclass
@@ -64,7 +72,7 @@ class MethodResult:
 
     masks: torch.Tensor  # (N, 1, h, w) the stored mask: 1 = kept, 0 = deleted
     masks_full: torch.Tensor  # (N, 1, H, W) the mask as the model saw it
-    prob_after: torch.Tensor  # (N,) target probability with the masked region perturbed
+    perturbed: torch.Tensor  # (N, C, H, W) normalised: x_m, the final mask's perturbation
     substrate: torch.Tensor  # (N, C, H, W) pixel space: what a fully deleted pixel becomes
     levels: torch.Tensor | None = None  # (N, L, C, H, W) pixel space blur pyramid
     area_masks: torch.Tensor | None = None  # (N, A, h, w) one stored mask per area
@@ -152,4 +160,4 @@ def prepare(
         targets = targets.to(device=device, dtype=torch.long)
         targets = torch.where(targets < 0, top1, targets)
         prob_before = logits.softmax(dim=1)[idx, targets]
-    return Problem(model, images, x, targets, prob_before, tuple(mean), tuple(std))
+    return Problem(model, images, x, targets, prob_before, top1, tuple(mean), tuple(std))

@@ -37,7 +37,6 @@ from explainctl_worker.methods.common import (
     Rows,
     Runner,
     target_logit,
-    target_probability,
 )
 from explainctl_worker.substrate import blur_pyramid, pyramid_blend
 
@@ -115,11 +114,10 @@ def finish(problem: Problem, pbar, rows: Rows, params: ExplainParams) -> MethodR
     stored = (1 - grid).view(n, count, g, g)
     full = (1 - p).view(n, count, 1, *size)[:, 0]
     levels = rows["levels"][::count]
-    x_m = pyramid_blend(problem.normalise(levels), full)
     return MethodResult(
         masks=stored[:, :1],
         masks_full=full,
-        prob_after=target_probability(problem.model, x_m, problem.targets),
+        perturbed=pyramid_blend(problem.normalise(levels), full),
         substrate=levels[:, 0],
         levels=levels,
         area_masks=stored if count > 1 else None,

@@ -53,17 +53,14 @@ def loss(model, m, rows: Rows, steps, params: ExplainParams, perturb: Perturb) -
 
 
 def finish(problem: Problem, m, rows: Rows, params: ExplainParams) -> MethodResult:
-    """The final masks (N, 1, s, s), upsampled as the model saw them, and p(x_m) without
+    """The final masks (N, 1, s, s), upsampled as the model saw them, and x_m without
     noise."""
     final = m.detach().clamp(0, 1)
     full = upsample(final, problem.size, params.upsample)
-    prob_after = target_probability(
-        problem.model, blend(rows["x"], rows["s"], full), problem.targets
-    )
     return MethodResult(
         masks=final,
         masks_full=full,
-        prob_after=prob_after,
+        perturbed=blend(rows["x"], rows["s"], full),
         substrate=rows["substrate"],
     )
 

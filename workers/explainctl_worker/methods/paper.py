@@ -64,11 +64,10 @@ def finish(problem: Problem, m, rows: Rows, params: ExplainParams) -> MethodResu
     """Masks (N, 1, s, s); masks_full (N, 1, H, W) is blur(up(m)), what the model saw."""
     final = m.detach().clamp(0, 1)
     full = full_mask(final, problem.size, params)
-    x_m = pyramid_blend(rows["levels_x"], full)
     return MethodResult(
         masks=final,
         masks_full=full,
-        prob_after=target_probability(problem.model, x_m, problem.targets),
+        perturbed=pyramid_blend(rows["levels_x"], full),
         substrate=rows["levels"][:, 0],
         levels=rows["levels"],
     )
