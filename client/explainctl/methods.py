@@ -108,6 +108,18 @@ METHODS: tuple[MethodInfo, ...] = (
         },
         check=_extremal_check,
     ),
+    MethodInfo(
+        "decisive",
+        "the smallest smooth deletion that takes the class below `drop` of its probability: "
+        "the original's loss with a hinge on log p instead of p and a growing push of the "
+        "mask to 0 or 1",
+        defaults={
+            "iterations": 300,
+            "l1_coeff": 1.0,
+            "drop": 0.05,
+            "binary_coeff": 0.5,
+        },
+    ),
 )
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
@@ -199,6 +211,16 @@ class ExplainParams(BaseModel):
         None, "growth of the area weight per step", only=("extremal",), ge=1, le=1.1
     )
     momentum: float | None = param(None, "SGD momentum", only=("extremal",), ge=0, lt=1)
+    drop: float | None = param(
+        None,
+        "the probability ratio p after / p before the mask must reach",
+        only=("decisive",),
+        gt=0,
+        lt=1,
+    )
+    binary_coeff: float | None = param(
+        None, "final weight of the push of mask values to 0 or 1", only=("decisive",), ge=0
+    )
     precision: Precision = param("fp32", "the model's passes on CUDA: fp32, or bf16 autocast")
     metrics: bool = param(
         False,

@@ -48,6 +48,18 @@ def test_paper_mask_deletes_the_evidence_and_keeps_the_distractor():
     assert result.levels.shape == (1, 8, 3, SIZE, SIZE)  # sigma 10 .. 0, for rendering
 
 
+def test_decisive_mask_is_the_evidence_box_alone_and_takes_the_class_below_its_bar():
+    params = ExplainParams(method="decisive", iterations=150, mask_size=16, image_size=SIZE)
+    result = explain_batch(evidence_detector(), _evidence_batch(), params, mean=HALF, std=HALF)
+    assert result.prob_ratio[0] < 0.1 and bool(result.class_changed[0])
+    kept = result.masks_full[0, 0]
+    assert 1 - _mean_in(kept, EVIDENCE_BOX) > 0.85  # deleted outright, not blurred a little
+    assert 1 - _mean_in(kept, DISTRACTOR_BOX) < 0.01
+    # The box is 1/8 of the image, so 0.8 is the most a mask covering it can score; the
+    # original method scores under 0.5 here (tests/workers/test_diagnostics.py).
+    assert result.compactness[0] > 0.7 and int(result.regions[0]) == 1
+
+
 # The detector's texture is 2 px: a pyramid that blurs as hard as the reference (sigma 20)
 # flattens the whole model response at the starting mask (0.5), leaving no gradient at
 # all. A mild blur keeps the response graded. The boxes are 16 px wide and 16 px apart:
@@ -88,8 +100,9 @@ def test_extremal_returns_one_mask_per_area_and_the_first_is_primary():
         ExplainParams(method="paper", iterations=15, mask_size=8, image_size=32, noise_std=0.1),
         ExplainParams(method="extremal", iterations=15, image_size=32, jitter=2, areas=(0.1, 0.3)),
         ExplainParams(method="extremal", iterations=15, image_size=32, variant="dual"),
+        ExplainParams(method="decisive", iterations=15, mask_size=8, image_size=32),
     ],
-    ids=["paper", "extremal", "extremal-dual"],
+    ids=["paper", "extremal", "extremal-dual", "decisive"],
 )
 def test_an_image_gets_the_same_mask_alone_and_in_a_batch(params):
     model = tiny_classifier()

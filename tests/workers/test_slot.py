@@ -70,8 +70,9 @@ def _alone(model, image: torch.Tensor, params: ExplainParams):
         NOISY,
         ExplainParams(method="paper", iterations=30, mask_size=8, image_size=32, noise_std=0.1),
         ExplainParams(method="extremal", iterations=30, image_size=32, areas=(0.1, 0.3)),
+        ExplainParams(method="decisive", iterations=30, mask_size=8, image_size=32, jitter=2),
     ],
-    ids=["original", "paper", "extremal"],
+    ids=["original", "paper", "extremal", "decisive"],
 )
 def test_an_item_entering_a_refilled_slot_gets_its_mask_alone(params):
     """Two slots, five items: items 2-4 enter slots that earlier items left."""

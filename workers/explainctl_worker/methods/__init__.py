@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from explainctl_worker.methods import extremal, original, paper
+from explainctl_worker.methods import decisive, extremal, original, paper
 from explainctl_worker.methods.common import Runner
 
 RUNNERS: dict[str, Runner] = {
     "original": original.RUNNER,
     "paper": paper.RUNNER,
     "extremal": extremal.RUNNER,
+    "decisive": decisive.RUNNER,
 }

@@ -134,6 +134,15 @@ def target_probability(model: nn.Module, x: torch.Tensor, targets: torch.Tensor)
     return logits.softmax(dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
 
 
+def target_log_odds(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log(p_c / (1 - p_c)) = f(x)_c - logsumexp over j != c of f(x)_j: (N, C, H, W), (N,) ->
+    (N,). Unlike p_c or log p_c, its gradient does not vanish where the model is sure."""
+    logits = model(x)
+    own = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+    others = logits.scatter(1, targets.view(-1, 1), float("-inf")).logsumexp(dim=1)
+    return own - others
+
+
 def target_logit(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """f(x)_c, the class score before the softmax: (N, C, H, W), (N,) -> (N,)."""
     return model(x).gather(1, targets.view(-1, 1)).squeeze(1)
