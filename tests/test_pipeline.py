@@ -1,5 +1,6 @@
 """End to end: `explainctl submit` -> Redis/Celery -> real worker processes -> S3 (moto)."""
 
+import html
 import io
 import json
 
@@ -52,8 +53,17 @@ def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env, tmp
     start_workers(2)
 
     output = f"s3://{s3_bucket}/audits"
+    # The job names the model's classes itself (--labels), on S3 like its images.
+    names = [f"class {n} <b>" for n in range(10)]
+    s3.put_object(Bucket=s3_bucket, Key="labels.json", Body=json.dumps(names).encode())
+    s3.put_object(Bucket=s3_bucket, Key="empty.txt", Body=b"\n\n")
+    refused = cli.run("submit", f"s3://{s3_bucket}/images/", "--labels",
+                      f"s3://{s3_bucket}/empty.txt", *TINY, **worker_env)  # fmt: skip
+    assert refused.returncode == 2 and "no class names" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     submitted = cli.run("submit", f"s3://{s3_bucket}/images/", "--output", output, "--chunk-size",
-                        "4", "--json", *TINY, **worker_env)  # fmt: skip
+                        "4", "--json", "--labels", f"s3://{s3_bucket}/labels.json", *TINY,
+                        **worker_env)  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job = json.loads(submitted.stdout)
     assert job["total"] == 22 and job["chunks"] == 6
@@ -78,6 +88,7 @@ def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env, tmp
 
     prefix = f"audits/{job['job_id']}/"
     for record in (r for r in records if r.state == "done"):
+        assert record.target_name == names[record.target_index]
         assert sorted(record.artifacts) == sorted(ARTIFACT_FILES)
         assert record.attempt == 1
         for name, uri in record.artifacts.items():
@@ -90,6 +101,7 @@ def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env, tmp
             else:
                 stored = json.loads(body)
                 assert stored["item"] == record.item and stored["attempt"] == record.attempt
+                assert stored["target_name"] == record.target_name
                 # The record says how long each mask ran and why it stopped, as result.json.
                 assert (stored["iterations"], stored["stop_reason"]) == (5, "budget")
                 assert (record.iterations, record.stop_reason) == (5, "budget")
@@ -100,6 +112,7 @@ def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env, tmp
     job_json = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"{prefix}job.json")["Body"].read())
     assert job_json["status"]["counts"] == final["counts"]
     assert job_json["info"]["params"]["iterations"] == 5
+    assert job_json["info"]["labels"] == names
 
     # The audit report of that job, with images fetched from S3, in a real browser.
     page = tmp_path / "report.html"
@@ -112,6 +125,8 @@ def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env, tmp
     cards = browser.card_values(dom)
     assert (cards["items"], cards["done"], cards["failed"]) == ("22", "20", "2")
     assert dom.count('data-state="failed"') == 2 and "unsupported-format:" in dom
+    first_name = next(r.target_name for r in records if r.state == "done")
+    assert f">{html.escape(first_name, quote=False)}<" in dom  # the label, as text
     stored = cli.run("report", job["job_id"], **worker_env)
     assert stored.stdout.strip() == f"s3://{s3_bucket}/{prefix}report.html"
     s3.head_object(Bucket=s3_bucket, Key=f"{prefix}report.html")

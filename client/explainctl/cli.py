@@ -30,6 +30,7 @@ from explainctl.errors import (
     MissingDependency,
 )
 from explainctl.item import RESULT_COLUMNS, SORT_KEYS, sort_value, summary_line
+from explainctl.labels import read_labels
 from explainctl.options import (
     build_model_spec,
     params_from,
@@ -57,6 +58,13 @@ MeanOpt = Annotated[
     str | None, typer.Option("--mean", help="Input normalisation mean, e.g. 0.5,0.5,0.5.")
 ]
 StdOpt = Annotated[str | None, typer.Option("--std", help="Input normalisation std.")]
+LabelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--labels",
+        help="Class names for the model: one per line, or a JSON list (a path or s3://).",
+    ),
+]
 TargetOpt = Annotated[
     str | None,
     typer.Option("--target", help="Class index or name to explain (default: top-1)."),
@@ -104,6 +112,7 @@ def explain(
     mean: MeanOpt = None,
     std: StdOpt = None,
     target: TargetOpt = None,
+    labels: LabelsOpt = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -121,8 +130,9 @@ def explain(
     params = params_from(method_flags)
     spec = build_model_spec(model, weights, mean, std)
     wanted = _target(target)
+    names = read_labels(labels)
     explain_mod, model_mod = _worker_side()
-    loaded = model_mod.ModelCache().get(spec, model_mod.pick_device(device))
+    loaded = model_mod.ModelCache().get(spec, model_mod.pick_device(device)).with_labels(names)
 
     failed = 0
     with _progress() as bar:
@@ -200,6 +210,7 @@ def submit(
     mean: MeanOpt = None,
     std: StdOpt = None,
     target: TargetOpt = None,
+    labels: LabelsOpt = None,
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", min=1, help="Images per chunk (one queue message).")
     ] = 16,
@@ -224,6 +235,7 @@ def submit(
     params = params_from(method_flags)
     spec = build_model_spec(model, weights, mean, std)
     _target(target)
+    names = read_labels(labels)
     client = _client(broker, output, queue)
     items = expand_inputs(inputs, stdin=sys.stdin)
     if target is not None:
@@ -231,7 +243,7 @@ def submit(
     if resume is not None:
         done = client.resume(resume, items)
     else:
-        done = client.submit(items, spec, params, chunk_size=chunk_size)
+        done = client.submit(items, spec, params, chunk_size=chunk_size, labels=names)
     if as_json and wait_:
         pass  # the final status, printed by _follow, carries the job ID
     elif as_json:

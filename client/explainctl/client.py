@@ -92,8 +92,10 @@ class Client:
         params: ExplainParams,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        labels: tuple[str, ...] | None = None,
     ) -> Submitted:
-        """Queue a job, streaming: one Redis pipeline and one message per chunk of items."""
+        """Queue a job, streaming: one Redis pipeline and one message per chunk of items.
+        `labels` name the model's classes (explainctl.labels)."""
         if chunk_size < 1:
             raise InvalidInput("--chunk-size must be at least 1")
         iterator = iter(inputs)
@@ -109,6 +111,7 @@ class Client:
             output=output,
             queue=self.settings.queue,
             chunk_size=chunk_size,
+            labels=labels,
         )
         try:
             write_job_json(self.storage(output), info)

@@ -157,3 +157,6 @@ class JobInfo(_Strict):
     output: str
     queue: str
     chunk_size: int
+    # Class names for the model's outputs (--labels, explainctl.labels): in place of the
+    # model's own, by workers (targets by name, target_name) and so in every record.
+    labels: tuple[str, ...] | None = None

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from explainctl.contracts import ModelSpec
+from explainctl.contracts import ModelSpec, Target
 from explainctl.methods import ExplainParams
 from explainctl_worker.explain import ItemInput, Timings, explain_items
 from explainctl_worker.model import LoadedModel
@@ -71,3 +71,24 @@ def test_a_failed_delivery_fails_that_item_alone():
         None,
         None,
     ]
+
+
+def test_a_jobs_labels_name_the_target_and_resolve_targets_by_name():
+    loaded = LoadedModel(
+        tiny_classifier().eval(), ModelSpec(name="tiny"), torch.device("cpu"), None
+    )
+    names = [f"kind {n}" for n in range(10)]
+    named = loaded.with_labels(names)
+    assert named.module is loaded.module and loaded.categories is None
+    assert loaded.with_labels(None) is loaded
+    items = [
+        ItemInput("top", "mem://0.png", lambda: _png(0)),
+        ItemInput("named", "mem://1.png", lambda: _png(1), Target(name="KIND 7")),
+        ItemInput("unknown", "mem://2.png", lambda: _png(2), Target(name="kind 99")),
+    ]
+    top, by_name, unknown = explain_items(items, named, PARAMS, slots=2)
+    assert top.result.target_name == names[top.result.target_index]
+    assert (by_name.result.target_index, by_name.result.target_name) == (7, "kind 7")
+    assert unknown.error_code == "bad-target" and "kind 99" in unknown.error
+    # The module's output-width probe is shared, not run again per job.
+    assert named.__dict__["_num_classes"] is loaded.__dict__["_num_classes"]

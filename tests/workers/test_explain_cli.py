@@ -74,6 +74,19 @@ def test_explain_summary_lines_without_json(tmp_path):
     assert done.stdout.startswith("ok evidence: class 0")
 
 
+def test_labels_name_a_custom_models_classes(tmp_path):
+    good_png, _, _ = _images(tmp_path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("evidence box\nplain texture\n")
+    out = tmp_path / "o"
+    done = cli.run("explain", str(good_png), "--out", str(out), "--labels", str(labels),
+                   "--target", "Plain Texture", *SMALL)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok evidence: class 1 plain texture"), done.stdout
+    result = ItemResult.model_validate_json((out / "evidence" / "result.json").read_text())
+    assert (result.target_index, result.target_name) == (1, "plain texture")
+
+
 def test_bad_parameters_are_one_line_errors(tmp_path):
     good_png, _, _ = _images(tmp_path)
     for extra, code, fragment in (
@@ -82,6 +95,7 @@ def test_bad_parameters_are_one_line_errors(tmp_path):
         (["--param", "bogus=1"], 2, "unknown parameter"),
         (["--model", "no_such_model"], 3, "unknown model"),
         (["--model", "resnet18", "--weights", "/missing.pth"], 3, "not found"),
+        (["--labels", "/missing-labels.txt"], 2, "cannot read the labels file"),
     ):
         done = cli.run("explain", str(good_png), "--out", str(tmp_path / "o"), *SMALL, *extra)
         assert done.returncode == code, (extra, done.stderr)

@@ -49,6 +49,7 @@ class WorkerContext:
     models: ModelCache = field(default_factory=ModelCache)
     device: torch.device | None = None
     _storages: dict[str, Storage] = field(default_factory=dict)
+    _labels: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -90,6 +91,15 @@ class WorkerContext:
 
     def read(self, uri: str) -> bytes:
         return read_source(uri, self.source_policy())
+
+    def labels(self, job_id: str) -> tuple[str, ...] | None:
+        """The job's class names (--labels), read from its record once per process."""
+        with self._lock:
+            if job_id not in self._labels:
+                if len(self._labels) >= 64:
+                    self._labels.pop(next(iter(self._labels)))
+                self._labels[job_id] = self.store.info(job_id).labels
+            return self._labels[job_id]
 
     def model_allowed(self, spec: ModelSpec) -> bool:
         """EXPLAINCTL_ALLOWED_MODELS, when set, is the complete list (`*`: any); unset, a
@@ -235,6 +245,7 @@ def run_chunk(payload: ChunkPayload, context: WorkerContext) -> None:
     else:
         try:
             loaded = context.models.get(payload.model, context.torch_device())
+            loaded = loaded.with_labels(context.labels(job))
         except ExplainctlError as error:
             failure = _failure("model-unavailable", str(error))
             finished = store.settle(job, [(i.index, "failed", failure) for i in pending])

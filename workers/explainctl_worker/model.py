@@ -7,11 +7,13 @@ and in eval mode.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,15 @@ class LoadedModel:
     spec: ModelSpec
     device: torch.device
     categories: list[str] | None  # class names by index, when the model has them
+
+    def with_labels(self, labels: Sequence[str] | None) -> LoadedModel:
+        """The same module with a job's own class names (--labels) in place of its own."""
+        if not labels:
+            return self
+        named = dataclasses.replace(self, categories=list(labels))
+        # The output-width probe (explain.num_classes) is the module's: share it.
+        named.__dict__["_num_classes"] = self.__dict__.setdefault("_num_classes", {})
+        return named
 
 
 def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
