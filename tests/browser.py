@@ -24,16 +24,17 @@ def chromium() -> str:
     raise RuntimeError("no chromium on PATH: `make test` installs Debian's chromium package")
 
 
-def _run(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
+def _run(page: Path, profile: Path, *extra: str, fragment: str = "") -> subprocess.CompletedProcess:
+    url = page.resolve().as_uri() + (f"#{fragment}" if fragment else "")
     return subprocess.run(
-        [chromium(), *FLAGS, f"--user-data-dir={profile}", *extra, page.resolve().as_uri()],
+        [chromium(), *FLAGS, f"--user-data-dir={profile}", *extra, url],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 
-def dump_dom(page: Path, profile: Path) -> str:
-    """The DOM after the page's scripts ran."""
-    done = _run(page, profile, "--dump-dom")
+def dump_dom(page: Path, profile: Path, fragment: str = "") -> str:
+    """The DOM after the page's scripts ran; `fragment` is the address's part after #."""
+    done = _run(page, profile, "--dump-dom", fragment=fragment)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 

@@ -15,6 +15,7 @@ from explainctl.config import markdown_table as settings_table
 from explainctl.errors import markdown_error_codes
 from explainctl.item import markdown_fields
 from explainctl.methods import markdown_methods, markdown_parameters
+from explainctl.trust import markdown_flags
 
 TABLES: dict[str, Callable[[], str]] = {
     "settings": settings_table,
@@ -22,6 +23,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "parameters": markdown_parameters,
     "result-fields": markdown_fields,
     "error-codes": markdown_error_codes,
+    "trust-flags": markdown_flags,
 }
 _BLOCK = re.compile(r"(<!-- generated:([a-z-]+) -->\n)(.*?)(<!-- /generated -->)", re.S)
 

@@ -4,41 +4,107 @@ Images are small JPEG thumbnails embedded as data URIs (no network requests, ope
 disk); the gallery is drawn by a short script from a JSON blob, a page at a time, so a
 job of thousands of items still opens quickly. Every text from the job (URIs, class
 names, errors) reaches the page as JSON and is set with textContent, never as HTML.
+The job's findings (per-class means, histograms, the items that stand out) are computed
+here, in one pass over the rows, so they are tested without a browser.
 """
 
 from __future__ import annotations
 
 import base64
+import heapq
 import html
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
+from typing import Any
 
 from PIL import Image, ImageOps
 
-from explainctl.contracts import OVERLAY_PNG, PERTURBED_PNG
+from explainctl.contracts import MASK_PNG, OVERLAY_PNG, PERTURBED_PNG
 from explainctl.errors import ExplainctlError
 from explainctl.item import SCORE_FIELDS, ItemRecord, field_views, sort_value
+from explainctl.trust import FLAG_NAMES, flag_views, flags
 
 THUMBNAIL = 120  # the gallery shows them 120 px wide
+DETAIL = 448  # the detail view's images: twice the model's input, enough to see a mask's edge
+# A full-size image weighs about 8 thumbnails (20 KB against 2.7 KB for a photo), four per
+# item: for every item a 10,000-item page would pass 1 GB. So only the first DETAIL_ITEMS
+# done items and the items that stand out (at most 25 more: the ones an auditor opens
+# first) get them, about 5 MB in all; the others' detail view shows their thumbnails.
+DETAIL_ITEMS = 25
 ORIGINAL_MAX_BYTES = 50 * 1024 * 1024
+
+STANDOUT_ITEMS = 5  # per list of items that stand out
+HISTOGRAM_BINS = 20
+# (key, label, lowest, highest): fixed ranges, so bins fill in one pass over the rows.
+HISTOGRAMS = (
+    ("mask_area", "mask area", 0.0, 1.0),
+    ("drop", "probability drop (p before − p after)", 0.0, 1.0),
+    ("stability_iou", "stability IoU", 0.0, 1.0),
+)
+# The per-class table's means; those a job may not measure are None where it did not.
+CLASS_MEANS = (
+    "prob_before", "prob_after", "mask_area", "deletion_auc_blur", "insertion_auc",
+    "stability_iou",
+)  # fmt: skip
+# (key, label, field, largest first, only items with this flag)
+STANDOUTS = (
+    ("largest-masks", "largest masks", "mask_area", True, None),
+    ("smallest-masks", "smallest masks", "mask_area", False, None),
+    ("least-stable", "least stable", "stability_iou", False, None),
+    ("least-compact", "least compact", "compactness", False, None),
+    ("not-removed", "prediction not removed", "prob_ratio", True, "not-removed"),
+)
+
+
+def _jpegs(data: bytes, sizes: tuple[int, ...]) -> list[str]:
+    """Data URIs of JPEGs of the encoded image `data`, one per largest side, decoded once."""
+    with Image.open(io.BytesIO(data)) as image:
+        top = max(sizes)
+        image.draft("RGB", (top * 2, top * 2))  # JPEG decodes at a reduced scale: fast
+        full = ImageOps.exif_transpose(image).convert("RGB")
+    uris = []
+    for size in sizes:
+        small = full.copy()
+        small.thumbnail((size, size))
+        buffer = io.BytesIO()
+        small.save(buffer, format="JPEG", quality=75)
+        uris.append("data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode())
+    return uris
 
 
 def thumbnail(data: bytes, size: int = THUMBNAIL) -> str:
     """A data URI of a JPEG thumbnail of the encoded image `data`."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.draft("RGB", (size * 2, size * 2))  # JPEG decodes at a reduced scale: fast
-        small = ImageOps.exif_transpose(image).convert("RGB")
-        small.thumbnail((size, size))
-    buffer = io.BytesIO()
-    small.save(buffer, format="JPEG", quality=75)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return _jpegs(data, (size,))[0]
 
 
-def _row(record: ItemRecord, read: Callable[[str], bytes]) -> dict:
+_UNREADABLE = (ExplainctlError, OSError, ValueError, Image.DecompressionBombError)
+
+
+def _sources(record: ItemRecord) -> list[tuple[str, str | None]]:
+    return [
+        ("original", record.uri),
+        ("mask", record.artifacts.get(MASK_PNG)),
+        ("overlay", record.artifacts.get(OVERLAY_PNG)),
+        ("perturbed", record.artifacts.get(PERTURBED_PNG)),
+    ]
+
+
+def _detail(record: ItemRecord, read: Callable[[str], bytes]) -> dict[str, str | None]:
+    """The detail view's full-size images of a done item."""
+    images: dict[str, str | None] = {}
+    for key, uri in _sources(record):
+        try:
+            images[key] = _jpegs(read(uri), (DETAIL,))[0] if uri else None
+        except _UNREADABLE:
+            images[key] = None
+    return images
+
+
+def _row(record: ItemRecord, read: Callable[[str], bytes], detail: bool = False) -> dict:
     row = {
         "index": record.index,
         "item": record.item,
@@ -49,21 +115,142 @@ def _row(record: ItemRecord, read: Callable[[str], bytes]) -> dict:
         "drop": sort_value(record, "drop"),
         "error": f"{record.error_code}: {record.error}" if record.error else None,
         **{name: getattr(record, name) for name in SCORE_FIELDS},
+        "flags": flags(record),
     }
     if record.state != "done":
         return row
-    images = {}
-    for key, uri in (
-        ("original", record.uri),
-        ("overlay", record.artifacts.get(OVERLAY_PNG)),
-        ("perturbed", record.artifacts.get(PERTURBED_PNG)),
-    ):
+    images: dict[str, str | None] = {}
+    full: dict[str, str | None] = {}
+    for key, uri in _sources(record):
+        if key == "mask" and not detail:
+            continue  # the gallery does not show it: read only for a detail view
         try:
-            images[key] = thumbnail(read(uri)) if uri else None
-        except (ExplainctlError, OSError, ValueError, Image.DecompressionBombError):
-            images[key] = None  # shown as "unavailable"; the rest of the report stands
+            sizes = (DETAIL,) if key == "mask" else (THUMBNAIL, DETAIL) if detail else (THUMBNAIL,)
+            made = _jpegs(read(uri), sizes) if uri else [None] * len(sizes)
+        except _UNREADABLE:
+            made = [None, None]  # shown as "unavailable"; the rest of the report stands
+        if key != "mask":
+            images[key] = made[0]
+        if detail:
+            full[key] = made[-1]
     row["images"] = images
+    if detail:
+        row["detail"] = full
     return row
+
+
+class _Extremes:
+    """The `size` entries of lowest key seen so far, without keeping the others."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.heap: list[tuple[float, int, dict]] = []  # (-key, -position): the worst on top
+
+    def add(self, key: float, position: int, entry: dict) -> None:
+        item = (-key, -position, entry)
+        if len(self.heap) < self.size:
+            heapq.heappush(self.heap, item)
+        elif (key, position) < (-self.heap[0][0], -self.heap[0][1]):
+            heapq.heapreplace(self.heap, item)
+
+    def sorted(self) -> list[tuple[int, dict]]:
+        return [(-p, e) for _, p, e in sorted(self.heap, key=lambda i: (-i[0], -i[1]))]
+
+
+class Findings:
+    """What the report says about the job's done items, accumulated one row at a time."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.sortable = [f["key"] for f in field_views() if f["sort"]]
+        self.sums: dict[str, list[float]] = {}  # key -> [sum, count], job means
+        self.classes: dict[str, dict[str, list[float]]] = {}
+        self.bins = {key: [0] * HISTOGRAM_BINS for key, *_ in HISTOGRAMS}
+        self.outside = {key: [0, 0] for key, *_ in HISTOGRAMS}  # below, above the range
+        self.flagged = dict.fromkeys(FLAG_NAMES, 0)
+        self.standouts = {key: _Extremes(STANDOUT_ITEMS) for key, *_ in STANDOUTS}
+
+    @staticmethod
+    def _add(sums: dict[str, list[float]], key: str, value: Any) -> None:
+        if value is not None:
+            total = sums.setdefault(key, [0.0, 0])
+            total[0] += value
+            total[1] += 1
+
+    def add(self, position: int, row: dict) -> None:
+        """Count `row`, the `position`-th row of the report, if it is done."""
+        if row["state"] != "done":
+            return
+        self.done += 1
+        for key in self.sortable:
+            self._add(self.sums, key, row[key])
+        per_class = self.classes.setdefault(row["class"], {"count": [0, 0]})
+        per_class["count"][0] += 1
+        for key in CLASS_MEANS:
+            self._add(per_class, key, row[key])
+        for key, _, lo, hi in HISTOGRAMS:
+            value = row[key]
+            if value is None:
+                continue
+            if value < lo or value > hi:
+                self.outside[key][value > hi] += 1
+                continue
+            share = (value - lo) / (hi - lo)
+            self.bins[key][min(int(share * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
+        for name in row["flags"]:
+            self.flagged[name] += 1
+        for key, _, field, largest, flag in STANDOUTS:
+            value = row[field]
+            if value is None or (flag and flag not in row["flags"]):
+                continue
+            entry = {"index": row["index"], "item": row["item"], "class": row["class"],
+                     "value": value}  # fmt: skip
+            self.standouts[key].add(-value if largest else value, position, entry)
+
+    def positions(self) -> set[int]:
+        """The rows' positions of every item that stands out."""
+        return {p for kept in self.standouts.values() for p, _ in kept.sorted()}
+
+    def mean(self, key: str) -> float | None:
+        total = self.sums.get(key)
+        return total[0] / total[1] if total else None
+
+    def as_json(self) -> dict:
+        def mean(sums: dict[str, list[float]], key: str) -> float | None:
+            total = sums.get(key)
+            return round(total[0] / total[1], 4) if total else None
+
+        classes = [
+            {"class": name, "count": int(sums["count"][0]),
+             **{key: mean(sums, key) for key in CLASS_MEANS}}
+            for name, sums in self.classes.items()
+        ]  # fmt: skip
+        classes.sort(key=lambda c: (-c["count"], c["class"]))
+        histograms = [
+            {"key": key, "label": label, "lo": lo, "hi": hi, "counts": self.bins[key],
+             "below": self.outside[key][0], "above": self.outside[key][1]}
+            for key, label, lo, hi in HISTOGRAMS
+        ]  # fmt: skip
+        standouts = [
+            {"key": key, "label": label, "field": field,
+             "items": [entry for _, entry in self.standouts[key].sorted()]}
+            for key, label, field, _, _ in STANDOUTS
+        ]  # fmt: skip
+        return {
+            "done": self.done,
+            "classes": classes,
+            "histograms": histograms,
+            "standouts": standouts,
+            "flagged": self.flagged,
+        }
+
+
+def _plan(records: Iterable[ItemRecord]) -> Iterator[tuple[ItemRecord, bool]]:
+    done = 0
+    for record in records:
+        detail = record.state == "done" and done < DETAIL_ITEMS
+        done += record.state == "done"
+        yield record, detail
 
 
 def build_report(
@@ -71,12 +258,20 @@ def build_report(
 ) -> str:
     """The report's HTML. `status` is a job status (`JobStatus.as_json()` plus `info`),
     `read` fetches a URI's bytes (S3 or local)."""
+    findings = Findings()
+    rows: list[dict] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        rows = list(pool.map(lambda r: _row(r, read), records))
-    done = [r for r in rows if r["state"] == "done"]
-    fields = field_views()
-    seconds = [r["seconds"] for r in done if r["seconds"] is not None]
+        for row in pool.map(lambda plan: _row(plan[0], read, plan[1]), _plan(records)):
+            findings.add(len(rows), row)
+            rows.append(row)
+        # Only now is it known which items stand out: those past the first DETAIL_ITEMS
+        # get their full-size images here (a few reads more, at most).
+        missing = sorted(p for p in findings.positions() if "detail" not in rows[p])
+        fetched = pool.map(lambda p: _detail(records[p], read), missing)
+        for position, images in zip(missing, fetched, strict=True):
+            rows[position]["detail"] = images
     wall = (status.get("finished_at") or time.time()) - status["created"]
+    item_seconds = findings.mean("seconds")
     summary = {
         "job_id": status["job_id"],
         "state": status["state"],
@@ -86,20 +281,22 @@ def build_report(
         "counts": status["counts"],
         "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status["created"])),
         "wall_seconds": round(wall, 1),
-        "item_seconds": round(sum(seconds) / len(seconds), 3) if seconds else None,
-        "throughput": round(len(done) / wall, 3) if wall > 0 else None,
+        "item_seconds": round(item_seconds, 3) if item_seconds is not None else None,
+        "throughput": round(findings.done / wall, 3) if wall > 0 else None,
         "output": status["info"]["output"],
+        "detail_items": DETAIL_ITEMS,
+        # The job's mean of every sortable score its items have (the faithfulness ones
+        # only where --metrics measured them).
+        "means": {
+            key: round(value, 4)
+            for key in findings.sortable
+            if (value := findings.mean(key)) is not None
+        },
+        "findings": findings.as_json(),
     }
-    # The job's mean of every sortable score its items have (the faithfulness ones only
-    # where --metrics measured them).
-    means = {}
-    for view in fields:
-        values = [r[view["key"]] for r in done if view["sort"] and r[view["key"]] is not None]
-        if values:
-            means[view["key"]] = round(sum(values) / len(values), 4)
-    summary["means"] = means
+    data = {"summary": summary, "fields": field_views(), "flags": flag_views(), "rows": rows}
     # Every "<" escaped, so no text from the job can end or comment out the script element.
-    data = json.dumps({"summary": summary, "fields": fields, "rows": rows}).replace("<", "\\u003c")
+    text = json.dumps(data).replace("<", "\\u003c")
     title = html.escape(f"explainctl audit {status['job_id']}")
     template = resources.files("explainctl").joinpath("report.html").read_text()
-    return template.replace("{{TITLE}}", title).replace("{{DATA}}", data)
+    return template.replace("{{TITLE}}", title).replace("{{DATA}}", text)

@@ -1,13 +1,22 @@
-"""The report page itself: data that cannot break out of its script element, and every
-declared result field on the page."""
+"""The report page itself: data that cannot break out of its script element, every
+declared result field on the page, the job's findings, trust flags and the detail view."""
 
+import base64
+import io
 import json
 import re
 import time
 import typing
+from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
+
+from explainctl import report
 from explainctl.item import SCORE_FIELDS, SORT_KEYS, ItemRecord, ItemScores, shown
 from explainctl.report import build_report
+from explainctl.trust import FLAGS
 from tests import browser
 
 HOSTILE = "<!--<script>alert(1)</script>"
@@ -74,3 +83,204 @@ def test_every_declared_score_is_rendered_in_a_browser(tmp_path):
     assert cards["mean p keep"] == shown("prob_keep", scores["prob_keep"])
     options = set(re.findall(r'<option value="([a-z_]+)"', dom))
     assert set(SORT_KEYS) <= options | {"class"}
+
+
+# --- the job's findings, trust flags and the detail view ---
+
+# (class name, class index, p before, p after, mask area, p ratio, class changed,
+#  compactness, stability IoU, deletion AUC blur, insertion AUC)
+ITEMS = [
+    ("tabby", 281, 0.9, 0.01, 0.12, 0.0111, True, 0.8, 0.9, 0.2, 0.7),  # trustworthy
+    ("tabby", 281, 0.8, 0.6, 0.42, 0.75, False, 0.3, 0.2, 0.5, 0.4),  # every flag
+    ("tabby", 281, 0.7, 0.07, 0.27, 0.1, True, 0.6, None, None, None),  # stability not measured
+    (None, 7, 0.6, 0.03, 0.63, 0.05, False, 0.45, 0.72, 0.3, 0.6),  # diffuse
+    (None, 7, 0.5, 0.55, 0.08, 1.1, False, 0.9, None, None, None),  # not removed, p rose
+]
+KINDS = ("original", "mask", "overlay", "perturbed")
+
+
+def _png(i: int, kind: str) -> bytes:
+    mode = "L" if kind == "mask" else "RGB"
+    ramp = np.linspace(0, 255, 640, dtype=np.uint8)[None, :].repeat(480, axis=0)
+    pixels = ramp if mode == "L" else np.stack([ramp, np.roll(ramp, 40 * i, 1), ramp[::-1]], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _findings_job() -> tuple[list[ItemRecord], dict[str, bytes]]:
+    records, files = [], {}
+    for i, (name, index, pb, pa, area, ratio, changed, compact, iou, dab, ins) in enumerate(ITEMS):
+        for kind in KINDS:
+            files[f"/img/{i}/{kind}.png"] = _png(i, kind)
+        records.append(ItemRecord(
+            index=i, uri=f"/img/{i}/original.png", item=f"{i:06d}-photo", state="done",
+            artifacts={f"{k}.png": f"/img/{i}/{k}.png" for k in KINDS[1:]},
+            target_index=index, target_name=name, prob_before=pb, prob_after=pa,
+            mask_area=area, prob_ratio=ratio, class_changed=changed, compactness=compact,
+            stability_iou=iou, deletion_auc_blur=dab, insertion_auc=ins, iterations=100,
+            seconds=1.0,
+        ))  # fmt: skip
+    records.append(ItemRecord(index=5, uri="/img/5/original.png", item="000005-broken",
+                              state="failed", error_code="corrupt", error="truncated"))  # fmt: skip
+    return records, files
+
+
+def _bins(*at: int) -> list[int]:
+    counts = [0] * report.HISTOGRAM_BINS
+    for i in at:
+        counts[i] += 1
+    return counts
+
+
+EXPECTED_BINS = {
+    "mask_area": _bins(2, 8, 5, 12, 1),  # 0.12, 0.42, 0.27, 0.63, 0.08 in bins of 0.05
+    "drop": _bins(17, 4, 12, 11),  # 0.89, 0.2, 0.63, 0.57; -0.05 falls below
+    "stability_iou": _bins(18, 4, 14),  # 0.9, 0.2, 0.72
+}
+EXPECTED_STANDOUTS = {
+    "largest-masks": [3, 1, 2, 0, 4],
+    "smallest-masks": [4, 0, 2, 1, 3],
+    "least-stable": [1, 3, 0],
+    "least-compact": [1, 3, 2, 0, 4],
+    "not-removed": [4, 1],
+}
+
+
+def _data(page: str) -> dict:
+    blob = re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S)
+    return json.loads(blob.group(1))
+
+
+def test_the_findings_are_computed_from_the_done_items():
+    records, files = _findings_job()
+    data = _data(build_report(_status("completed_with_failures", 5, 1), records, files.get))
+    findings = data["summary"]["findings"]
+    assert findings["done"] == 5
+    tabby, seven = findings["classes"]  # most items first
+    assert tabby == {"class": "tabby", "count": 3, "prob_before": 0.8, "prob_after": 0.2267,
+                     "mask_area": 0.27, "deletion_auc_blur": 0.35, "insertion_auc": 0.55,
+                     "stability_iou": 0.55}  # fmt: skip
+    assert seven["class"] == "7" and seven["count"] == 2  # no name: the class index
+    assert seven["deletion_auc_blur"] == 0.3 and seven["stability_iou"] == 0.72  # one measured
+    histograms = {h["key"]: h for h in findings["histograms"]}
+    assert {key: h["counts"] for key, h in histograms.items()} == EXPECTED_BINS
+    assert histograms["drop"]["below"] == 1 and histograms["mask_area"]["below"] == 0
+    standouts = {s["key"]: [i["index"] for i in s["items"]] for s in findings["standouts"]}
+    assert standouts == EXPECTED_STANDOUTS
+    assert findings["flagged"] == {"not-removed": 2, "diffuse": 2, "unstable": 1}
+    assert [r["flags"] for r in data["rows"]] == [
+        [],
+        ["not-removed", "diffuse", "unstable"],
+        [],
+        ["diffuse"],
+        ["not-removed"],
+        [],
+    ]
+
+
+def test_full_size_images_go_to_the_first_items_and_those_that_stand_out(monkeypatch):
+    monkeypatch.setattr(report, "DETAIL_ITEMS", 1)
+    monkeypatch.setattr(report, "STANDOUT_ITEMS", 1)
+    records, files = _findings_job()
+    reads = []
+    page = build_report(_status("completed_with_failures", 5, 1), records,
+                        lambda uri: reads.append(uri) or files[uri])  # fmt: skip
+    rows = _data(page)["rows"]
+    # Item 0 is first; 3 has the largest mask, 4 the smallest, 1 is least stable.
+    assert [i for i, r in enumerate(rows) if "detail" in r] == [0, 1, 3, 4]
+    assert sorted(u for u in reads if u.endswith("mask.png")) == [
+        f"/img/{i}/mask.png" for i in (0, 1, 3, 4)
+    ]
+    assert all(rows[2]["images"][k] for k in ("original", "overlay", "perturbed"))
+    for key in KINDS:
+        full = rows[1]["detail"][key]
+        with Image.open(io.BytesIO(base64.b64decode(full.split(",", 1)[1]))) as image:
+            assert image.size == (report.DETAIL, 336)  # 640x480 at most 448 wide
+    with Image.open(io.BytesIO(base64.b64decode(rows[1]["images"]["original"][23:]))) as thumb:
+        assert thumb.size == (report.THUMBNAIL, 90)
+
+
+def _findings_page(tmp_path) -> Path:
+    records, files = _findings_job()
+    page = tmp_path / "report.html"
+    page.write_text(build_report(_status("completed_with_failures", 5, 1), records, files.get))
+    return page
+
+
+def _block(dom: str, attribute: str, value: str, tag: str = "div") -> str:
+    found = re.search(rf'<{tag}[^>]* {attribute}="{re.escape(value)}"[^>]*>(.*?)</{tag}>', dom,
+                      re.S)  # fmt: skip
+    assert found, f"no <{tag} {attribute}={value}>"
+    return found.group(1)
+
+
+def test_the_findings_flags_and_detail_view_render_in_a_browser(tmp_path):
+    dom = browser.dump_dom(_findings_page(tmp_path), tmp_path / "profile", fragment="item=1")
+    body = browser.body_data(dom)
+    # The per-class table.
+    tabby = dict(re.findall(r'<td data-col="([a-z_]+)">([^<]*)</td>',
+                            _block(dom, "data-class", "tabby", "tr")))  # fmt: skip
+    assert tabby == {"prob_before": "0.800", "prob_after": "0.227", "mask_area": "0.270",
+                     "deletion_auc_blur": "0.350", "insertion_auc": "0.550",
+                     "stability_iou": "0.550"}  # fmt: skip
+    assert "<td>3</td>" in _block(dom, "data-class", "tabby", "tr")
+    # The three histograms: inline SVG, one bar per bin, heights from the counts.
+    for key, counts in EXPECTED_BINS.items():
+        figure = _block(dom, "data-histogram", key, "figure")
+        assert "<svg" in figure
+        bars = re.findall(r'<rect class="bar"[^>]*height="([0-9.]+)"[^>]*data-count="(\d+)"',
+                          figure)  # fmt: skip
+        assert [int(c) for _, c in bars] == counts
+        assert all((float(h) > 0) == (int(c) > 0) for h, c in bars)
+    assert "1 below 0 (p rose under the mask)" in _block(dom, "data-histogram", "drop", "figure")
+    # Each item that stands out is a link to its detail view.
+    for key, indices in EXPECTED_STANDOUTS.items():
+        links = re.findall(r'<a href="#item=(\d+)" data-item="\d+">', _block(dom, "data-standout",
+                           key))  # fmt: skip
+        assert [int(i) for i in links] == indices, key
+    # The gallery's badges carry the sentence.
+    sentences = {f.name: f.sentence for f in FLAGS}
+    row = _block(dom, "data-index", "1", "tr")
+    assert re.findall(r'<span class="flag" data-flag="([a-z-]+)" title="([^"]*)">', row) == [
+        (name, sentences[name]) for name in ("not-removed", "diffuse", "unstable")
+    ]
+    assert 'class="flag"' not in _block(dom, "data-index", "0", "tr")
+    assert body["images-total"] == body["images-loaded"] == "15"
+    # The detail view, open on load: four full-size images, every number, each flag in words.
+    assert body["detail"] == "1"
+    assert re.search(r'<div id="detail"[^>]*>', dom).group(0).find("hidden") < 0
+    assert body["detail-images-total"] == body["detail-images-loaded"] == "4"
+    assert body["detail-images-widths"] == ",".join([str(report.DETAIL)] * 4)
+    numbers = dict(re.findall(r'<td data-detail-field="([a-z_]+)">([^<]*)</td>', dom))
+    assert numbers["prob_ratio"] == "0.750" and numbers["stability_iou"] == "0.200"
+    assert numbers["drop"] == "0.200" and numbers["class_changed"] == "no"
+    assert set(SCORE_FIELDS) <= set(numbers)
+    flags_shown = _block(dom, "id", "detail-flags", "ul")
+    assert all(sentences[name] in flags_shown for name in sentences)
+
+
+@pytest.mark.parametrize(
+    ("flag", "shown"), [("unstable", [1]), ("any", [1, 3, 4]), ("none", [0, 2]), ("", None)]
+)
+def test_the_gallery_filters_by_flag(tmp_path, flag, shown):
+    fragment = f"flag={flag}" if flag else ""
+    dom = browser.dump_dom(_findings_page(tmp_path), tmp_path / "profile", fragment=fragment)
+    rows = [int(i) for i in re.findall(r'<tr class="[a-z]+" data-state="[a-z]+" data-index="(\d+)"',
+                                       dom)]  # fmt: skip
+    assert rows == (shown if shown is not None else list(range(6)))
+    assert browser.body_data(dom)["shown"] == str(len(rows))
+    assert "data-detail" not in re.search(r"<body[^>]*>", dom).group(0)
+    assert re.search(r'<div id="detail"[^>]*hidden', dom)
+
+
+def test_the_detail_view_falls_back_to_thumbnails_past_the_embedded_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "DETAIL_ITEMS", 0)
+    monkeypatch.setattr(report, "STANDOUT_ITEMS", 1)  # item 2 stands out in no list
+    dom = browser.dump_dom(_findings_page(tmp_path), tmp_path / "profile", fragment="item=2")
+    body = browser.body_data(dom)
+    assert body["detail"] == "2"
+    assert body["detail-images-loaded"] == "3"  # original, overlay, perturbed
+    assert body["detail-images-widths"] == ",".join([str(report.THUMBNAIL)] * 3)
+    assert "unavailable" in _block(dom, "data-image", "mask", "figure")
+    assert "Thumbnails: full-size images" in _block(dom, "id", "detail-note", "p")
