@@ -503,6 +503,35 @@ def report(
 
 
 @app.command()
+def compare(
+    job_a: Annotated[str, typer.Argument(help="Job ID of A.")],
+    job_b: Annotated[str, typer.Argument(help="Job ID of B.")],
+    out: Annotated[
+        str | None,
+        typer.Option("--out", help="HTML file (default: compare-A-B.html in this directory)."),
+    ] = None,
+    broker: BrokerOpt = None,
+    output: OutputOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per pair, then a summary.")
+    ] = False,
+) -> None:
+    """Compare two jobs item by item (paired by URI): classes, probabilities, mask areas
+    and mask agreement, as a self-contained HTML page."""
+    from explainctl.compare import compare_jobs, write_page
+
+    if as_json and out:
+        raise InvalidInput("--json prints the pairs and --out writes the page: give one")
+    comparison = compare_jobs(_client(broker, output), job_a, job_b)
+    if not as_json:
+        print(write_page(comparison, out))
+        return
+    for entry in comparison:
+        print(json.dumps(entry.as_json()), flush=True)
+    print(json.dumps(comparison.summary.as_json()), flush=True)
+
+
+@app.command()
 def up(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Local workers to start.")] = 1,
     device: DeviceOpt = None,
