@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, create_model, field_validator
 
 from explainctl.contracts import ARTIFACT_FILES, ItemState, _Strict
-from explainctl.methods import DEFAULT_METHOD, ExplainParams, Method, method_info
+from explainctl.methods import ExplainParams, Method, method_info
 
 # Why an item's optimisation ended: its convergence rule held, or it spent its budget.
 StopReason = Literal["converged", "budget"]
@@ -98,7 +98,8 @@ class ItemScores(_Strict):
     stop_reason: StopReason = score("budget", label="stopped", help="converged or budget")
     seconds: float = score(label="seconds", help="wall time of the item on the worker",
                            fmt=".2f", sort=True)  # fmt: skip
-    method: Method = score(DEFAULT_METHOD, label="method", help="the method that made it")
+    # Records from before this field was written were all made by the original method.
+    method: Method = score("original", label="method", help="the method that made it")
     # Faithfulness (params.metrics): RISE deletion/insertion areas under the curve of the
     # target's probability, pixels ranked by saliency 1 - up(mask), most salient first.
     deletion_auc: float | None = score(

@@ -31,7 +31,7 @@ def _result() -> ItemResult:
         seconds=0.5,
         image_width=40,
         image_height=20,
-        params=ExplainParams(),
+        params=ExplainParams(method="original"),
         versions={"torch": "x"},
     )
 

@@ -5,7 +5,9 @@ import torch
 from explainctl.methods import ExplainParams
 from explainctl_worker.convergence import Convergence
 
-PARAMS = ExplainParams(early_stop_window=10, early_stop_ratio=1.5, early_stop_tol=1e-3)
+PARAMS = ExplainParams(
+    method="original", early_stop_window=10, early_stop_ratio=1.5, early_stop_tol=1e-3
+)
 
 
 def _run(sequence, params=PARAMS, per_item=1) -> list[list[bool]]:

@@ -99,7 +99,7 @@ def test_a_mask_on_the_evidence_is_compact_and_a_uniform_mild_blur_is_not():
 
 
 def test_the_original_methods_mask_on_known_evidence_is_decisive_and_one_region():
-    params = ExplainParams(iterations=150, mask_size=16, image_size=SIZE)
+    params = ExplainParams(method="original", iterations=150, mask_size=16, image_size=SIZE)
     result = explain_batch(evidence_detector(), _evidence(), params, mean=HALF, std=HALF)
     assert result.prob_ratio[0] < 0.1 and bool(result.class_changed[0])
     assert int(result.regions[0]) == 1
@@ -119,7 +119,9 @@ def _loaded() -> LoadedModel:
 
 
 def test_two_seeds_on_a_well_posed_problem_agree(tmp_path):
-    params = ExplainParams(iterations=100, mask_size=16, image_size=SIZE, stability=True)
+    params = ExplainParams(
+        method="original", iterations=100, mask_size=16, image_size=SIZE, stability=True
+    )
     (outcome,) = explain_paths([_evidence_file(tmp_path)], str(tmp_path / "out"), _loaded(),
                                params)  # fmt: skip
     assert outcome.ok, outcome.error
@@ -130,10 +132,10 @@ def test_two_seeds_on_a_well_posed_problem_agree(tmp_path):
 
 def test_stability_sample_chooses_items_by_name_and_skips_methods_without_randomness():
     names = [f"{i:06d}-photo" for i in range(2000)]
-    half = ExplainParams(stability_sample=0.5)
+    half = ExplainParams(method="original", stability_sample=0.5)
     chosen = [n for n in names if measures_stability(half, n)]
     assert 800 < len(chosen) < 1200
     assert chosen == [n for n in names if measures_stability(half, n)]  # the same each time
-    assert not any(measures_stability(ExplainParams(), n) for n in names)
+    assert not any(measures_stability(ExplainParams(method="original"), n) for n in names)
     extremal = ExplainParams(method="extremal", stability=True)
     assert not measures_stability(extremal, names[0])  # it would repeat itself exactly

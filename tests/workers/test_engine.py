@@ -25,7 +25,7 @@ def _deleted(mask_up: torch.Tensor, box) -> float:
 
 
 def test_mask_deletes_the_evidence_and_keeps_the_distractor():
-    params = ExplainParams(iterations=150, mask_size=16, image_size=SIZE)
+    params = ExplainParams(method="original", iterations=150, mask_size=16, image_size=SIZE)
     result = explain_batch(evidence_detector(), _evidence_batch(), params, mean=HALF, std=HALF)
     assert result.targets.tolist() == [0]
     assert result.prob_before[0] > 0.99
@@ -41,7 +41,7 @@ def _random_images(n: int, size: int = 32) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=generator)
 
 
-SMALL = ExplainParams(iterations=25, mask_size=8, image_size=32)
+SMALL = ExplainParams(method="original", iterations=25, mask_size=8, image_size=32)
 
 
 def test_an_image_gets_the_same_mask_alone_and_in_a_batch():
@@ -87,6 +87,7 @@ def test_explicit_targets_and_top1_placeholder():
 
 def test_early_stop_stops_and_reports_fewer_iterations():
     params = ExplainParams(
+        method="original",
         iterations=200,
         mask_size=8,
         image_size=32,

@@ -13,7 +13,7 @@ from explainctl_worker.explain import ItemInput, Timings, explain_items
 from explainctl_worker.model import LoadedModel
 from tests.models import tiny_classifier
 
-PARAMS = ExplainParams(iterations=20, mask_size=4, image_size=32)
+PARAMS = ExplainParams(method="original", iterations=20, mask_size=4, image_size=32)
 
 
 def _png(seed: int) -> bytes:

@@ -10,7 +10,7 @@ from explainctl.options import build_params
 
 
 def test_original_defaults_are_unchanged_and_seed_is_its_alias():
-    params = ExplainParams()
+    params = ExplainParams(method="original")
     assert params.method == "original"
     assert ExplainParams(method="seed") == params  # its name before 0.2
     assert (params.iterations, params.lr, params.l1_coeff, params.tv_coeff) == (500, 0.1, 0.01, 0.2)

@@ -127,7 +127,9 @@ def test_paper_is_seeded():
 
 
 def test_metrics_leave_the_masks_alone_and_score_every_image():
-    params = ExplainParams(iterations=10, mask_size=8, image_size=32, metric_steps=8)
+    params = ExplainParams(
+        method="original", iterations=10, mask_size=8, image_size=32, metric_steps=8
+    )
     model, images = tiny_classifier(), _random_images(2)
     plain = explain_batch(model, images, params)
     scored = explain_batch(model, images, params.model_copy(update={"metrics": True}))

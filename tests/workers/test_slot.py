@@ -57,7 +57,7 @@ def test_jitter_rows_shifts_each_row_by_its_own_offset():
     assert torch.equal(shifted[1, 0, :, :3], x[1, 0, :, 2:])  # left by two columns
 
 
-NOISY = ExplainParams(iterations=40, mask_size=8, image_size=32, jitter=2)
+NOISY = ExplainParams(method="original", iterations=40, mask_size=8, image_size=32, jitter=2)
 
 
 def _alone(model, image: torch.Tensor, params: ExplainParams):

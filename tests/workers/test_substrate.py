@@ -51,7 +51,7 @@ def test_median_blur_matches_a_direct_median():
 
 def test_average_substrate_is_mean_of_the_two_blurs():
     x = torch.rand(1, 3, 24, 24)
-    params = ExplainParams(image_size=24, mask_size=4)
+    params = ExplainParams(method="original", image_size=24, mask_size=4)
     expected = 0.5 * (gaussian_blur(x, 11, 5.0) + median_blur(x, 11))
     assert torch.allclose(make_substrate(x, params), expected)
     gaussian_only = make_substrate(x, params.model_copy(update={"substrate": "gaussian"}))
