@@ -37,6 +37,7 @@ from quality import HALF, MORE_SKIMAGE, SKIMAGE, load_images, load_model, machin
 
 from explainctl.item import ItemResult
 from explainctl.methods import ExplainParams
+from explainctl.trust import NOT_REMOVED_RATIO
 from explainctl_worker import diagnostics
 from explainctl_worker.artifact import OVERLAY_PNG, heatmap_top, render
 from explainctl_worker.engine import explain_batch
@@ -105,13 +106,16 @@ def run(model_name: str, args) -> None:
         seconds = time.perf_counter() - started
         per_photo = {f: [v.item() for v in getattr(result, f)] for f in FIELDS}
         per_photo["stability_iou"] = per_photo["stability_rank"] = [None] * len(names)
-        if args.stability and measures_stability(params, "any"):
+        # As --stability asks: a second run under the next seed (none for a method that
+        # draws nothing at random).
+        measured = measures_stability(params.model_copy(update={"stability": True}), "any")
+        if args.stability and measured:
             twin = explain_batch(model, images, params_of(values | {"metrics": False}, args, 1),
                                  mean=HALF, std=HALF, slots=args.slots)  # fmt: skip
             iou, rank = diagnostics.stability(result.masks_full, twin.masks_full)
             per_photo["stability_iou"], per_photo["stability_rank"] = iou.tolist(), rank.tolist()
         removed = [
-            r < 0.1 or c
+            r < NOT_REMOVED_RATIO or c
             for r, c in zip(per_photo["prob_ratio"], per_photo["class_changed"], strict=True)
         ]
         means = {

@@ -18,6 +18,7 @@ from pydantic import Field, create_model, field_validator
 
 from explainctl.contracts import ARTIFACT_FILES, ItemState, _Strict
 from explainctl.methods import ExplainParams, Method, method_info
+from explainctl.trust import NOT_REMOVED_RATIO
 
 # Why an item's optimisation ended: its convergence rule held, or it spent its budget.
 StopReason = Literal["converged", "budget"]
@@ -55,7 +56,7 @@ class ItemScores(_Strict):
     prob_ratio: float | None = score(
         None,
         label="p ratio",
-        help="p after / p before: below 0.1 the mask removed the evidence",
+        help=f"p after / p before: below {NOT_REMOVED_RATIO} the mask removed the evidence",
         fmt=".3f",
         sort=True,
     )
