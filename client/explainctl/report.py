@@ -35,7 +35,6 @@ DETAIL = 448  # the detail view's images: twice the model's input, enough to see
 # done items and the items that stand out (at most 25 more: the ones an auditor opens
 # first) get them, about 5 MB in all; the others' detail view shows their thumbnails.
 DETAIL_ITEMS = 25
-ORIGINAL_MAX_BYTES = 50 * 1024 * 1024
 
 STANDOUT_ITEMS = 5  # per list of items that stand out
 HISTOGRAM_BINS = 20
