@@ -13,6 +13,7 @@ textContent, thumbnails as data URIs.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import io
 import itertools
@@ -31,7 +32,7 @@ from PIL import Image
 from explainctl.agreement import mask_agreement
 from explainctl.contracts import MASK_NPY, OVERLAY_PNG
 from explainctl.errors import ExplainctlError, InvalidInput
-from explainctl.item import ItemRecord
+from explainctl.item import ItemRecord, sort_value
 from explainctl.job import JobStatus
 from explainctl.report import thumbnail
 
@@ -67,14 +68,7 @@ class JobView:
         )
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "state": self.state,
-            "model": self.model,
-            "params": self.params,
-            "total": self.total,
-            "output": self.output,
-        }
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +109,7 @@ class Side:
 
     @property
     def drop(self) -> float | None:
-        if self.prob_before is None or self.prob_after is None:
-            return None
-        return self.prob_before - self.prob_after
+        return sort_value(self, "drop")
 
     def as_json(self) -> dict[str, Any]:
         return {
