@@ -69,7 +69,7 @@ CELL = 112  # px of one overlay on the contact sheet
 
 
 def params_of(values: dict, args, seed: int = 0) -> ExplainParams:
-    return ExplainParams(**values, seed=seed, metrics=True, metric_steps=args.steps)
+    return ExplainParams(**{"metrics": True, "metric_steps": args.steps, **values, "seed": seed})
 
 
 def overlay(image: torch.Tensor, result, i: int, params: ExplainParams) -> Image.Image:

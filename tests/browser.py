@@ -39,8 +39,8 @@ def dump_dom(page: Path, profile: Path, fragment: str = "") -> str:
     return done.stdout
 
 
-def screenshot(page: Path, profile: Path, out: Path) -> np.ndarray:
-    done = _run(page, profile, f"--screenshot={out}")
+def screenshot(page: Path, profile: Path, out: Path, fragment: str = "") -> np.ndarray:
+    done = _run(page, profile, f"--screenshot={out}", fragment=fragment)
     assert done.returncode == 0 and out.exists(), done.stderr[-2000:]
     return np.asarray(Image.open(out).convert("RGB"))
 

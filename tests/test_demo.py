@@ -47,7 +47,11 @@ def test_demo_runs_the_pipeline_and_writes_a_report_a_browser_renders(tmp_path):
 
         shot = browser.screenshot(tmp_path / report, tmp_path / "profile2", tmp_path / "r.png")
         assert shot.shape[0] > 500 and shot.std() > 20  # not a blank page
-        assert (shot.reshape(-1, 3).std(axis=1) > 30).mean() > 0.01  # photos in colour
+        # The first item's detail view, as an auditor opens it: its photos, in colour.
+        shot = browser.screenshot(
+            tmp_path / report, tmp_path / "profile3", tmp_path / "d.png", fragment="item=0"
+        )
+        assert (shot.reshape(-1, 3).std(axis=1) > 30).mean() > 0.01
     finally:
         cli.run("down", **env)
 
