@@ -2,9 +2,10 @@
 
     python benchmarks/report.py --items 1000
 
-Makes N items whose original, overlay and perturbed images are 640x480 photos-like PNGs on
-disk (the sizes a real job produces), builds the report exactly as `explainctl report`
-does, and times headless Chromium loading it until the first page of the gallery is drawn.
+Makes N items whose original, overlay, perturbed and mask images are 640x480 photo-like
+PNGs on disk (the sizes a real job produces), with diagnostics that raise every trust
+flag, builds the report exactly as `explainctl report` does, and times headless Chromium
+loading it until the first page of the gallery is drawn.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def make_items(folder: Path, n: int) -> list[ItemRecord]:
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
     paths = []
-    for kind in ("original", "overlay", "perturbed"):
+    for kind in ("original", "overlay", "perturbed", "mask"):
         path = folder / f"{kind}.png"
         Image.fromarray(np.roll(base, len(paths) * 40, axis=1)).save(path)
         paths.append(str(path))
@@ -45,12 +46,19 @@ def make_items(folder: Path, n: int) -> list[ItemRecord]:
                 state="failed" if failed else "done",
                 error_code="corrupt" if failed else None,
                 error="truncated" if failed else None,
-                artifacts={} if failed else {"overlay.png": paths[1], "perturbed.png": paths[2]},
+                artifacts={}
+                if failed
+                else {"overlay.png": paths[1], "perturbed.png": paths[2], "mask.png": paths[3]},
                 target_index=i % 10,
                 target_name=f"class {i % 10}",
                 prob_before=0.9,
                 prob_after=0.1 + (i % 7) / 10,
                 mask_area=(i % 13) / 13,
+                # Diagnostics spread so that every trust flag and histogram has items.
+                prob_ratio=(0.1 + (i % 7) / 10) / 0.9,
+                class_changed=i % 3 == 0,
+                compactness=(i % 11) / 10,
+                stability_iou=(i % 17) / 16,
                 seconds=1.0,
             )  # fmt: skip
         )
