@@ -14,16 +14,13 @@ textContent, thumbnails as data URIs.
 from __future__ import annotations
 
 import dataclasses
-import html
 import io
 import itertools
-import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 import numpy as np
@@ -34,6 +31,7 @@ from explainctl.contracts import MASK_NPY, OVERLAY_PNG
 from explainctl.errors import ExplainctlError, InvalidInput
 from explainctl.item import ItemRecord, sort_value
 from explainctl.job import JobStatus
+from explainctl.page import render_page
 from explainctl.report import thumbnail
 
 # A 28x28 float32 mask is 3 KiB; anything near this is not a mask.
@@ -450,11 +448,8 @@ def build_page(result: ComparisonResult, read: Read, workers: int = 16) -> str:
         "only_a": [{"uri": u.uri, "item": u.side.item} for u in result.only_a],
         "only_b": [{"uri": u.uri, "item": u.side.item} for u in result.only_b],
     }
-    # Every "<" escaped, so no text from either job can end or comment out the script.
-    blob = json.dumps(data).replace("<", "\\u003c")
-    title = html.escape(f"explainctl compare {summary.a.job_id} {summary.b.job_id}")
-    template = resources.files("explainctl").joinpath("compare.html").read_text()
-    return template.replace("{{TITLE}}", title).replace("{{DATA}}", blob)
+    title = f"explainctl compare {summary.a.job_id} {summary.b.job_id}"
+    return render_page("compare.html", title, data)
 
 
 def write_page(comparison: Comparison, out: str | None = None) -> str:

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import base64
 import heapq
-import html
 import io
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 from typing import Any
 
 from PIL import Image, ImageOps
@@ -26,6 +23,7 @@ from PIL import Image, ImageOps
 from explainctl.contracts import MASK_PNG, OVERLAY_PNG, PERTURBED_PNG
 from explainctl.errors import ExplainctlError
 from explainctl.item import SCORE_FIELDS, ItemRecord, field_views, sort_value
+from explainctl.page import render_page
 from explainctl.trust import FLAG_NAMES, flag_views, flags
 
 THUMBNAIL = 120  # the gallery shows them 120 px wide
@@ -294,8 +292,4 @@ def build_report(
         "findings": findings.as_json(),
     }
     data = {"summary": summary, "fields": field_views(), "flags": flag_views(), "rows": rows}
-    # Every "<" escaped, so no text from the job can end or comment out the script element.
-    text = json.dumps(data).replace("<", "\\u003c")
-    title = html.escape(f"explainctl audit {status['job_id']}")
-    template = resources.files("explainctl").joinpath("report.html").read_text()
-    return template.replace("{{TITLE}}", title).replace("{{DATA}}", text)
+    return render_page("report.html", f"explainctl audit {status['job_id']}", data)
