@@ -45,7 +45,7 @@ from explainctl_worker.explain import measures_stability
 
 # name -> parameters; the methods as they are, then the candidates for a new default.
 CANDIDATES: dict[str, dict] = {
-    "original": {},
+    "original": {"method": "original"},
     "paper": {"method": "paper"},
     "extremal": {"method": "extremal"},
     "decisive": {"method": "decisive"},
