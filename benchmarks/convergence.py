@@ -85,7 +85,7 @@ def main() -> None:
 
     model, names, images, x, probs = setup()
     targets = probs.argmax(dim=1)
-    params = ExplainParams(iterations=args.iterations, early_stop=False)
+    params = ExplainParams(method="original", iterations=args.iterations, early_stop=False)
     kept = iterates(model, images, targets, params, args.every)
 
     blurred = gaussian_blur(x, RISE_BLUR_KERNEL, RISE_BLUR_SIGMA)

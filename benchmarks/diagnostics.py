@@ -58,6 +58,9 @@ CANDIDATES: dict[str, dict] = {
                        "blur_kernel": 41},
     "decisive, σ 10, no jitter": {"method": "decisive", "substrate": "gaussian",
                                   "blur_sigma": 10.0, "blur_kernel": 41, "jitter": 0},
+    # Against fragmented masks: a smoother or a coarser mask.
+    "decisive, TV 1": {"method": "decisive", "tv_coeff": 1.0},
+    "decisive, mask 14": {"method": "decisive", "mask_size": 14},
 }  # fmt: skip
 # Diagnostics and scores kept per photo (Explanation fields).
 FIELDS = (

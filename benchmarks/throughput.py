@@ -185,14 +185,17 @@ def run_rows(model, images, targets, args) -> list[dict]:
             )
         )
 
-    fixed = ExplainParams(iterations=args.budget, early_stop=False)
+    # The fixed and rule rows measure the original method (the default until 0.3).
+    fixed = ExplainParams(method="original", iterations=args.budget, early_stop=False)
     if "fixed" in args.rows:
         rows.append(log(engine_row("fixed", fixed, n, channels_last=False)))
     if "fixed-s1" in args.rows:
         rows.append(log(engine_row("fixed-s1", fixed.model_copy(update={"seed": 1}), n, False)))
     if "rule" in args.rows:
-        rule = ExplainParams(iterations=args.budget)
+        rule = ExplainParams(method="original", iterations=args.budget)
         rows.append(log(engine_row("rule", rule, 1, channels_last=False)))
+    if "original-default" in args.rows:
+        rows.append(log(default_row(model, x, targets, args, method="original")))
     if "default" in args.rows:
         rows.append(log(default_row(model, x, targets, args)))
     if "default-bf16" in args.rows and images.device.type == "cuda":
@@ -206,9 +209,13 @@ def _loaded(model, device) -> LoadedModel:
     )
 
 
-def default_row(model, x, targets, args, precision: str = "fp32") -> dict:
-    """The new default end to end, from the photo files to artifacts on disk."""
-    params = ExplainParams(iterations=args.budget, precision=precision)
+def default_row(model, x, targets, args, precision: str = "fp32", method: str = "") -> dict:
+    """The default end to end, from the photo files to artifacts on disk: the default method
+    with its own budget, or `method` with its own."""
+    params = ExplainParams(precision=precision, **({"method": method} if method else {}))
+    name = (f"{method}-" if method else "") + (
+        "default" if precision == "fp32" else f"default-{precision}"
+    )
     loaded = _loaded(model, x.device)
     paths = photo_paths()
     # On a GPU the photos are repeated so the slots fill up; quality is read from the first
@@ -233,13 +240,14 @@ def default_row(model, x, targets, args, precision: str = "fp32") -> dict:
     p_after = [o.result.prob_after for o in first]
     its = [o.result.iterations for o in first]
     return {
-        "row": "default" if params.precision == "fp32" else f"default-{params.precision}",
+        "row": name,
+        "method": params.method,
         "seconds_per_image": seconds / len(items),
         "items": len(items),
         "slots": "auto",
         "stop_reasons": [o.result.stop_reason for o in first],
         "idle_fraction": timings.idle_fraction,
-        **quality(model, x, full, targets, p_after, its, args, f"default-{params.precision}"),
+        **quality(model, x, full, targets, p_after, its, args, name),
     }
 
 
@@ -362,7 +370,9 @@ def memory_rows(items: int, device: torch.device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="original,fixed,fixed-s1,rule,default,default-bf16")
+    parser.add_argument(
+        "--rows", default="original,fixed,fixed-s1,rule,original-default,default,default-bf16"
+    )
     parser.add_argument("--steps", type=int, default=SIZE, help="curve steps (RISE: 224)")
     parser.add_argument("--lever-iterations", type=int, default=20)
     parser.add_argument("--vgg-iterations", type=int, default=4)

@@ -1,8 +1,10 @@
 """The audit report: one self-contained HTML file for a person reviewing model decisions.
 
-Images are small JPEG thumbnails embedded as data URIs (no network requests, opens from
-disk); the gallery is drawn by a short script from a JSON blob, a page at a time, so a
-job of thousands of items still opens quickly. Every text from the job (URIs, class
+Images are small WebP thumbnails embedded as data URIs (no network requests, opens from
+disk; WebP is about a third smaller than JPEG at the same quality, and the page's size is
+what its opening time follows); the gallery is drawn by a short script from a JSON blob,
+a page at a time, so a job of 10,000 items opens in about two seconds
+(benchmarks/README.md). Every text from the job (URIs, class
 names, errors) reaches the page as JSON and is set with textContent, never as HTML.
 The job's findings (per-class means, histograms, the items that stand out) are computed
 here, in one pass over the rows, so they are tested without a browser.
@@ -28,7 +30,7 @@ from explainctl.trust import FLAG_NAMES, flag_views, flags
 
 THUMBNAIL = 120  # the gallery shows them 120 px wide
 DETAIL = 448  # the detail view's images: twice the model's input, enough to see a mask's edge
-# A full-size image weighs about 8 thumbnails (20 KB against 2.7 KB for a photo), four per
+# A full-size image weighs about 8 thumbnails (18 KB against 2.3 KB for a photo), four per
 # item: for every item a 10,000-item page would pass 1 GB. So only the first DETAIL_ITEMS
 # done items and the items that stand out (at most 25 more: the ones an auditor opens
 # first) get them, about 5 MB in all; the others' detail view shows their thumbnails.
@@ -57,8 +59,9 @@ STANDOUTS = (
 )
 
 
-def _jpegs(data: bytes, sizes: tuple[int, ...]) -> list[str]:
-    """Data URIs of JPEGs of the encoded image `data`, one per largest side, decoded once."""
+def _images(data: bytes, sizes: tuple[int, ...]) -> list[str]:
+    """Data URIs of WebP images of the encoded image `data`, one per largest side, decoded
+    once."""
     with Image.open(io.BytesIO(data)) as image:
         top = max(sizes)
         image.draft("RGB", (top * 2, top * 2))  # JPEG decodes at a reduced scale: fast
@@ -68,14 +71,14 @@ def _jpegs(data: bytes, sizes: tuple[int, ...]) -> list[str]:
         small = full.copy()
         small.thumbnail((size, size))
         buffer = io.BytesIO()
-        small.save(buffer, format="JPEG", quality=75)
-        uris.append("data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode())
+        small.save(buffer, format="WEBP", quality=75)
+        uris.append("data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode())
     return uris
 
 
 def thumbnail(data: bytes, size: int = THUMBNAIL) -> str:
-    """A data URI of a JPEG thumbnail of the encoded image `data`."""
-    return _jpegs(data, (size,))[0]
+    """A data URI of a WebP thumbnail of the encoded image `data`."""
+    return _images(data, (size,))[0]
 
 
 _UNREADABLE = (ExplainctlError, OSError, ValueError, Image.DecompressionBombError)
@@ -95,7 +98,7 @@ def _detail(record: ItemRecord, read: Callable[[str], bytes]) -> dict[str, str |
     images: dict[str, str | None] = {}
     for key, uri in _sources(record):
         try:
-            images[key] = _jpegs(read(uri), (DETAIL,))[0] if uri else None
+            images[key] = _images(read(uri), (DETAIL,))[0] if uri else None
         except _UNREADABLE:
             images[key] = None
     return images
@@ -123,7 +126,7 @@ def _row(record: ItemRecord, read: Callable[[str], bytes], detail: bool = False)
             continue  # the gallery does not show it: read only for a detail view
         try:
             sizes = (DETAIL,) if key == "mask" else (THUMBNAIL, DETAIL) if detail else (THUMBNAIL,)
-            made = _jpegs(read(uri), sizes) if uri else [None] * len(sizes)
+            made = _images(read(uri), sizes) if uri else [None] * len(sizes)
         except _UNREADABLE:
             made = [None, None]  # shown as "unavailable"; the rest of the report stands
         if key != "mask":
