@@ -60,6 +60,7 @@ CANDIDATES: dict[str, dict] = {
                                   "blur_sigma": 10.0, "blur_kernel": 41, "jitter": 0},
     # Against fragmented masks: a smoother or a coarser mask.
     "decisive, TV 1": {"method": "decisive", "tv_coeff": 1.0},
+    "decisive, TV 2": {"method": "decisive", "tv_coeff": 2.0},
     "decisive, mask 14": {"method": "decisive", "mask_size": 14},
 }  # fmt: skip
 # Diagnostics and scores kept per photo (Explanation fields).

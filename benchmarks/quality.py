@@ -177,7 +177,7 @@ def score(name, saliency, seconds, iterations, model, x, targets, args) -> dict:
     return row
 
 
-OURS = ("seed", "paper", "extremal", "extremal-dual")
+OURS = ("decisive", "seed", "paper", "extremal", "extremal-dual")
 
 
 def ours(name: str, args) -> ExplainParams:
@@ -188,6 +188,7 @@ def ours(name: str, args) -> ExplainParams:
         values["areas"] = (args.area,)
         values["variant"] = "dual" if name.endswith("dual") else "preserve"
     iterations = {
+        "decisive": None,  # its own default
         "seed": args.seed_iterations,
         "paper": args.paper_iterations,
         "extremal": args.extremal_iterations,
@@ -235,7 +236,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--timing-images", type=int, default=2)
     parser.add_argument(
-        "--methods", default="seed,paper,extremal,extremal-dual,gradcam,random,centre"
+        "--methods", default="decisive,seed,paper,extremal,extremal-dual,gradcam,random,centre"
     )
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--markdown", dest="markdown_path", default=None)

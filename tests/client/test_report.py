@@ -195,10 +195,13 @@ def test_full_size_images_go_to_the_first_items_and_those_that_stand_out(monkeyp
     assert all(rows[2]["images"][k] for k in ("original", "overlay", "perturbed"))
     for key in KINDS:
         full = rows[1]["detail"][key]
+        assert full.startswith("data:image/webp;base64,")
         with Image.open(io.BytesIO(base64.b64decode(full.split(",", 1)[1]))) as image:
-            assert image.size == (report.DETAIL, 336)  # 640x480 at most 448 wide
-    with Image.open(io.BytesIO(base64.b64decode(rows[1]["images"]["original"][23:]))) as thumb:
-        assert thumb.size == (report.THUMBNAIL, 90)
+            assert (image.format, image.size) == ("WEBP", (report.DETAIL, 336))  # 640x480
+    thumbnail = rows[1]["images"]["original"]
+    assert thumbnail.startswith("data:image/webp;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(thumbnail.split(",", 1)[1]))) as thumb:
+        assert (thumb.format, thumb.size) == ("WEBP", (report.THUMBNAIL, 90))
 
 
 def _findings_page(tmp_path) -> Path:
