@@ -61,6 +61,8 @@ CANDIDATES: dict[str, dict] = {
     # Against fragmented masks: a smoother or a coarser mask.
     "decisive, TV 1": {"method": "decisive", "tv_coeff": 1.0},
     "decisive, TV 2": {"method": "decisive", "tv_coeff": 2.0},
+    # Graded values inside the deleted region rank its pixels (for insertion).
+    "decisive, TV 1, push 0.1": {"method": "decisive", "tv_coeff": 1.0, "binary_coeff": 0.1},
     "decisive, mask 14": {"method": "decisive", "mask_size": 14},
 }  # fmt: skip
 # Diagnostics and scores kept per photo (Explanation fields).
