@@ -49,21 +49,24 @@ CANDIDATES: dict[str, dict] = {
     "paper": {"method": "paper"},
     "extremal": {"method": "extremal"},
     "decisive": {"method": "decisive"},
-    # The ways to the decisive defaults (benchmarks/README.md says what each did).
-    "decisive, noise 0.2": {"method": "decisive", "noise_std": 0.2, "jitter": 0},
-    "decisive, noise 0.2, σ 10": {"method": "decisive", "noise_std": 0.2, "jitter": 0,
-                                  "substrate": "gaussian", "blur_sigma": 10.0,
+    # The ways to the decisive defaults (benchmarks/README.md says what each did). TV 0.2
+    # was the original's weight, and decisive's until 0.3.
+    "decisive, noise 0.2": {"method": "decisive", "tv_coeff": 0.2, "noise_std": 0.2,
+                            "jitter": 0},
+    "decisive, noise 0.2, σ 10": {"method": "decisive", "tv_coeff": 0.2, "noise_std": 0.2,
+                                  "jitter": 0, "substrate": "gaussian", "blur_sigma": 10.0,
                                   "blur_kernel": 41},
-    "decisive, σ 10": {"method": "decisive", "substrate": "gaussian", "blur_sigma": 10.0,
-                       "blur_kernel": 41},
-    "decisive, σ 10, no jitter": {"method": "decisive", "substrate": "gaussian",
-                                  "blur_sigma": 10.0, "blur_kernel": 41, "jitter": 0},
-    # Against fragmented masks: a smoother or a coarser mask.
-    "decisive, TV 1": {"method": "decisive", "tv_coeff": 1.0},
+    "decisive, σ 10": {"method": "decisive", "tv_coeff": 0.2, "substrate": "gaussian",
+                       "blur_sigma": 10.0, "blur_kernel": 41},
+    "decisive, σ 10, no jitter": {"method": "decisive", "tv_coeff": 0.2,
+                                  "substrate": "gaussian", "blur_sigma": 10.0,
+                                  "blur_kernel": 41, "jitter": 0},
+    # Against fragmented masks: a smoother or a coarser mask (the default is TV 1).
+    "decisive, TV 0.2": {"method": "decisive", "tv_coeff": 0.2},
     "decisive, TV 2": {"method": "decisive", "tv_coeff": 2.0},
-    # Graded values inside the deleted region rank its pixels (for insertion).
-    "decisive, TV 1, push 0.1": {"method": "decisive", "tv_coeff": 1.0, "binary_coeff": 0.1},
-    "decisive, mask 14": {"method": "decisive", "mask_size": 14},
+    "decisive, mask 14": {"method": "decisive", "tv_coeff": 0.2, "mask_size": 14},
+    # Graded values inside the deleted region might rank its pixels better (insertion).
+    "decisive, TV 1, push 0.1": {"method": "decisive", "binary_coeff": 0.1},
 }  # fmt: skip
 # Diagnostics and scores kept per photo (Explanation fields).
 FIELDS = (
