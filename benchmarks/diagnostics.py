@@ -50,7 +50,7 @@ CANDIDATES: dict[str, dict] = {
     "extremal": {"method": "extremal"},
     "decisive": {"method": "decisive"},
     # The ways to the decisive defaults (benchmarks/README.md says what each did). TV 0.2
-    # was the original's weight, and decisive's until 0.3.
+    # was the original's weight, and decisive's until TV 1 was measured better.
     "decisive, noise 0.2": {"method": "decisive", "tv_coeff": 0.2, "noise_std": 0.2,
                             "jitter": 0},
     "decisive, noise 0.2, σ 10": {"method": "decisive", "tv_coeff": 0.2, "noise_std": 0.2,
