@@ -2,10 +2,10 @@
 
 Images are small WebP thumbnails embedded as data URIs (no network requests, opens from
 disk; WebP is about a third smaller than JPEG at the same quality, and the page's size is
-what its opening time follows); the gallery is drawn by a short script from a JSON blob,
-a page at a time, so a job of 10,000 items opens in about two seconds
-(benchmarks/README.md). Every text from the job (URIs, class
-names, errors) reaches the page as JSON and is set with textContent, never as HTML.
+what its opening time follows). The gallery is drawn by a short script from a JSON blob,
+a page at a time, so a page of 10,000 items shows its first rows in about a second
+(benchmarks/README.md). Every text from the job (URIs, class names, errors) reaches the
+page as JSON and is set with textContent, never as HTML.
 The job's findings (per-class means, histograms, the items that stand out) are computed
 here, in one pass over the rows, so they are tested without a browser.
 """
