@@ -3,6 +3,7 @@
 import html
 import io
 import json
+import re
 
 import boto3
 import numpy as np
@@ -127,6 +128,21 @@ def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env, tmp
     assert dom.count('data-state="failed"') == 2 and "unsupported-format:" in dom
     first_name = next(r.target_name for r in records if r.state == "done")
     assert f">{html.escape(first_name, quote=False)}<" in dom  # the label, as text
+    # A gallery of the failed items only: the findings still count every item.
+    failed_page = tmp_path / "failed.html"
+    made = cli.run("report", job["job_id"], "--state", "failed", "--out", str(failed_page),
+                   **worker_env)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    blob = re.search(r'<script id="data" type="application/json">(.*?)</script>',
+                     failed_page.read_text(), re.S).group(1)  # fmt: skip
+    shown = json.loads(blob)
+    assert shown["summary"]["gallery"]["matched"] == 2
+    assert shown["summary"]["gallery"]["filters"] == {"state": "failed"}
+    assert [r["state"] for r in shown["rows"]].count("failed") == 2
+    assert shown["summary"]["findings"]["done"] == 20
+    refused = cli.run("report", job["job_id"], "--flag", "shaky", **worker_env)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "--flag takes one of" in refused.stderr
     stored = cli.run("report", job["job_id"], **worker_env)
     assert stored.stdout.strip() == f"s3://{s3_bucket}/{prefix}report.html"
     s3.head_object(Bucket=s3_bucket, Key=f"{prefix}report.html")

@@ -37,6 +37,7 @@ from explainctl.options import (
     setting_option,
     with_method_options,
 )
+from explainctl.report import GALLERY_ITEMS, Gallery
 
 app = typer.Typer(
     help="Explain image classifiers' decisions with meaningful-perturbation masks.",
@@ -495,11 +496,24 @@ def report(
     out: Annotated[
         str | None, typer.Option("--out", help="HTML file (default: next to the artifacts).")
     ] = None,
+    flag: Annotated[
+        str | None,
+        typer.Option(help=f"Gallery: only items with this flag: {', '.join(Gallery.FLAGS)}."),
+    ] = None,
+    class_name: Annotated[
+        str | None, typer.Option("--class", help="Gallery: only items of this class.")
+    ] = None,
+    state: Annotated[str | None, typer.Option(help="Gallery: only items in this state.")] = None,
+    limit: Annotated[
+        int, typer.Option(help="Gallery: the most items it shows (the first by index).")
+    ] = GALLERY_ITEMS,
     broker: BrokerOpt = None,
     output: OutputOpt = None,
 ) -> None:
-    """Write a job's self-contained HTML audit report."""
-    print(_client(broker, output).report(job, out))
+    """Write a job's self-contained HTML audit report: the findings over every item, and a
+    gallery of the first --limit items that match --flag, --class and --state."""
+    gallery = Gallery(flag=flag, class_name=class_name, state=state, limit=limit)
+    print(_client(broker, output).report(job, out, gallery))
 
 
 @app.command()

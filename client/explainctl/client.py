@@ -36,7 +36,7 @@ from explainctl.job import JobStatus, JobStore
 from explainctl.manifest import read_manifest, write_job_json, write_manifest
 from explainctl.methods import ExplainParams
 from explainctl.queue import make_app, send_chunk, waiting_chunks
-from explainctl.report import build_report
+from explainctl.report import Gallery, build_report
 from explainctl.sources import read_uri
 from explainctl.storage import Storage, open_storage
 from explainctl.uri import parse_uri
@@ -59,6 +59,17 @@ def _chunks(items: Iterable[ChunkItem], size: int) -> Iterator[list[ChunkItem]]:
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
+
+
+@dataclass(frozen=True)
+class _Records:
+    """A job's item records, streamed from the start each time they are iterated."""
+
+    client: Client
+    job_id: str
+
+    def __iter__(self) -> Iterator[ItemRecord]:
+        return iter(self.client.results(self.job_id))
 
 
 class Client:
@@ -292,16 +303,18 @@ class Client:
         except ItemError as error:
             raise ServiceUnavailable(f"cannot read {uri}: {error.message}") from None
 
-    def report(self, job_id: str, out: str | None = None) -> str:
+    def report(self, job_id: str, out: str | None = None, gallery: Gallery | None = None) -> str:
         """Write the job's HTML audit report to `out` (a file), or next to its artifacts;
-        returns where it went."""
+        returns where it went. `gallery` chooses the items it shows images of."""
         check_job_id(job_id)
         status = self.status(job_id)
         summary = {**status.as_json(), "info": status.info.model_dump(mode="json")}
-        records = list(self.results(job_id))
         output = status.info.output
         page = build_report(
-            summary, records, lambda uri: read_uri(uri, max_bytes=ARTIFACT_MAX_BYTES)
+            summary,
+            _Records(self, job_id),
+            lambda uri: read_uri(uri, max_bytes=ARTIFACT_MAX_BYTES),
+            gallery or Gallery(),
         ).encode()
         if out:
             with open(out, "wb") as handle:

@@ -18,12 +18,13 @@ import io
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image, ImageOps
 
-from explainctl.contracts import MASK_PNG, OVERLAY_PNG, PERTURBED_PNG
-from explainctl.errors import ExplainctlError
+from explainctl.contracts import ITEM_STATES, MASK_PNG, OVERLAY_PNG, PERTURBED_PNG
+from explainctl.errors import ExplainctlError, InvalidInput
 from explainctl.item import SCORE_FIELDS, ItemRecord, field_views, sort_value
 from explainctl.page import render_page
 from explainctl.trust import FLAG_NAMES, flag_views, flags
@@ -36,6 +37,10 @@ DETAIL = 448  # the detail view's images: twice the model's input, enough to see
 # first) get them, about 5 MB in all; the others' detail view shows their thumbnails.
 DETAIL_ITEMS = 25
 
+# The most items the gallery embeds: the page grows by about 6.5 KB per item (65 MiB at
+# 10,000, which opens in about a second: benchmarks/README.md). The findings count every
+# item whatever the gallery holds.
+GALLERY_ITEMS = 10_000
 STANDOUT_ITEMS = 5  # per list of items that stand out
 HISTOGRAM_BINS = 20
 # (key, label, lowest, highest): fixed ranges, so bins fill in one pass over the rows.
@@ -104,8 +109,9 @@ def _detail(record: ItemRecord, read: Callable[[str], bytes]) -> dict[str, str |
     return images
 
 
-def _row(record: ItemRecord, read: Callable[[str], bytes], detail: bool = False) -> dict:
-    row = {
+def _numbers(record: ItemRecord) -> dict:
+    """The item's row without its images: what the findings and the gallery's filter read."""
+    return {
         "index": record.index,
         "item": record.item,
         "uri": record.uri,
@@ -117,6 +123,10 @@ def _row(record: ItemRecord, read: Callable[[str], bytes], detail: bool = False)
         **{name: getattr(record, name) for name in SCORE_FIELDS},
         "flags": flags(record),
     }
+
+
+def _row(record: ItemRecord, read: Callable[[str], bytes], detail: bool = False) -> dict:
+    row = _numbers(record)
     if record.state != "done":
         return row
     images: dict[str, str | None] = {}
@@ -207,9 +217,9 @@ class Findings:
                      "value": value}  # fmt: skip
             self.standouts[key].add(-value if largest else value, position, entry)
 
-    def positions(self) -> set[int]:
-        """The rows' positions of every item that stands out."""
-        return {p for kept in self.standouts.values() for p, _ in kept.sorted()}
+    def indices(self) -> set[int]:
+        """The item index of every item that stands out."""
+        return {e["index"] for kept in self.standouts.values() for _, e in kept.sorted()}
 
     def mean(self, key: str) -> float | None:
         total = self.sums.get(key)
@@ -245,31 +255,80 @@ class Findings:
         }
 
 
-def _plan(records: Iterable[ItemRecord]) -> Iterator[tuple[ItemRecord, bool]]:
+@dataclass(frozen=True)
+class Gallery:
+    """Which items the gallery embeds: those matching every filter given, the first
+    `limit` of them by index, and always the items that stand out. `flag` is a trust flag,
+    `any` or `none` (done with no flag), as the page's own Trust filter reads it."""
+
+    flag: str | None = None
+    class_name: str | None = None
+    state: str | None = None
+    limit: int = GALLERY_ITEMS
+
+    FLAGS = (*FLAG_NAMES, "any", "none")
+
+    def __post_init__(self) -> None:
+        if self.flag is not None and self.flag not in self.FLAGS:
+            raise InvalidInput(f"--flag takes one of {', '.join(self.FLAGS)}, not {self.flag!r}")
+        if self.state is not None and self.state not in ITEM_STATES:
+            states = ", ".join(ITEM_STATES)
+            raise InvalidInput(f"--state takes one of {states}, not {self.state!r}")
+        if self.limit < 1:
+            raise InvalidInput(f"--limit takes a number of items of at least 1, not {self.limit}")
+
+    def admits(self, row: dict) -> bool:
+        if self.state and row["state"] != self.state:
+            return False
+        if self.class_name and row["class"] != self.class_name:
+            return False
+        if self.flag == "none":
+            return row["state"] == "done" and not row["flags"]
+        if self.flag == "any":
+            return bool(row["flags"])
+        return not self.flag or self.flag in row["flags"]
+
+    def filters(self) -> dict[str, str]:
+        given = {"flag": self.flag, "class": self.class_name, "state": self.state}
+        return {key: value for key, value in given.items() if value}
+
+
+def _plan(records: Iterable[ItemRecord], standouts: set[int]) -> Iterator[tuple[ItemRecord, bool]]:
     done = 0
     for record in records:
-        detail = record.state == "done" and done < DETAIL_ITEMS
-        done += record.state == "done"
-        yield record, detail
+        is_done = record.state == "done"
+        yield record, is_done and (done < DETAIL_ITEMS or record.index in standouts)
+        done += is_done
 
 
 def build_report(
-    status: dict, records: list[ItemRecord], read: Callable[[str], bytes], workers: int = 16
+    status: dict,
+    records: Iterable[ItemRecord],
+    read: Callable[[str], bytes],
+    gallery: Gallery = Gallery(),
+    workers: int = 16,
 ) -> str:
     """The report's HTML. `status` is a job status (`JobStatus.as_json()` plus `info`),
-    `read` fetches a URI's bytes (S3 or local)."""
+    `records` every item's record, read twice (a list, or an iterable that starts over),
+    so a job of a million items is never held in memory; `read` fetches a URI's bytes (S3
+    or local). The first pass counts the findings and chooses the gallery's items, the
+    second fetches their images."""
     findings = Findings()
-    rows: list[dict] = []
+    chosen: set[int] = set()
+    matched = 0
+    for position, record in enumerate(records):
+        row = _numbers(record)
+        findings.add(position, row)
+        if gallery.admits(row):
+            matched += 1
+            if len(chosen) < gallery.limit:
+                chosen.add(record.index)
+    standouts = findings.indices()
+    wanted = chosen | standouts
+    selected = (record for record in records if record.index in wanted)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for row in pool.map(lambda plan: _row(plan[0], read, plan[1]), _plan(records)):
-            findings.add(len(rows), row)
-            rows.append(row)
-        # Only now is it known which items stand out: those past the first DETAIL_ITEMS
-        # get their full-size images here (a few reads more, at most).
-        missing = sorted(p for p in findings.positions() if "detail" not in rows[p])
-        fetched = pool.map(lambda p: _detail(records[p], read), missing)
-        for position, images in zip(missing, fetched, strict=True):
-            rows[position]["detail"] = images
+        plans = _plan(selected, standouts)
+        rows = list(pool.map(lambda plan: _row(plan[0], read, plan[1]), plans))
     wall = (status.get("finished_at") or time.time()) - status["created"]
     item_seconds = findings.mean("seconds")
     summary = {
@@ -285,6 +344,13 @@ def build_report(
         "throughput": round(findings.done / wall, 3) if wall > 0 else None,
         "output": status["info"]["output"],
         "detail_items": DETAIL_ITEMS,
+        # What the gallery holds when it is not every item (the findings count them all).
+        "gallery": {
+            "filters": gallery.filters(),
+            "matched": matched,
+            "limit": gallery.limit,
+            "rows": len(rows),
+        },  # fmt: skip
         # The job's mean of every sortable score its items have (the faithfulness ones
         # only where --metrics measured them).
         "means": {

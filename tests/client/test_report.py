@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from explainctl import report
+from explainctl.errors import InvalidInput
 from explainctl.item import SCORE_FIELDS, SORT_KEYS, ItemRecord, ItemScores, shown
 from explainctl.report import build_report
 from explainctl.trust import FLAGS
@@ -287,3 +288,79 @@ def test_the_detail_view_falls_back_to_thumbnails_past_the_embedded_ones(tmp_pat
     assert body["detail-images-widths"] == ",".join([str(report.THUMBNAIL)] * 3)
     assert "unavailable" in _block(dom, "data-image", "mask", "figure")
     assert "Thumbnails: full-size images" in _block(dom, "id", "detail-note", "p")
+
+
+class _Reread:
+    """Records that count how often they are read from the start (the report reads twice,
+    so that a job of a million items is streamed, never held)."""
+
+    def __init__(self, records: list[ItemRecord]) -> None:
+        self.records, self.reads = records, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.records)
+
+
+def _bounded(gallery: report.Gallery) -> tuple[dict, list[str], _Reread]:
+    records, files = _findings_job()
+    source, reads = _Reread(records), []
+    page = build_report(_status("completed_with_failures", 5, 1), source,
+                        lambda uri: reads.append(uri) or files[uri], gallery)  # fmt: skip
+    return _data(page), reads, source
+
+
+@pytest.mark.parametrize(
+    ("gallery", "rows", "matched"),
+    [
+        (report.Gallery(limit=1), [0, 1, 3, 4], 6),  # the first item, then the stand-outs
+        (report.Gallery(flag="none"), [0, 1, 2, 3, 4], 2),  # 0 and 2 carry no flag
+        (report.Gallery(state="failed"), [1, 3, 4, 5], 1),
+        (report.Gallery(flag="any", limit=1), [1, 3, 4], 3),  # 1 is the first flagged
+    ],
+)
+def test_the_gallery_holds_what_matches_and_the_standouts_and_the_findings_count_all(
+    monkeypatch, gallery, rows, matched
+):
+    monkeypatch.setattr(report, "STANDOUT_ITEMS", 1)  # 3 largest, 4 smallest, 1 least stable
+    data, reads, source = _bounded(gallery)
+    assert [r["index"] for r in data["rows"]] == rows
+    assert data["summary"]["gallery"] == {
+        "filters": gallery.filters(), "matched": matched, "limit": gallery.limit,
+        "rows": len(rows),
+    }  # fmt: skip
+    assert data["summary"]["findings"]["done"] == 5  # whatever the gallery holds
+    assert sum(c["count"] for c in data["summary"]["findings"]["classes"]) == 5
+    assert source.reads == 2
+    # Images are read only for the rows on the page.
+    assert {int(uri.split("/")[2]) for uri in reads} == set(rows) - {5}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [({"flag": "shaky"}, "--flag takes one of not-removed, diffuse, unstable, any, none"),
+     ({"state": "lost"}, "--state takes one of queued, running, done, failed, cancelled"),
+     ({"limit": 0}, "--limit takes a number of items of at least 1")],
+)  # fmt: skip
+def test_a_gallery_filter_that_cannot_match_is_refused_in_one_line(values, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        report.Gallery(**values)
+
+
+def test_a_bounded_gallery_says_what_it_holds_in_a_browser(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "STANDOUT_ITEMS", 1)
+    records, files = _findings_job()
+    page = tmp_path / "report.html"
+    page.write_text(build_report(_status("completed_with_failures", 5, 1), records, files.get,
+                                 report.Gallery(limit=1)))  # fmt: skip
+    dom = browser.dump_dom(page, tmp_path / "profile")
+    note = re.search(r'<p class="note" id="gallery-note"([^>]*)>([^<]*)</p>', dom)
+    assert "hidden" not in note.group(1)
+    assert note.group(2) == (
+        "The gallery holds 4 of the job's 6 items: the first 1, and the items that stand out."
+        " The findings above count every item."
+    )
+    assert browser.body_data(dom)["rendered"] == "4"
+    # A gallery of every item says nothing.
+    dom = browser.dump_dom(_findings_page(tmp_path), tmp_path / "profile2")
+    assert re.search(r'<p class="note" id="gallery-note" hidden', dom)
