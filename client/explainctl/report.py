@@ -98,17 +98,6 @@ def _sources(record: ItemRecord) -> list[tuple[str, str | None]]:
     ]
 
 
-def _detail(record: ItemRecord, read: Callable[[str], bytes]) -> dict[str, str | None]:
-    """The detail view's full-size images of a done item."""
-    images: dict[str, str | None] = {}
-    for key, uri in _sources(record):
-        try:
-            images[key] = _images(read(uri), (DETAIL,))[0] if uri else None
-        except _UNREADABLE:
-            images[key] = None
-    return images
-
-
 def _numbers(record: ItemRecord) -> dict:
     """The item's row without its images: what the findings and the gallery's filter read."""
     return {
