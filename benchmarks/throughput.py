@@ -185,7 +185,7 @@ def run_rows(model, images, targets, args) -> list[dict]:
             )
         )
 
-    # The fixed and rule rows measure the original method (the default until 0.3).
+    # The fixed and rule rows measure the original method (the default before decisive).
     fixed = ExplainParams(method="original", iterations=args.budget, early_stop=False)
     if "fixed" in args.rows:
         rows.append(log(engine_row("fixed", fixed, n, channels_last=False)))
