@@ -23,7 +23,7 @@ from rich.progress import (
 )
 
 from explainctl import __version__
-from explainctl.contracts import TERMINAL_STATES, Target
+from explainctl.contracts import ITEM_STATES, TERMINAL_STATES, Target
 from explainctl.errors import (
     ExplainctlError,
     InvalidInput,
@@ -503,7 +503,10 @@ def report(
     class_name: Annotated[
         str | None, typer.Option("--class", help="Gallery: only items of this class.")
     ] = None,
-    state: Annotated[str | None, typer.Option(help="Gallery: only items in this state.")] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(help=f"Gallery: only items in this state: {', '.join(ITEM_STATES)}."),
+    ] = None,
     limit: Annotated[
         int, typer.Option(help="Gallery: the most items it shows (the first by index).")
     ] = GALLERY_ITEMS,

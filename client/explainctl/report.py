@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image, ImageOps
 
@@ -255,7 +255,7 @@ class Gallery:
     state: str | None = None
     limit: int = GALLERY_ITEMS
 
-    FLAGS = (*FLAG_NAMES, "any", "none")
+    FLAGS: ClassVar[tuple[str, ...]] = (*FLAG_NAMES, "any", "none")
 
     def __post_init__(self) -> None:
         if self.flag is not None and self.flag not in self.FLAGS:
