@@ -101,6 +101,11 @@ class ItemScores(_Strict):
                            fmt=".2f", sort=True)  # fmt: skip
     # Records from before this field was written were all made by the original method.
     method: Method = score("original", label="method", help="the method that made it")
+    precision: Literal["fp32", "bf16"] = score(
+        "fp32",
+        label="precision",
+        help="what the model's passes ran in (the parameter `precision`, resolved on the worker)",
+    )
     # Faithfulness (params.metrics): RISE deletion/insertion areas under the curve of the
     # target's probability, pixels ranked by saliency 1 - up(mask), most salient first.
     deletion_auc: float | None = score(

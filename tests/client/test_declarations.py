@@ -50,7 +50,7 @@ def test_every_command_that_runs_a_method_has_every_method_flag(command):
 
 
 def test_help_gives_each_methods_own_default():
-    assert default_help("iterations") == "Default 300 (original 500, extremal 800)."
+    assert default_help("iterations") == "Default 60 (original 500, paper 300, extremal 800)."
     assert default_help("areas").startswith("extremal only.")
 
 

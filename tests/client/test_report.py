@@ -52,6 +52,8 @@ def _every_score() -> dict:
             values[name] = "paper"
         elif name == "stop_reason":
             values[name] = "converged"
+        elif name == "precision":
+            values[name] = "bf16"
         elif name == "target_name":
             values[name] = "tabby"
         elif kind is bool:

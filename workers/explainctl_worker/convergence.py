@@ -58,16 +58,20 @@ class Convergence:
         self.has_previous = self.has_previous.index_select(0, index)
 
     @torch.no_grad()
-    def observe(self, p: torch.Tensor) -> None:
-        """After every step: add the new iterate to its row's block."""
+    def observe(self, p: torch.Tensor, held: torch.Tensor | None = None) -> None:
+        """After every step: add the new iterate to its row's block (`held`, the hinge's
+        state that Decision reads, is not used here)."""
         if self.enabled:
             total, squares, _ = self.state
             total += p
             squares.addcmul_(p, p)
 
     @torch.no_grad()
-    def check(self, done_steps: list[int], per_item: int) -> list[bool]:
-        """At a checkpoint: whether each item (of `per_item` rows) has converged.
+    def check(
+        self, p: torch.Tensor, done_steps: list[int], per_item: int, held_at=None
+    ) -> list[bool]:
+        """At a checkpoint: whether each item (of `per_item` rows) has converged
+        (`held_at`, which Decision reads, is not used here).
 
         A row's block ends when its step count is a multiple of the window; rows whose
         block goes on keep their state and are not converged.
@@ -95,3 +99,82 @@ class Convergence:
         ]
         self.has_previous = self.has_previous | ends
         return converged.view(items, per_item).all(dim=1).tolist()
+
+
+# A row's deleted region counts as unchanged between checkpoints when at most this share
+# of its cells crossed 1/2 (8 of a 28 x 28 mask's 784).
+DECIDED_CHANGE = 0.01
+# ... and its class counts as removed when it sat under the bar on at least this share of
+# the steps since the last checkpoint. At rest the hinge sits on its bar: the area term
+# shrinks the mask until the class rises over it, the class term pushes it back, so a
+# settled row is over the bar on some steps and under it on most.
+DECIDED_HELD = 0.5
+
+
+class Decision:
+    """The stop rule of a method whose class term is a hinge (decisive). A row's schedule
+    ends at step max(push_steps, held_at + anneal_steps), held_at being the step count at
+    which its class first sat under its bar; from then on it has decided at a checkpoint
+    where, since the previous checkpoint,
+
+        its class sat under the bar on at least DECIDED_HELD of the steps, and
+        its deleted region {m < 1/2} changed on at most DECIDED_CHANGE of the cells.
+
+    More steps would only trade area for smoothness at a fixed decision. An item of several
+    rows decides when all of them have. There is no noise to wait out (jitter moves the
+    image, it does not blur the decision), so one checkpoint's comparison is enough.
+    """
+
+    def __init__(self, params: ExplainParams):
+        self.enabled = params.early_stop
+        self.push_steps = min(params.push_steps or 0, params.iterations)
+        self.anneal_steps = params.anneal_steps or 0
+        # (R, ...) the deleted region at the last checkpoint; (R,) steps since then, and
+        # how many of them had the class under the bar.
+        self.deleted = torch.empty(0, dtype=torch.bool)
+        self.steps = torch.empty(0)
+        self.held = torch.empty(0)
+
+    def add_rows(self, p0: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        zeros = torch.zeros(p0.shape[0], device=p0.device)
+        self.deleted = torch.cat([self.deleted.to(p0.device), p0 < 0.5])
+        self.steps = torch.cat([self.steps.to(p0.device), zeros])
+        self.held = torch.cat([self.held.to(p0.device), zeros])
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        self.deleted = self.deleted.index_select(0, index)
+        self.steps = self.steps.index_select(0, index)
+        self.held = self.held.index_select(0, index)
+
+    @torch.no_grad()
+    def observe(self, p: torch.Tensor, held: torch.Tensor | None) -> None:
+        """After every step: `held` (R,) whether each row's class sat under its bar."""
+        if self.enabled and held is not None:
+            self.steps += 1
+            self.held += held.to(self.held.dtype)
+
+    @torch.no_grad()
+    def check(
+        self, p: torch.Tensor, done_steps: list[int], per_item: int, held_at: torch.Tensor
+    ) -> list[bool]:
+        """At a checkpoint: whether each item (of `per_item` rows) has decided; held_at
+        (R,) as the engine keeps it."""
+        items = len(done_steps)
+        if not self.enabled or items == 0:
+            return [False] * items
+        deleted = p < 0.5
+        changed = (deleted ^ self.deleted).flatten(1).float().mean(dim=1)
+        steps = torch.tensor(
+            [s for s in done_steps for _ in range(per_item)], dtype=held_at.dtype,
+            device=p.device,
+        )  # fmt: skip
+        late = (steps >= self.push_steps) & (steps >= held_at + self.anneal_steps)
+        held = self.held >= DECIDED_HELD * self.steps.clamp_min(1)
+        decided = late & held & (changed <= DECIDED_CHANGE)
+        self.deleted = deleted
+        self.steps, self.held = torch.zeros_like(self.steps), torch.zeros_like(self.held)
+        return decided.view(items, per_item).all(dim=1).tolist()

@@ -15,7 +15,8 @@ it (no noise, no jitter), s = 1 - M the saliency, c the target class.
                    stored low-resolution mask
     stability      for two masks of one image under two noise seeds: IoU of their most
                    salient TOP_SHARE (pixels at or above each map's quantile) and Spearman's
-                   rank correlation of their saliencies (ties take their average rank)
+                   rank correlation of their saliencies (ties take their average rank);
+                   the benchmarks add the IoU of the two deleted regions {m < 1/2}
 """
 
 from __future__ import annotations
@@ -162,6 +163,15 @@ def top_iou(a: torch.Tensor, b: torch.Tensor, share: float = TOP_SHARE) -> torch
     top_b = fb >= fb.quantile(1 - share, dim=1, keepdim=True)
     union = (top_a | top_b).sum(dim=1)
     return (top_a & top_b).sum(dim=1) / union.clamp_min(1)
+
+
+def deleted_iou(a: torch.Tensor, b: torch.Tensor, below: float = DELETED_BELOW) -> torch.Tensor:
+    """IoU of the deleted regions {m < below} of two masks per item: (N, ...) twice -> (N,);
+    1 where neither deletes anything (they agree)."""
+    da, db = a.flatten(1) < below, b.flatten(1) < below
+    union = (da | db).sum(dim=1)
+    inter = (da & db).sum(dim=1)
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter, dtype=a.dtype))
 
 
 def stability(masks_full: torch.Tensor, twins_full: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -363,6 +363,7 @@ def _render(
         versions=version_info,
         artifacts=[*ARTIFACT_FILES, *([MASKS_NPY] if area_masks is not None else [])],
         method=explanation.method,
+        precision=explanation.precision,
         deletion_auc=value(explanation.deletion_auc),
         deletion_auc_blur=value(explanation.deletion_auc_blur),
         insertion_auc=value(explanation.insertion_auc),

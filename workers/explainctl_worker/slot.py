@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -27,11 +26,12 @@ from torch import nn
 from explainctl.contracts import IMAGENET_MEAN, IMAGENET_STD
 from explainctl.methods import DEFAULT_METHOD, ExplainParams
 from explainctl_worker import diagnostics, faithfulness
-from explainctl_worker.convergence import Convergence
+from explainctl_worker.convergence import Convergence, Decision
 from explainctl_worker.mask import mask_area
 from explainctl_worker.methods import RUNNERS
 from explainctl_worker.methods.common import CHECKPOINT_EVERY, Problem, Rows, prepare
 from explainctl_worker.optim import RowOptimizer
+from explainctl_worker.precision import autocast, resolve
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Explanation:
     seconds: torch.Tensor  # (N,) wall time of the passes spent on the item: its share of each
     substrate: torch.Tensor  # (N, C, H, W) pixel-space substrate, for rendering
     method: str = DEFAULT_METHOD
+    precision: str = "fp32"  # what the model's passes ran in (precision.py)
     # (N, L, C, H, W) pixel-space blur pyramid, for methods whose perturbation varies
     # the blur with the mask (paper, extremal); None for the original's single substrate.
     levels: torch.Tensor | None = None
@@ -141,23 +142,31 @@ def _row_bytes(model: nn.Module, image_size: int, device: torch.device) -> int:
 
 
 class ItemRandom:
-    """The randomness of one item: a generator seeded with `seed` (default params.seed),
-    drawn in the same order every iteration (jitter shift, then noise), so the item sees
-    the sequence it would see alone."""
+    """The randomness of one item, from a generator seeded with `seed` (default
+    params.seed), so the item sees the draws it would see alone.
+
+    Every jitter shift of its budget is drawn at admission, shifts (iterations, draws, 2),
+    so a step gathers its rows' shifts on the device with no loop over items; the original
+    method's noise (C, H, W) is drawn per step after them, in the item's own order.
+    """
 
     def __init__(self, params: ExplainParams, device: torch.device, seed: int | None = None):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed if seed is None else seed)
+        j, shape = params.jitter, (params.iterations, jitter_draws(params), 2)
+        self.shifts = (
+            torch.randint(-j, j + 1, shape, generator=self.generator, device=device)
+            if j
+            else torch.zeros(shape, dtype=torch.long, device=device)
+        )
 
-    def draw(self, params: ExplainParams, shape: tuple[int, ...], device):
-        """(shift (2,) or None, noise (C, H, W) or None) for this iteration."""
-        shift = noise = None
-        if params.jitter:
-            j = params.jitter
-            shift = torch.randint(-j, j + 1, (2,), generator=self.generator, device=device)
-        if params.noise_std > 0:
-            noise = torch.randn(shape, generator=self.generator, device=device)
-        return shift, noise
+    def noise(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, device=device)
+
+
+def jitter_draws(params: ExplainParams) -> int:
+    """Jittered copies of each row per step: params.jitter_draws where the method reads it."""
+    return params.jitter_draws or 1 if params.jitter else 1
 
 
 def jitter_rows(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
@@ -172,49 +181,41 @@ def jitter_rows(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     return x.gather(3, cols.view(r, 1, 1, w).expand(r, c, h, w))
 
 
-def _perturber(randoms: list[ItemRandom], params: ExplainParams, per_item: int, shape):
-    """One iteration's perturbation for the rows of `randoms`' items (see Perturb)."""
-    device = None
+def _perturber(randoms: list[ItemRandom], shifts: torch.Tensor | None, params, per_item, shape):
+    """One step's perturbation for the rows of `randoms`' items (see Perturb): shifts
+    (items, draws, 2) are this step's, gathered from the items' tables."""
 
     def perturb(x: torch.Tensor) -> torch.Tensor:
-        nonlocal device
-        device = x.device
-        draws = [random.draw(params, shape, device) for random in randoms]
         blocks = x.shape[0] // (len(randoms) * per_item)
 
-        def per_row(values: list[torch.Tensor]) -> torch.Tensor:
-            stacked = torch.stack(values).repeat_interleave(per_item, dim=0)
+        def per_row(values: torch.Tensor) -> torch.Tensor:
+            stacked = values.repeat_interleave(per_item, dim=0)
             return stacked.repeat(blocks, *([1] * (stacked.dim() - 1)))
 
-        if params.jitter:
-            x = jitter_rows(x, per_row([shift for shift, _ in draws]))
+        if shifts is not None:
+            x = torch.cat([jitter_rows(x, per_row(shifts[:, d])) for d in range(shifts.shape[1])])
         if params.noise_std > 0:
-            x = x + params.noise_std * per_row([noise for _, noise in draws])
+            # The original method's: one draw per item and step, shared by its copies.
+            noise = per_row(torch.stack([random.noise(shape, x.device) for random in randoms]))
+            x = x + params.noise_std * noise.repeat(x.shape[0] // noise.shape[0], 1, 1, 1)
         return x
 
     return perturb
 
 
-def _autocast(params: ExplainParams, device: torch.device):
-    """bf16 autocast for the model's passes on CUDA when params.precision asks for it; the
-    mask, the loss terms and the optimiser stay in float32."""
-    if params.precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 class _Scores(nn.Module):
-    """The model as the loop calls it: under the params' precision, float32 logits out."""
+    """The model as the loop calls it: in the resolved precision (precision.py), float32
+    logits out."""
 
-    def __init__(self, model, params: ExplainParams, device: torch.device, channels_last: bool):
+    def __init__(self, model, precision: str, device: torch.device, channels_last: bool):
         super().__init__()
-        self.model, self.params, self.device = model, params, device
+        self.model, self.precision, self.device = model, precision, device
         self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(self.params, self.device):
+        with autocast(self.precision, self.device):
             return self.model(x).float()
 
 
@@ -244,19 +245,26 @@ def run_slots(
         tensors = [*model.parameters(), *model.buffers()]
         device = tensors[0].device if tensors else torch.device("cpu")
     model.eval()
-    scores = _Scores(model, params, device, channels_last)
+    scores = _Scores(model, resolve(params.precision, device), device, channels_last)
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     source = iter(entries)
     optimizer = RowOptimizer(runner.optimizer, params.lr, params.momentum or 0.0)
-    convergence = Convergence(params)
+    convergence = Decision(params) if runner.stop == "decision" else Convergence(params)
 
     keys: list[Any] = []
     randoms: list[ItemRandom] = []
     done_steps: list[int] = []  # per item, on the host: the loop needs no sync to schedule
     problem: Problem | None = None
     p = torch.empty(0, device=device)
+    p_sum = torch.empty(0, device=device)  # per row: the sum of its iterates, for finish
     rows = Rows()
     steps = torch.empty(0, device=device)  # per row, on the device, for the loss and Adam
+    # per row: the step count at which its class first sat under its bar (inf: not yet;
+    # only for losses that report it), where a decisive schedule starts
+    held_at = torch.empty(0, device=device)
+    # per item: every jitter shift of its budget, (items, iterations, draws, 2)
+    shift_table = torch.empty(0, params.iterations, jitter_draws(params), 2, dtype=torch.long,
+                              device=device)  # fmt: skip
     spent: list[float] = []  # per item: its share of each segment's wall time
     exhausted = False
 
@@ -270,22 +278,28 @@ def run_slots(
                 new = prepare(scores, images, mean, std, targets)
                 p0, new_rows = runner.start(new, params)
                 p = p0 if problem is None else torch.cat([p, p0])
+                fresh_sum = torch.zeros_like(p0)
+                p_sum = fresh_sum if problem is None else torch.cat([p_sum, fresh_sum])
                 rows = rows.extend(new_rows)
                 steps = torch.cat([steps, torch.zeros(p0.shape[0], device=device)])
+                never = torch.full((p0.shape[0],), float("inf"), device=device)
+                held_at = torch.cat([held_at, never])
                 optimizer.add_rows(p0)
                 convergence.add_rows(p0)
                 problem = new if problem is None else problem.extend(new)
                 keys += [e.key for e in admitted]
-                randoms += [ItemRandom(params, device, e.seed) for e in admitted]
+                fresh = [ItemRandom(params, device, e.seed) for e in admitted]
+                randoms += fresh
+                shift_table = torch.cat([shift_table, torch.stack([r.shifts for r in fresh])])
                 done_steps += [0] * len(admitted)
                 spent += [0.0] * len(admitted)
         if not keys:
             return
 
         # Run every item to its next checkpoint (or its budget, if that comes first). With
-        # a budget that is not a multiple of 10, items admitted after a budget finish sit
+        # a budget that is not a multiple of 5, items admitted after a budget finish sit
         # out of phase with the others and segments get shorter; every item still passes
-        # each of its own multiples of 10.
+        # each of its own multiples of 5.
         segment = min(
             min(CHECKPOINT_EVERY - s % CHECKPOINT_EVERY, params.iterations - s) for s in done_steps
         )
@@ -293,19 +307,26 @@ def run_slots(
         started = time.perf_counter()
         for _ in range(segment):
             leaf = p.detach().requires_grad_(True)
-            perturb = _perturber(randoms, params, per_item, shape)
+            shifts = None
+            if params.jitter:
+                item_steps = steps.view(-1, per_item)[:, 0].long()
+                shifts = shift_table[torch.arange(len(keys), device=device), item_steps]
+            perturb = _perturber(randoms, shifts, params, per_item, shape)
             with torch.enable_grad():
-                loss = runner.loss(scores, leaf, rows, steps, params, perturb)
+                loss, held = runner.loss(scores, leaf, rows, steps, params, perturb)
                 (grad,) = torch.autograd.grad(loss.sum(), leaf)
             with torch.no_grad():
-                optimizer.step(p, grad, steps)
+                optimizer.step(p, grad, steps, runner.lr_scale(steps, held_at, params))
                 p.clamp_(0, 1)
+                p_sum += p
                 steps += 1
-            convergence.observe(p)
+                if held is not None:
+                    held_at = torch.where(held & held_at.isinf(), steps, held_at)
+            convergence.observe(p, held)
         done_steps = [s + segment for s in done_steps]
         credited = segment * len(keys)
 
-        converged = convergence.check(done_steps, per_item)
+        converged = convergence.check(p, done_steps, per_item, held_at)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a checkpoint: the segment's time is complete
         share = (time.perf_counter() - started) / len(keys)
@@ -318,9 +339,10 @@ def run_slots(
             done = problem.select(index)
             started = time.perf_counter()
             with torch.no_grad():
-                result = runner.finish(
-                    done, p.index_select(0, row_index), rows.select(row_index), params
-                )
+                taken = steps.index_select(0, row_index).clamp_min(1)
+                p_mean = p_sum.index_select(0, row_index) / taken.view(-1, *[1] * (p.dim() - 1))
+                done_rows = rows.select(row_index).extend_with(p_mean=p_mean)
+                result = runner.finish(done, p.index_select(0, row_index), done_rows, params)
                 explained = _explanations(
                     done,
                     result,
@@ -335,10 +357,13 @@ def run_slots(
             keep_index = torch.tensor(keep, dtype=torch.long, device=device)
             keep_rows = _rows_of(keep, per_item, device)
             p, rows = p.index_select(0, keep_rows), rows.select(keep_rows)
+            p_sum = p_sum.index_select(0, keep_rows)
             steps = steps.index_select(0, keep_rows)
+            held_at = held_at.index_select(0, keep_rows)
             optimizer.keep_rows(keep_rows)
             convergence.keep_rows(keep_rows)
             problem = problem.select(keep_index)
+            shift_table = shift_table.index_select(0, keep_index)
             for position, i in enumerate(finished):
                 yield keys[i], explained[position]
             keys = [keys[i] for i in keep]
@@ -401,6 +426,7 @@ def _explanations(problem: Problem, result, iterations, converged, params) -> li
         seconds=torch.zeros(len(iterations), dtype=torch.float64),
         substrate=result.substrate.float().cpu(),
         method=params.method,
+        precision=problem.model.precision,
         levels=_cpu(result.levels),
         masks_full=_cpu(result.masks_full),
         area_masks=_cpu(result.area_masks),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 from torch import nn
@@ -21,7 +22,8 @@ from explainctl_worker.optim import Kind
 
 # Progress is reported, convergence decided and slots refilled every this many
 # iterations of an item; these are the only points where the loop waits for the device.
-CHECKPOINT_EVERY = 10
+# Every 10 cost the decisive default 6 steps per item, 14 % of its ~42 (benchmarks/README.md).
+CHECKPOINT_EVERY = 5
 
 
 @dataclass
@@ -78,9 +80,15 @@ class MethodResult:
     area_masks: torch.Tensor | None = None  # (N, A, h, w) one stored mask per area
 
 
-# Randomness for a batch of rows: x (k * R, C, H, W) -> the same, each row jittered and
-# noised with its own item's draws (slot.ItemRandom); k blocks of R rows share them.
+# Randomness for a batch of rows: x (k * R, C, H, W) -> (D * k * R, C, H, W), each row
+# noised and jittered with its own item's draws (slot.ItemRandom); k blocks of R rows share
+# them, and D = params.jitter_draws copies follow one another, each with its own shifts
+# (D = 1 for every method but decisive).
 Perturb = Callable[[torch.Tensor], torch.Tensor]
+# What a loss hands back: each row's loss (R,), and for a hinge-shaped class term whether
+# every row's class sat under its bar this step ((R,) bool; the Decision stop rule reads
+# it), or None.
+Loss = tuple[torch.Tensor, torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,10 @@ class Rows:
             return other
         return Rows({k: torch.cat([v, other.tensors[k]]) for k, v in self.tensors.items()})
 
+    def extend_with(self, **tensors: torch.Tensor) -> Rows:
+        """These rows with more tensors of the same rows."""
+        return Rows({**self.tensors, **tensors})
+
 
 @dataclass(frozen=True)
 class Runner:
@@ -108,9 +120,10 @@ class Runner:
 
     start(problem, params) -> (p0 (R, ...) the initial parameter, rows): R = n * rows_per_item
         for the problem's n items, item-major.
-    loss(model, p, rows, steps, params, perturb) -> (R,): each row's loss at its own step
-        count steps (R,); the engine minimises it (the sum over rows) with `optimizer`,
-        clamping p to [0, 1] after every step.
+    loss(model, p, rows, steps, params, perturb) -> Loss: each row's loss (R,) at its own
+        step count steps (R,); the engine minimises it (the sum over rows) with
+        `optimizer`, its learning rate times `lr_scale`, clamping p to [0, 1] after every
+        step.
     finish(problem, p, rows, params) -> MethodResult for the problem's items.
     """
 
@@ -119,6 +132,14 @@ class Runner:
     finish: Callable[[Problem, torch.Tensor, Rows, ExplainParams], MethodResult]
     optimizer: Kind = "adam"
     rows_per_item: Callable[[ExplainParams], int] = lambda params: 1
+    # Each row's learning-rate factor from its step count and the step count at which its
+    # class first sat under its bar (inf: not yet), (R,) twice -> (R,); None: constant.
+    lr_scale: Callable[[torch.Tensor, torch.Tensor, ExplainParams], torch.Tensor | None] = (
+        lambda steps, held_at, params: None
+    )
+    # The stop rule (convergence.py): "drift" (block averages against their flicker) or
+    # "decision" (the hinge held and the deleted region stopped moving).
+    stop: Literal["drift", "decision"] = "drift"
 
 
 def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 from explainctl.methods import ExplainParams
 from explainctl_worker.mask import area_penalty, smooth_max_pool, upsample
 from explainctl_worker.methods.common import (
+    Loss,
     MethodResult,
     Perturb,
     Problem,
@@ -85,7 +86,7 @@ def start(problem: Problem, params: ExplainParams) -> tuple[torch.Tensor, Rows]:
     return pbar0, rows
 
 
-def loss(model, pbar, rows: Rows, steps, params: ExplainParams, perturb: Perturb) -> torch.Tensor:
+def loss(model, pbar, rows: Rows, steps, params: ExplainParams, perturb: Perturb) -> Loss:
     """-reward(p) + area_coeff * area_growth^t * R_a(p) per row, t its step count, (R,)."""
     levels_x, targets = rows["levels_x"], rows["targets"]
     _, p = preserved_region(pbar, tuple(levels_x.shape[-2:]), params)
@@ -102,7 +103,7 @@ def loss(model, pbar, rows: Rows, steps, params: ExplainParams, perturb: Perturb
     if preserve and delete:
         reward = reward - scores[1]
     weight = params.area_coeff * params.area_growth ** steps.to(pbar.dtype)
-    return -reward + weight * area_penalty(p, rows["areas"])
+    return -reward + weight * area_penalty(p, rows["areas"]), None
 
 
 def finish(problem: Problem, pbar, rows: Rows, params: ExplainParams) -> MethodResult:

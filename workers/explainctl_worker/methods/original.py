@@ -17,6 +17,7 @@ import torch
 from explainctl.methods import ExplainParams
 from explainctl_worker.mask import blend, l1_term, tv_term, upsample
 from explainctl_worker.methods.common import (
+    Loss,
     MethodResult,
     Perturb,
     Problem,
@@ -44,12 +45,12 @@ def start(problem: Problem, params: ExplainParams) -> tuple[torch.Tensor, Rows]:
     return m0, rows
 
 
-def loss(model, m, rows: Rows, steps, params: ExplainParams, perturb: Perturb) -> torch.Tensor:
+def loss(model, m, rows: Rows, steps, params: ExplainParams, perturb: Perturb) -> Loss:
     """l1_coeff * mean|1 - m| + tv_coeff * TV_beta(m) + softmax(f(x_m + eps))_c, (R,)."""
     x = rows["x"]
     x_m = perturb(blend(x, rows["s"], upsample(m, tuple(x.shape[-2:]), params.upsample)))
     p = target_probability(model, x_m, rows["targets"])
-    return params.l1_coeff * l1_term(m) + params.tv_coeff * tv_term(m, params.tv_beta) + p
+    return params.l1_coeff * l1_term(m) + params.tv_coeff * tv_term(m, params.tv_beta) + p, None
 
 
 def finish(problem: Problem, m, rows: Rows, params: ExplainParams) -> MethodResult:

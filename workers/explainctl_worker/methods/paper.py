@@ -20,6 +20,7 @@ import torch
 from explainctl.methods import ExplainParams
 from explainctl_worker.mask import l1_sum, tv_iso_sum, upsample
 from explainctl_worker.methods.common import (
+    Loss,
     MethodResult,
     Perturb,
     Problem,
@@ -52,12 +53,12 @@ def start(problem: Problem, params: ExplainParams) -> tuple[torch.Tensor, Rows]:
     return m0, rows
 
 
-def loss(model, m, rows: Rows, steps, params: ExplainParams, perturb: Perturb) -> torch.Tensor:
+def loss(model, m, rows: Rows, steps, params: ExplainParams, perturb: Perturb) -> Loss:
     """lambda_1 sum|1 - m| + lambda_2 TV_beta(m) + softmax(f(jitter(Phi(x; M))))_c, (R,)."""
     levels_x = rows["levels_x"]
     x_m = perturb(pyramid_blend(levels_x, full_mask(m, tuple(levels_x.shape[-2:]), params)))
     p = target_probability(model, x_m, rows["targets"])
-    return params.l1_coeff * l1_sum(m) + params.tv_coeff * tv_iso_sum(m, params.tv_beta) + p
+    return params.l1_coeff * l1_sum(m) + params.tv_coeff * tv_iso_sum(m, params.tv_beta) + p, None
 
 
 def finish(problem: Problem, m, rows: Rows, params: ExplainParams) -> MethodResult:
