@@ -3,12 +3,13 @@
     pip install -r benchmarks/requirements.txt
     PYTHONPATH=. python benchmarks/convergence.py --json benchmarks/results/convergence-cpu.json
 
-Runs the seed's method at its fixed budget (500 iterations, the slot engine with the stop
-rule off) on the six photos of quality.py with EfficientNet-Lite0, keeps every image's
-iterate every `--every` iterations, and scores each kept iterate (blur deletion and
-insertion, `--steps` curve steps). Prints, per checkpoint, the per-image scores, the mask
-area, and the rule's two quantities on 50-iteration blocks: the drift of the block average
-and the flicker inside the block (convergence.py).
+Runs a method (`--method`: the original by default, or decisive) at a fixed budget (the
+slot engine with the stop rule off) on the six photos of quality.py with
+EfficientNet-Lite0, keeps every image's iterate every `--every` iterations, and scores
+each kept iterate (blur deletion and insertion, `--steps` curve steps). Prints, per
+checkpoint, the per-image scores, the mask area, and the drift rule's two quantities on
+50-iteration blocks: the drift of the block average and the flicker inside the block
+(convergence.py).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def iterates(model, images, targets, params: ExplainParams, every: int) -> dict[
     original = RowOptimizer.step
     count = {"steps": 0}
 
-    def step(self, p, grad, steps):
-        original(self, p, grad, steps)
+    def step(self, p, grad, steps, scale=None):
+        original(self, p, grad, steps, scale)
         count["steps"] += 1
         done = count["steps"]
         if done % every == 0:
@@ -76,6 +77,7 @@ def blocks(kept: dict[int, torch.Tensor], window: int, every: int) -> dict[int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="original", help="original or decisive")
     parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--score-every", type=int, default=20)
@@ -85,7 +87,7 @@ def main() -> None:
 
     model, names, images, x, probs = setup()
     targets = probs.argmax(dim=1)
-    params = ExplainParams(method="original", iterations=args.iterations, early_stop=False)
+    params = ExplainParams(method=args.method, iterations=args.iterations, early_stop=False)
     kept = iterates(model, images, targets, params, args.every)
 
     blurred = gaussian_blur(x, RISE_BLUR_KERNEL, RISE_BLUR_SIGMA)
@@ -110,6 +112,7 @@ def main() -> None:
             print(json.dumps({"iterations": t, **checkpoints[t]}), flush=True)
     report = {
         "machine": describe(),
+        "params": params.model_dump(mode="json"),
         "images": names,
         "steps": args.steps,
         "checkpoints": checkpoints,

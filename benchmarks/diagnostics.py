@@ -31,44 +31,70 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from quality import HALF, MORE_SKIMAGE, SKIMAGE, load_images, load_model, machine
+from quality import HALF, MORE_SKIMAGE, SIZE, SKIMAGE, load_images, load_model, machine
+from variants import BEFORE, params_only, runner_for
 
 from explainctl.item import ItemResult
 from explainctl.methods import ExplainParams
-from explainctl.trust import NOT_REMOVED_RATIO
+from explainctl.trust import NOT_REMOVED_RATIO, UNSTABLE_IOU
 from explainctl_worker import diagnostics
 from explainctl_worker.artifact import OVERLAY_PNG, heatmap_top, render
 from explainctl_worker.engine import explain_batch
 from explainctl_worker.explain import measures_stability
+from explainctl_worker.mask import upsample
+from explainctl_worker.slot import jitter_rows
 
-# name -> parameters; the methods as they are, then the candidates for a new default.
+# name -> parameters ("runner": a variant of the method's runner, variants.py); the
+# methods as they are, then the candidates for a default, each on the default of its day.
 CANDIDATES: dict[str, dict] = {
     "original": {"method": "original"},
     "paper": {"method": "paper"},
     "extremal": {"method": "extremal"},
     "decisive": {"method": "decisive"},
-    # The ways to the decisive defaults (benchmarks/README.md says what each did). TV 0.2
-    # was the original's weight, and decisive's until TV 1 was measured better.
-    "decisive, noise 0.2": {"method": "decisive", "tv_coeff": 0.2, "noise_std": 0.2,
-                            "jitter": 0},
-    "decisive, noise 0.2, σ 10": {"method": "decisive", "tv_coeff": 0.2, "noise_std": 0.2,
-                                  "jitter": 0, "substrate": "gaussian", "blur_sigma": 10.0,
-                                  "blur_kernel": 41},
-    "decisive, σ 10": {"method": "decisive", "tv_coeff": 0.2, "substrate": "gaussian",
+    # The ways to the first decisive defaults (benchmarks/README.md says what each did).
+    "decisive, noise 0.2": {**BEFORE, "tv_coeff": 0.2, "noise_std": 0.2, "jitter": 0,
+                            "jitter_draws": None},
+    "decisive, noise 0.2, σ 10": {**BEFORE, "tv_coeff": 0.2, "noise_std": 0.2, "jitter": 0,
+                                  "jitter_draws": None, "substrate": "gaussian",
+                                  "blur_sigma": 10.0, "blur_kernel": 41},
+    "decisive, σ 10": {**BEFORE, "tv_coeff": 0.2, "substrate": "gaussian",
                        "blur_sigma": 10.0, "blur_kernel": 41},
-    "decisive, σ 10, no jitter": {"method": "decisive", "tv_coeff": 0.2,
-                                  "substrate": "gaussian", "blur_sigma": 10.0,
-                                  "blur_kernel": 41, "jitter": 0},
-    # Against fragmented masks: a smoother or a coarser mask (the default is TV 1).
-    "decisive, TV 0.2": {"method": "decisive", "tv_coeff": 0.2},
-    "decisive, TV 2": {"method": "decisive", "tv_coeff": 2.0},
-    "decisive, mask 14": {"method": "decisive", "tv_coeff": 0.2, "mask_size": 14},
+    "decisive, σ 10, no jitter": {**BEFORE, "tv_coeff": 0.2, "substrate": "gaussian",
+                                  "blur_sigma": 10.0, "blur_kernel": 41, "jitter": 0,
+                                  "jitter_draws": None},
+    # Against fragmented masks: a smoother or a coarser mask (TV 1 became the default).
+    "decisive, TV 0.2": {**BEFORE, "tv_coeff": 0.2},
+    "decisive, TV 2": {**BEFORE, "tv_coeff": 2.0},
+    "decisive, mask 14": {**BEFORE, "tv_coeff": 0.2, "mask_size": 14},
     # Graded values inside the deleted region might rank its pixels better (insertion).
-    "decisive, TV 1, push 0.1": {"method": "decisive", "binary_coeff": 0.1},
+    "decisive, TV 1, push 0.1": {**BEFORE, "binary_coeff": 0.1},
+    # A tenth of the compute: the default before, then each lever added in turn, in fp32
+    # ("default, fp32" has them all; "decisive" adds bf16 where the CPU has it), then the
+    # default without one lever, and a cheaper schedule.
+    "decisive before": BEFORE,
+    "+ schedules, stop rule": {"method": "decisive", "lr": 0.1, "jitter_draws": 1,
+                               "precision": "fp32", "runner": "adam, unordered"},
+    "+ shared Adam scale": {"method": "decisive", "jitter_draws": 1, "precision": "fp32",
+                            "runner": "unordered"},
+    "+ 2 jitters per step": {"method": "decisive", "precision": "fp32", "runner": "unordered"},
+    "default, fp32": {"method": "decisive", "precision": "fp32"},
+    "default with 1 jitter per step": {"method": "decisive", "jitter_draws": 1,
+                                       "precision": "fp32"},
+    "default with plain Adam": {"method": "decisive", "lr": 0.1, "precision": "fp32",
+                                "runner": "adam"},
+    "default, push 15, anneal 10": {"method": "decisive", "push_steps": 15,
+                                    "anneal_steps": 10, "precision": "fp32"},
 }  # fmt: skip
+
+
 # Diagnostics and scores kept per photo (Explanation fields).
+# The agreement of two masks (diagnostics.stability and deleted_iou): under a second
+# seed, and between the photo's and the shifted photo's masks, aligned.
+STABILITY = ("stability_iou", "stability_rank", "stability_deleted_iou", "shift_iou",
+             "shift_rank", "shift_deleted_iou")  # fmt: skip
 FIELDS = (
     "prob_before", "prob_after", "prob_ratio", "class_changed", "mask_area", "perturbation",
     "compactness", "regions", "deletion_auc_blur", "insertion_auc", "deletion_auc",
@@ -78,7 +104,33 @@ CELL = 112  # px of one overlay on the contact sheet
 
 
 def params_of(values: dict, args, seed: int = 0) -> ExplainParams:
-    return ExplainParams(**{"metrics": True, "metric_steps": args.steps, **values, "seed": seed})
+    return ExplainParams(
+        **{"metrics": True, "metric_steps": args.steps, **params_only(values), "seed": seed}
+    )
+
+
+# The shift of the shift test, px down and right; masks are compared on the photo's
+# interior, INTERIOR px from every edge, where both masks saw the same content.
+SHIFT, INTERIOR = 4, 8
+
+
+def shifted(images: torch.Tensor) -> torch.Tensor:
+    """The photos moved SHIFT px down and right, edges replicated (as jitter moves them)."""
+    offsets = torch.tensor([[SHIFT, SHIFT]] * images.shape[0])
+    return jitter_rows(images, offsets)
+
+
+def aligned(masks_full: torch.Tensor, shift: int) -> torch.Tensor:
+    """The interior of full-size masks (N, 1, H, W), read `shift` px down and right."""
+    a, b = INTERIOR + shift, INTERIOR - shift
+    return masks_full[..., a : masks_full.shape[-2] - b, a : masks_full.shape[-1] - b]
+
+
+def agreement(first: torch.Tensor, second: torch.Tensor) -> dict[str, list[float]]:
+    """The three stability measures of two sets of full-size masks, per photo."""
+    iou, rank = diagnostics.stability(first, second)
+    return {"iou": iou.tolist(), "rank": rank.tolist(),
+            "deleted_iou": diagnostics.deleted_iou(first, second).tolist()}  # fmt: skip
 
 
 def overlay(image: torch.Tensor, result, i: int, params: ExplainParams) -> Image.Image:
@@ -110,19 +162,30 @@ def run(model_name: str, args) -> None:
     for label in args.candidates.split(";"):
         values = CANDIDATES[label]
         params = params_of(values, args)
-        started = time.perf_counter()
-        result = explain_batch(model, images, params, mean=HALF, std=HALF, slots=args.slots)
-        seconds = time.perf_counter() - started
-        per_photo = {f: [v.item() for v in getattr(result, f)] for f in FIELDS}
-        per_photo["stability_iou"] = per_photo["stability_rank"] = [None] * len(names)
-        # As --stability asks: a second run under the next seed (none for a method that
-        # draws nothing at random).
-        measured = measures_stability(params.model_copy(update={"stability": True}), "any")
-        if args.stability and measured:
-            twin = explain_batch(model, images, params_of(values | {"metrics": False}, args, 1),
-                                 mean=HALF, std=HALF, slots=args.slots)  # fmt: skip
-            iou, rank = diagnostics.stability(result.masks_full, twin.masks_full)
-            per_photo["stability_iou"], per_photo["stability_rank"] = iou.tolist(), rank.tolist()
+        quiet = values | {"metrics": False}
+        with runner_for(values):
+            started = time.perf_counter()
+            result = explain_batch(model, images, params, mean=HALF, std=HALF, slots=args.slots)
+            seconds = time.perf_counter() - started
+            per_photo = {f: [v.item() for v in getattr(result, f)] for f in FIELDS}
+            for measure in STABILITY:
+                per_photo[measure] = [None] * len(names)
+            # As --stability asks: a second run under the next seed (none for a method that
+            # draws nothing at random); and the photos shifted, under the first seed.
+            measured = measures_stability(params.model_copy(update={"stability": True}), "any")
+            if args.stability and measured:
+                twin = explain_batch(model, images, params_of(quiet, args, 1),
+                                     mean=HALF, std=HALF, slots=args.slots)  # fmt: skip
+                seeds = agreement(result.masks_full, twin.masks_full)
+                moved = explain_batch(model, shifted(images), params_of(quiet, args),
+                                      mean=HALF, std=HALF, slots=args.slots)  # fmt: skip
+                shift = agreement(aligned(result.masks_full, 0),
+                                  aligned(moved.masks_full, SHIFT))  # fmt: skip
+                for key, values_ in seeds.items():
+                    per_photo[f"stability_{key}"] = values_
+                for key, values_ in shift.items():
+                    per_photo[f"shift_{key}"] = values_
+        unstable = [v is not None and v < UNSTABLE_IOU for v in per_photo["stability_iou"]]
         removed = [
             r < NOT_REMOVED_RATIO or c
             for r, c in zip(per_photo["prob_ratio"], per_photo["class_changed"], strict=True)
@@ -142,21 +205,42 @@ def run(model_name: str, args) -> None:
             "params": params.model_dump(mode="json"),
             "seconds_per_image": seconds / len(names),
             "evidence_removed": sum(removed),
+            "unstable": sum(unstable),
             "means": means,
             "per_photo": per_photo,
         }
-        print(json.dumps({k: v for k, v in row.items() if k in ("model", "candidate", "means",
-                          "evidence_removed", "seconds_per_image")}), flush=True)  # fmt: skip
+        shown = ("model", "candidate", "means", "evidence_removed", "unstable", "seconds_per_image")
+        print(json.dumps({k: v for k, v in row.items() if k in shown}), flush=True)
         key = f"{model_name}--{_slug(label)}"
         (out / "cells" / key).mkdir(parents=True, exist_ok=True)
         for i, photo in enumerate(names):
             overlay(images[i], result, i, params).save(out / "cells" / key / f"{i:02d}-{photo}.png")
         (out / f"{key}.json").write_text(json.dumps(row, indent=1) + "\n")
+        (out / "masks").mkdir(exist_ok=True)
+        np.save(out / "masks" / f"{key}.npy", result.masks.numpy())
+
+
+def compare(out: Path, pair: str) -> None:
+    """The stability measures between two candidates' stored masks on each model that has
+    both (`--agreement "A|B"`): how far B's masks are A's, photo by photo."""
+    first, second = pair.split("|")
+    for model in ("lite0", "lite1"):
+        paths = [out / "masks" / f"{model}--{_slug(c)}.npy" for c in (first, second)]
+        if not all(p.exists() for p in paths):
+            continue
+        a, b = (upsample(torch.from_numpy(np.load(p)), (SIZE, SIZE)) for p in paths)
+        per_photo = agreement(a, b)
+        row = {"model": model, "a": first, "b": second, "per_photo": per_photo,
+               "means": {k: statistics.fmean(v) for k, v in per_photo.items()}}  # fmt: skip
+        print(json.dumps({k: row[k] for k in ("model", "a", "b", "means")}), flush=True)
+        name = f"agreement--{model}--{_slug(first)}--{_slug(second)}.json"
+        (out / name).write_text(json.dumps(row, indent=1) + "\n")
 
 
 def load_rows(out: Path) -> list[dict]:
     """Every recorded row, by model, then in CANDIDATES' order."""
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    rows = [row for row in rows if "candidate" in row]  # not the agreement files
     order = list(CANDIDATES)
     return sorted(rows, key=lambda r: (r["model"], order.index(r["candidate"])))
 
@@ -186,8 +270,8 @@ def _cell(value) -> str:
     return f"{value:.3f}"
 
 
-SHOWN = ("prob_before", "prob_after", "class_changed", "mask_area", "perturbation",
-         "compactness", "regions", "stability_iou", "stability_rank", "deletion_auc_blur",
+SHOWN = ("iterations", "prob_before", "prob_after", "class_changed", "mask_area",
+         "perturbation", "compactness", "regions", *STABILITY, "deletion_auc_blur",
          "insertion_auc")  # fmt: skip
 
 
@@ -222,9 +306,12 @@ def main() -> None:
     parser.add_argument("--no-stability", dest="stability", action="store_false")
     parser.add_argument("--report", default=None, help="write the markdown tables here")
     parser.add_argument("--sheet", default=None, help="write the contact sheet here")
+    parser.add_argument("--agreement", default=None, help="\"A|B\": B's masks against A's")
     args = parser.parse_args()
     for name in filter(None, args.models.split(",")):
         run(name, args)
+    if args.agreement:
+        compare(Path(args.out), args.agreement)
     rows = load_rows(Path(args.out))
     if args.report:
         Path(args.report).write_text(markdown(rows))

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from machine import describe  # benchmarks/machine.py, beside this script
 from quality import BUNDLED, EXAMPLES, HALF, SIZE, SKIMAGE, setup
+from variants import BEFORE, params_only, runner_for
 
 from explainctl.contracts import ModelSpec, Target
 from explainctl.methods import ExplainParams
@@ -194,12 +195,9 @@ def run_rows(model, images, targets, args) -> list[dict]:
     if "rule" in args.rows:
         rule = ExplainParams(method="original", iterations=args.budget)
         rows.append(log(engine_row("rule", rule, 1, channels_last=False)))
-    if "original-default" in args.rows:
-        rows.append(log(default_row(model, x, targets, args, method="original")))
-    if "default" in args.rows:
-        rows.append(log(default_row(model, x, targets, args)))
-    if "default-bf16" in args.rows and images.device.type == "cuda":
-        rows.append(log(default_row(model, x, targets, args, precision="bf16")))
+    for name in args.rows:
+        if name in END_TO_END:
+            rows.append(log(default_row(model, x, targets, args, name)))
     return rows
 
 
@@ -209,13 +207,20 @@ def _loaded(model, device) -> LoadedModel:
     )
 
 
-def default_row(model, x, targets, args, precision: str = "fp32", method: str = "") -> dict:
-    """The default end to end, from the photo files to artifacts on disk: the default method
-    with its own budget, or `method` with its own."""
-    params = ExplainParams(precision=precision, **({"method": method} if method else {}))
-    name = (f"{method}-" if method else "") + (
-        "default" if precision == "fp32" else f"default-{precision}"
-    )
+# End-to-end rows: name -> the parameters (and runner variant, variants.py) they run.
+END_TO_END: dict[str, dict] = {
+    "original-default": {"method": "original"},
+    "before": BEFORE,  # the decisive default before the levers of this benchmark
+    "default": {},
+    "default-fp32": {"precision": "fp32"},
+    "default-bf16": {"precision": "bf16"},
+}
+
+
+def default_row(model, x, targets, args, name: str) -> dict:
+    """A configuration end to end, from the photo files to artifacts on disk."""
+    values = END_TO_END[name]
+    params = ExplainParams(**params_only(values))
     loaded = _loaded(model, x.device)
     paths = photo_paths()
     # On a GPU the photos are repeated so the slots fill up; quality is read from the first
@@ -226,7 +231,7 @@ def default_row(model, x, targets, args, precision: str = "fp32", method: str = 
         for p, t in zip(paths, targets.tolist(), strict=True)
     ]
     timings = Timings()
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, runner_for(values):
         started = time.perf_counter()
         outcomes = explain_items(
             items, loaded, params, deliver=partial(write_outcome, out), timings=timings
@@ -242,6 +247,8 @@ def default_row(model, x, targets, args, precision: str = "fp32", method: str = 
     return {
         "row": name,
         "method": params.method,
+        "precision": first[0].result.precision,
+        "jitter_draws": params.jitter_draws,
         "seconds_per_image": seconds / len(items),
         "items": len(items),
         "slots": "auto",
@@ -275,8 +282,18 @@ def original_iteration_seconds(model, image, iterations) -> float:
     return (time.perf_counter() - started) / iterations
 
 
+# Per-step costs: name -> (parameters, runner variant); each at every slot count.
+STEP_COSTS: dict[str, dict] = {
+    "before": BEFORE,
+    "default, fp32": {"precision": "fp32"},
+    "default, bf16": {"precision": "bf16"},
+}
+
+
 def lever_rows(name, model, images, args) -> list[dict]:
-    params = ExplainParams()
+    """Seconds per image-iteration: the original loop, then each configuration of
+    STEP_COSTS in the slot engine (channels_last). An iteration of the default is
+    jitter_draws passes of the model."""
     its = args.lever_iterations if name != "vgg19" else args.vgg_iterations
     rows = [
         log(
@@ -288,20 +305,56 @@ def lever_rows(name, model, images, args) -> list[dict]:
             }
         )
     ]
-    for channels_last in (False, True):
+    for lever, values in STEP_COSTS.items():
+        params = ExplainParams(**params_only(values))
         for slots in args.slot_counts:
-            seconds = iteration_seconds(model, images, params, slots, channels_last, its)
+            with runner_for(values):
+                seconds = iteration_seconds(model, images, params, slots, True, its)
             rows.append(
                 log(
                     {
                         "model": name,
-                        "lever": "channels_last" if channels_last else "nchw",
+                        "lever": lever,
                         "slots": slots,
+                        "jitter_draws": params.jitter_draws,
                         "s_per_image_iteration": seconds,
                     }
                 )
             )
     return rows
+
+
+def per_hour(rows: list[dict], levers: list[dict], budget: int) -> list[dict]:
+    """Explanations per hour of each model and configuration, from its cost per step and
+    the mean iterations the real model (EfficientNet-Lite0) took end to end in this run:
+    the original loop takes its whole budget."""
+    iterations = {r["row"]: statistics.fmean(r["per_image"]["iterations"]) for r in rows}
+    iterations["original loop"] = budget
+    iterations.setdefault("default", iterations.get("default-fp32"))
+    out = []
+    for model in dict.fromkeys(r["model"] for r in levers):
+        costs = {
+            (r["lever"], r["slots"]): r["s_per_image_iteration"]
+            for r in levers
+            if r["model"] == model
+        }
+        original = costs[("original loop", 1)] * budget
+        for (lever, slots), seconds in costs.items():
+            row = lever if lever in ("before", "original loop") else "default"
+            per_image = seconds * iterations[row]
+            out.append(
+                log(
+                    {
+                        "model": model,
+                        "lever": lever,
+                        "slots": slots,
+                        "iterations": iterations[row],
+                        "explanations_per_hour": 3600 / per_image,
+                        "vs_original_loop": original / per_image,
+                    }
+                )
+            )
+    return out
 
 
 # --- 3. host work beside the device -------------------------------------------------------
@@ -368,11 +421,24 @@ def memory_rows(items: int, device: torch.device) -> dict:
     return log({"memory": samples})
 
 
+def cuda_facts(device: torch.device) -> dict:
+    """The card and the settings that decide what an "fp32" pass is on it."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "card": torch.cuda.get_device_name(device),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "bf16_supported": torch.cuda.is_bf16_supported(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--rows", default="original,fixed,fixed-s1,rule,original-default,default,default-bf16"
-    )
+    parser.add_argument("--rows", default="original,before,default,default-fp32,default-bf16")
     parser.add_argument("--steps", type=int, default=SIZE, help="curve steps (RISE: 224)")
     parser.add_argument("--lever-iterations", type=int, default=20)
     parser.add_argument("--vgg-iterations", type=int, default=4)
@@ -397,6 +463,7 @@ def main() -> None:
         "machine": describe(),
         "torch": torch.__version__,
         "device": str(device),
+        **cuda_facts(device),
         "budget": args.budget,
         "threads": torch.get_num_threads(),
         "images": names,
@@ -414,6 +481,8 @@ def main() -> None:
             parameter.requires_grad_(False)
         args.slot_counts = args.slot_counts[:1] + args.slot_counts[-2:-1]
         report["levers"] = report.get("levers", []) + lever_rows("vgg19", vgg, images, args)
+    if "rows" in report and "levers" in report:
+        report["per_hour"] = per_hour(report["rows"], report["levers"], args.budget)
     if "overlap" not in skip:
         report["overlap"] = overlap_rows(model, device, args)
     if "memory" not in skip:
