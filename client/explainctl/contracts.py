@@ -11,6 +11,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from explainctl.ids import JOB_ID_PATTERN
 from explainctl.methods import ExplainParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -91,7 +92,7 @@ class ChunkPayload(_Strict):
     Holds no credentials: workers reach storage with their own configuration.
     """
 
-    job_id: str = Field(pattern=r"^[0-9a-hjkmnp-tv-z]{18}$")  # explainctl.ids
+    job_id: str = Field(pattern=f"^{JOB_ID_PATTERN.pattern}$")
     chunk: int = Field(ge=0)
     model: ModelSpec
     params: ExplainParams

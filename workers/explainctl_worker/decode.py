@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from explainctl.config import Settings
 from explainctl.errors import ItemError
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
@@ -31,10 +32,10 @@ _MAX_DETAIL_CHARS = 160
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Bounds on what one item may cost to decode."""
+    """Bounds on what one item may cost to decode (defaults: the settings' defaults)."""
 
-    max_bytes: int = 50 * 1024 * 1024
-    max_pixels: int = 50_000_000
+    max_bytes: int = Settings.max_image_bytes
+    max_pixels: int = Settings.max_pixels
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_pixels"):

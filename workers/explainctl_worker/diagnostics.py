@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-# The "most salient tenth" of compactness and of the stability IoU.
-TOP_SHARE = 0.1
+from explainctl.agreement import TOP_SHARE
+
 # A saliency total below this (per pixel) means nothing was deleted: compactness is
 # undefined there and reported as NaN (None in result.json), not as a flattering number.
 EMPTY_SALIENCY = 1e-6
