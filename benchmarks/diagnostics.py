@@ -45,6 +45,7 @@ from explainctl_worker.artifact import OVERLAY_PNG, heatmap_top, render
 from explainctl_worker.engine import explain_batch
 from explainctl_worker.explain import measures_stability
 from explainctl_worker.mask import upsample
+from explainctl_worker.methods import RUNNERS
 from explainctl_worker.slot import jitter_rows
 
 # name -> parameters ("runner": a variant of the method's runner, variants.py); the
@@ -90,7 +91,7 @@ CANDIDATES: dict[str, dict] = {
 }  # fmt: skip
 
 
-# Diagnostics and scores kept per photo (Explanation fields).
+# Diagnostics and scores kept per photo (Explanation.scores).
 # The agreement of two masks (diagnostics.stability and deleted_iou): under a second
 # seed, and between the photo's and the shifted photo's masks, aligned.
 STABILITY = ("stability_iou", "stability_rank", "stability_deleted_iou", "shift_iou",
@@ -137,7 +138,8 @@ def overlay(image: torch.Tensor, result, i: int, params: ExplainParams) -> Image
     """The item's overlay.png as the worker renders it, shrunk to a sheet cell."""
     photo = Image.fromarray((image.permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8"))
     mask = result.masks[i, 0].numpy()
-    mask_full = result.masks_full[i, 0].numpy() if params.method == "paper" else None
+    full = RUNNERS[params.method].full_resolution_mask
+    mask_full = result.masks_full[i, 0].numpy() if full else None
     top = heatmap_top(mask if mask_full is None else mask_full, params.heatmap_scale)
     dummy = ItemResult(source="", item="", model="", target_index=0, prob_before=0,
                        prob_after=0, mask_area=0, iterations=0, seconds=0, image_width=0,
@@ -167,7 +169,7 @@ def run(model_name: str, args) -> None:
             started = time.perf_counter()
             result = explain_batch(model, images, params, mean=HALF, std=HALF, slots=args.slots)
             seconds = time.perf_counter() - started
-            per_photo = {f: [v.item() for v in getattr(result, f)] for f in FIELDS}
+            per_photo = {f: [v.item() for v in result.scores[f]] for f in FIELDS}
             for measure in STABILITY:
                 per_photo[measure] = [None] * len(names)
             # As --stability asks: a second run under the next seed (none for a method that

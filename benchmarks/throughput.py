@@ -151,8 +151,8 @@ def run_rows(model, images, targets, args) -> list[dict]:
         seconds = time.perf_counter() - started
         ordered = [done[i] for i in range(n)]
         full = torch.cat([e.masks_full for e in ordered])
-        p_after = [float(e.prob_after) for e in ordered]
-        its = [int(e.iterations) for e in ordered]
+        p_after = [float(e.scores["prob_after"]) for e in ordered]
+        its = [int(e.scores["iterations"]) for e in ordered]
         return {
             "row": name,
             "seconds_per_image": seconds / n,

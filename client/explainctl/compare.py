@@ -29,7 +29,7 @@ from PIL import Image
 from explainctl.agreement import mask_agreement
 from explainctl.contracts import MASK_NPY, OVERLAY_PNG
 from explainctl.errors import ExplainctlError, InvalidInput
-from explainctl.item import ItemRecord, sort_value
+from explainctl.item import COMPARE_FIELDS, ItemRecord, sort_value
 from explainctl.job import JobStatus
 from explainctl.page import render_page
 from explainctl.report import thumbnail
@@ -69,21 +69,10 @@ class JobView:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True, slots=True)
-class Side:
-    """One job's item, as little of it as a comparison needs."""
+class _Side:
+    """What a Side does; its fields are made below, its scores from the declaration."""
 
-    index: int
-    item: str
-    state: str
-    target_index: int | None = None
-    target_name: str | None = None
-    prob_before: float | None = None
-    prob_after: float | None = None
-    mask_area: float | None = None
-    error_code: str | None = None
-    mask_uri: str | None = None
-    overlay_uri: str | None = None
+    __slots__ = ()
 
     @classmethod
     def of(cls, record: ItemRecord) -> Side:
@@ -91,11 +80,7 @@ class Side:
             index=record.index,
             item=record.item,
             state=record.state,
-            target_index=record.target_index,
-            target_name=record.target_name,
-            prob_before=record.prob_before,
-            prob_after=record.prob_after,
-            mask_area=record.mask_area,
+            **{name: getattr(record, name) for name in COMPARE_FIELDS},
             error_code=record.error_code,
             mask_uri=record.artifacts.get(MASK_NPY),
             overlay_uri=record.artifacts.get(OVERLAY_PNG),
@@ -110,18 +95,39 @@ class Side:
         return sort_value(self, "drop")
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "item": self.item,
-            "state": self.state,
-            "target_index": self.target_index,
-            "target_name": self.target_name,
-            "prob_before": self.prob_before,
-            "prob_after": self.prob_after,
-            "drop": self.drop,
-            "mask_area": self.mask_area,
-            "error_code": self.error_code,
-        }
+        shown = {"index": self.index, "item": self.item, "state": self.state}
+        for name in COMPARE_FIELDS:
+            shown[name] = getattr(self, name)
+            if name == "prob_after":  # drop, p before - p after, follows its terms
+                shown["drop"] = self.drop
+        shown["error_code"] = self.error_code
+        return shown
+
+
+def _maybe(name: str, annotation: Any) -> tuple[str, Any, Any]:
+    return name, annotation, dataclasses.field(default=None)
+
+
+# One job's item, as little of it as a comparison needs: where it is, its state, the
+# scores declared with compare=True (explainctl.item.COMPARE_FIELDS, None until done),
+# and where its mask and overlay are.
+Side = dataclasses.make_dataclass(
+    "Side",
+    [
+        ("index", int),
+        ("item", str),
+        ("state", str),
+        *(_maybe(name, ItemRecord.model_fields[name].annotation) for name in COMPARE_FIELDS),
+        _maybe("error_code", str | None),
+        _maybe("mask_uri", str | None),
+        _maybe("overlay_uri", str | None),
+    ],
+    bases=(_Side,),
+    frozen=True,
+    slots=True,
+)
+Side.__module__ = __name__
+Side.__doc__ = "One job's item, as little of it as a comparison needs."
 
 
 def _difference(b: float | None, a: float | None) -> float | None:

@@ -1,12 +1,15 @@
 """One item's result, declared once from engine to report.
 
 `ItemScores` holds what an explained item carries (its class, probabilities, area,
-iterations, method, faithfulness); each field says how people see it (`label`, `fmt`) and
-whether `results --sort` and the report may order by it. `ItemResult` (result.json) is
-the scores plus the item's provenance; `ItemRecord` (the job record, a line of
-items.jsonl and of `results --json`) is the item's state plus every score, derived here,
-so a field added to `ItemScores` reaches the worker's record, `results --json/--csv`,
-`--sort` and the report without another edit (tests/client/test_item.py checks each).
+iterations, method, faithfulness); each field says how people see it (`label`, `fmt`),
+whether `results --sort` and the report may order by it, and whether `explainctl compare`
+shows it. `ItemResult` (result.json) is the scores plus the item's provenance;
+`ItemRecord` (the job record, a line of items.jsonl and of `results --json`) is the item's
+state plus every score, derived here, so a field added to `ItemScores` reaches the
+worker's record, `results --json/--csv`, `--sort` and the report without another edit
+(tests/client/test_declarations.py checks each). The worker's engine produces every score
+by these names (explainctl_worker.slot, checked by tests/workers/test_slot.py): a new
+score is its declaration here and its producer there.
 """
 
 from __future__ import annotations
@@ -24,32 +27,49 @@ from explainctl.trust import NOT_REMOVED_RATIO
 StopReason = Literal["converged", "budget"]
 
 
-def score(default: Any = ..., *, label: str, help: str, fmt: str = "", sort: bool = False):
+def score(
+    default: Any = ...,
+    *,
+    label: str,
+    help: str,
+    fmt: str = "",
+    sort: bool = False,
+    compare: bool = False,
+):
     """A result field: `label` is its name for people, `fmt` its number format,
-    `sort` whether results and the report can be ordered by it."""
-    extra = {"label": label, "fmt": fmt, "sort": sort}
+    `sort` whether results and the report can be ordered by it, `compare` whether
+    `explainctl compare` holds it for each side of a pair (explainctl.compare.Side)."""
+    extra = {"label": label, "fmt": fmt, "sort": sort, "compare": compare}
     return Field(default, description=help, json_schema_extra=extra)
 
 
 class ItemScores(_Strict):
     """What one explained image produced, whatever carries it."""
 
-    target_index: int = score(label="class", help="index of the explained class")
-    target_name: str | None = score(None, label="class name", help="its name, where known")
+    target_index: int = score(label="class", help="index of the explained class", compare=True)
+    target_name: str | None = score(
+        None, label="class name", help="its name, where known", compare=True
+    )
     prob_before: float = score(
         label="p before",
         help="softmax probability of the class, image as is",
         fmt=".3f",
         sort=True,
+        compare=True,
     )
     prob_after: float = score(
-        label="p after", help="the same with the mask's deletion applied", fmt=".3f", sort=True
+        label="p after",
+        help="the same with the mask's deletion applied",
+        fmt=".3f",
+        sort=True,
+        compare=True,
     )
     mask_area: float = score(
         label="mask area",
         help="mean(1 - mask): the fraction of the image deleted",
         fmt=".3f",
         sort=True,
+        compare=True,
     )
     # How far to trust the explanation (the worker's diagnostics.py): None on records
     # written before they existed.
@@ -208,6 +228,10 @@ SORT_KEYS: tuple[str, ...] = (
     "drop",
     *(n for n in SCORE_FIELDS if ItemScores.model_fields[n].json_schema_extra["sort"]),
 )
+# What `explainctl compare` holds of each item and shows of each side, in declared order.
+COMPARE_FIELDS: tuple[str, ...] = tuple(
+    n for n in SCORE_FIELDS if ItemScores.model_fields[n].json_schema_extra["compare"]
+)
 
 
 def sort_value(record: Any, key: str) -> float | int | None:
@@ -221,10 +245,12 @@ def sort_value(record: Any, key: str) -> float | int | None:
 
 def field_views() -> list[dict[str, Any]]:
     """How each score is shown: key, label, help, number format, sortable."""
-    return [
-        {"key": name, "help": info.description, **info.json_schema_extra}  # type: ignore[dict-item]
-        for name, info in ItemScores.model_fields.items()
-    ]
+    views = []
+    for name, info in ItemScores.model_fields.items():
+        extra: dict = info.json_schema_extra  # type: ignore[assignment]
+        shown = {k: v for k, v in extra.items() if k != "compare"}  # a choice, not a view
+        views.append({"key": name, "help": info.description, **shown})
+    return views
 
 
 def shown(name: str, value: Any) -> str:

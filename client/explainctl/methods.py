@@ -163,7 +163,13 @@ class ExplainParams(BaseModel):
     """Parameters of one explanation; a method's defaults fill only the keys left out, so
     the values recorded with a result are the values used.
 
-    method "original" (the default), after the original script:
+    method "decisive" (the default), the original's loss with a hinge on the class's
+      log-odds and a push of the mask to 0 or 1 (explainctl_worker.methods.decisive):
+      loss(m) = l1_coeff * mean|1 - m| + tv_coeff * TV_beta(m) + w_t * 4 * mean(m (1 - m))
+                + mean_J max(0, logodds(f(J(x_m)))_c - logit(drop * p_0)),
+      J over jitter_draws random shifts, w_t = binary_coeff * min(1, t / push_steps),
+      p_0 the class's probability on x.
+    method "original", after the original script:
       loss(m) = l1_coeff * mean|1 - m| + tv_coeff * TV_beta(m) + softmax(f(x_m))_c
       with x_m = up(m) * x + (1 - up(m)) * substrate(x) + N(0, noise_std^2).
     method "paper", Fong & Vedaldi (2017) as published: sums instead of means,

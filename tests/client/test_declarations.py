@@ -11,9 +11,17 @@ import typer.main
 
 from explainctl import docs
 from explainctl.cli import app
+from explainctl.compare import Side
 from explainctl.config import Settings
 from explainctl.errors import ERROR_CODES, ItemError
-from explainctl.item import RESULT_COLUMNS, SCORE_FIELDS, SORT_KEYS, ItemRecord, ItemScores
+from explainctl.item import (
+    COMPARE_FIELDS,
+    RESULT_COLUMNS,
+    SCORE_FIELDS,
+    SORT_KEYS,
+    ItemRecord,
+    ItemScores,
+)
 from explainctl.methods import (
     METHOD_NAMES,
     ExplainParams,
@@ -90,6 +98,28 @@ def test_every_score_reaches_the_record_the_columns_and_the_sort_keys():
     failed = ItemRecord(index=1, uri="b", item="000001-b", state="failed",
                         error_code="corrupt", error="x")  # fmt: skip
     assert all(getattr(failed, name) is None for name in SCORE_FIELDS)
+
+
+def test_compare_holds_and_shows_the_scores_declared_for_it_and_no_others():
+    held = {item.name for item in dataclasses.fields(Side)}
+    assert held & set(SCORE_FIELDS) == set(COMPARE_FIELDS)
+    record = ItemRecord(index=0, uri="a", item="000000-a", state="done", target_index=3,
+                        target_name="tabby", prob_before=0.9, prob_after=0.2, mask_area=0.3,
+                        iterations=40)  # fmt: skip
+    shown = Side.of(record).as_json()
+    assert {name: shown[name] for name in COMPARE_FIELDS} == {
+        name: getattr(record, name) for name in COMPARE_FIELDS
+    }
+    assert shown["drop"] == pytest.approx(0.7)
+
+
+def test_the_engine_never_asks_for_a_method_by_name():
+    """What sets a method apart is an attribute of its Runner (methods/common.py)."""
+    engine = ["slot.py", "engine.py", "explain.py", "diagnostics.py", "convergence.py"]
+    asks = re.compile(r"\.(?:method|variant)\s*(?:==|!=|\bin\b|\bnot in\b)")
+    for name in engine:
+        text = (ROOT / "workers" / "explainctl_worker" / name).read_text()
+        assert not asks.findall(text), f"{name}: {asks.findall(text)}"
 
 
 def test_every_setting_round_trips_through_the_environment_and_has_a_doc_line():

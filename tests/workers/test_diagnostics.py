@@ -101,10 +101,10 @@ def test_a_mask_on_the_evidence_is_compact_and_a_uniform_mild_blur_is_not():
 def test_the_original_methods_mask_on_known_evidence_is_decisive_and_one_region():
     params = ExplainParams(method="original", iterations=150, mask_size=16, image_size=SIZE)
     result = explain_batch(evidence_detector(), _evidence(), params, mean=HALF, std=HALF)
-    assert result.prob_ratio[0] < 0.1 and bool(result.class_changed[0])
-    assert int(result.regions[0]) == 1
+    assert result.scores["prob_ratio"][0] < 0.1 and bool(result.scores["class_changed"][0])
+    assert int(result.scores["regions"][0]) == 1
     # Twice uniform (0.1), and no more: its deletion spills well past the box (issue 13).
-    assert 0.2 < result.compactness[0] < 0.5
+    assert 0.2 < result.scores["compactness"][0] < 0.5
 
 
 def _evidence_file(tmp_path):

@@ -33,13 +33,13 @@ def test_mask_deletes_the_evidence_and_keeps_the_distractor():
         precision="fp32", method="original", iterations=150, mask_size=16, image_size=SIZE
     )
     result = explain_batch(evidence_detector(), _evidence_batch(), params, mean=HALF, std=HALF)
-    assert result.targets.tolist() == [0]
-    assert result.prob_before[0] > 0.99
-    assert result.prob_after[0] < 0.1
+    assert result.scores["target_index"].tolist() == [0]
+    assert result.scores["prob_before"][0] > 0.99
+    assert result.scores["prob_after"][0] < 0.1
     mask_up = F.interpolate(result.masks, size=(SIZE, SIZE), mode="bilinear")[0, 0]
     assert _deleted(mask_up, EVIDENCE_BOX) > 0.8
     assert _deleted(mask_up, DISTRACTOR_BOX) < 0.1
-    assert 0.05 < result.mask_area[0] < 0.6
+    assert 0.05 < result.scores["mask_area"][0] < 0.6
 
 
 def _random_images(n: int, size: int = 32) -> torch.Tensor:
@@ -58,7 +58,7 @@ def test_an_image_gets_the_same_mask_alone_and_in_a_batch():
     batch = explain_batch(model, images, SMALL)
     alone = explain_batch(model, images[2:3], SMALL)
     assert torch.allclose(batch.masks[2], alone.masks[0], atol=1e-5)
-    assert torch.allclose(batch.prob_after[2], alone.prob_after[0], atol=1e-5)
+    assert torch.allclose(batch.scores["prob_after"][2], alone.scores["prob_after"][0], atol=1e-5)
     assert batch.masks.shape == (4, 1, 8, 8)
     assert batch.substrate.shape == (4, 3, 32, 32)
 
@@ -80,7 +80,7 @@ def test_masks_stay_in_unit_interval_and_model_gets_no_gradients():
     result = explain_batch(model, _random_images(3), SMALL)
     assert result.masks.min() >= 0 and result.masks.max() <= 1
     assert all(parameter.grad is None for parameter in model.parameters())
-    assert result.iterations.tolist() == [25, 25, 25]
+    assert result.scores["iterations"].tolist() == [25, 25, 25]
 
 
 def test_explicit_targets_and_top1_placeholder():
@@ -90,7 +90,7 @@ def test_explicit_targets_and_top1_placeholder():
         top1 = model((images - 0.485) / 0.229).argmax(dim=1)
     other = (top1[0] + 1) % 10
     result = explain_batch(model, images, SMALL, targets=torch.tensor([int(other), -1]))
-    assert result.targets.tolist() == [int(other), int(top1[1])]
+    assert result.scores["target_index"].tolist() == [int(other), int(top1[1])]
 
 
 def test_early_stop_stops_and_reports_fewer_iterations():
@@ -107,8 +107,8 @@ def test_early_stop_stops_and_reports_fewer_iterations():
     done = []
     result = explain_batch(tiny_classifier(), _random_images(2), params, progress=done.append)
     # The first block only sets the baseline; the second is compared with it.
-    assert result.iterations.tolist() == [20, 20]
-    assert result.stop_reason == ["converged", "converged"]
+    assert result.scores["iterations"].tolist() == [20, 20]
+    assert result.scores["stop_reason"] == ["converged", "converged"]
     assert sum(done) == 2 * 200  # progress completes even when stopping early
 
 
@@ -117,4 +117,4 @@ def test_progress_reports_item_iterations_at_checkpoints():
     result = explain_batch(tiny_classifier(), _random_images(2), SMALL, progress=done.append)
     # Two items, a checkpoint every 5 iterations: 5 + 5 + 5 + 5 + 5 iterations each.
     assert done == [2 * CHECKPOINT_EVERY] * (SMALL.iterations // CHECKPOINT_EVERY)
-    assert result.stop_reason == ["budget", "budget"]
+    assert result.scores["stop_reason"] == ["budget", "budget"]

@@ -13,6 +13,7 @@ from explainctl.item import ItemResult
 from explainctl.methods import ExplainParams
 from explainctl_worker.engine import explain_batch
 from explainctl_worker.explain import explain_paths
+from explainctl_worker.methods import RUNNERS
 from explainctl_worker.methods.decisive import ORDER_BAND
 from explainctl_worker.model import LoadedModel
 from tests.models import (
@@ -45,8 +46,8 @@ def test_paper_mask_deletes_the_evidence_and_keeps_the_distractor():
         precision="fp32", method="paper", iterations=100, mask_size=16, image_size=SIZE
     )
     result = explain_batch(evidence_detector(), _evidence_batch(), params, mean=HALF, std=HALF)
-    assert result.method == "paper"
-    assert result.prob_before[0] > 0.99 and result.prob_after[0] < 0.05
+    assert result.scores["method"] == ["paper"]
+    assert result.scores["prob_before"][0] > 0.99 and result.scores["prob_after"][0] < 0.05
     kept = result.masks_full[0, 0]
     # Any blur erases this model's 2-px texture, so a partial deletion is enough.
     assert 1 - _mean_in(kept, EVIDENCE_BOX) > 0.3
@@ -59,7 +60,7 @@ def test_decisive_mask_is_the_evidence_box_alone_and_takes_the_class_below_its_b
     # smoothness term, as it should, softens a quarter of it at the edges.
     params = ExplainParams(precision="fp32", method="decisive", iterations=150, image_size=SIZE)
     result = explain_batch(evidence_detector(), _evidence_batch(), params, mean=HALF, std=HALF)
-    assert result.prob_ratio[0] < 0.1 and bool(result.class_changed[0])
+    assert result.scores["prob_ratio"][0] < 0.1 and bool(result.scores["class_changed"][0])
     kept = result.masks_full[0, 0]
     assert 1 - _mean_in(kept, EVIDENCE_BOX) > 0.85  # deleted outright, not blurred a little
     # Kept, only ordered: no cell deleted, each dimmed by at most the order's band.
@@ -68,7 +69,7 @@ def test_decisive_mask_is_the_evidence_box_alone_and_takes_the_class_below_its_b
     assert 1 - _mean_in(kept, DISTRACTOR_BOX) < ORDER_BAND
     # The box is 1/8 of the image, so 0.8 is the most a mask covering it can score; the
     # original method scores under 0.5 here (tests/workers/test_diagnostics.py).
-    assert result.compactness[0] > 0.7 and int(result.regions[0]) == 1
+    assert result.scores["compactness"][0] > 0.7 and int(result.scores["regions"][0]) == 1
 
 
 # The detector's texture is 2 px: a pyramid that blurs as hard as the reference (sigma 20)
@@ -92,8 +93,8 @@ def test_extremal_region_is_the_evidence_box(variant):
     top, bottom, left, right = EVIDENCE_BOX
     near = preserved[max(0, top - 8) : bottom + 8, max(0, left - 8) : right + 8].sum()
     assert near > 0.8 * preserved.sum()
-    assert result.mask_area[0] == pytest.approx(0.15, abs=0.05)
-    assert result.prob_after[0] < 0.6  # deleting the region removes most of the evidence
+    assert result.scores["mask_area"][0] == pytest.approx(0.15, abs=0.05)
+    assert result.scores["prob_after"][0] < 0.6  # deleting the region removes most of the evidence
     assert result.masks.shape == (1, 1, 32, 32)
     assert result.area_masks is None
 
@@ -146,7 +147,7 @@ def test_an_image_gets_the_same_mask_alone_and_in_a_batch(params):
     batch = explain_batch(model, images, params)
     alone = explain_batch(model, images[1:2], params)
     assert torch.allclose(batch.masks[1], alone.masks[0], atol=1e-5)
-    assert torch.allclose(batch.prob_after[1], alone.prob_after[0], atol=1e-5)
+    assert torch.allclose(batch.scores["prob_after"][1], alone.scores["prob_after"][0], atol=1e-5)
     if params.method == "extremal" and len(params.areas) > 1:
         assert torch.allclose(batch.area_masks[1], alone.area_masks[0], atol=1e-5)
     assert batch.masks.min() >= 0 and batch.masks.max() <= 1
@@ -177,9 +178,9 @@ def test_metrics_leave_the_masks_alone_and_score_every_image():
     plain = explain_batch(model, images, params)
     scored = explain_batch(model, images, params.model_copy(update={"metrics": True}))
     assert torch.equal(plain.masks, scored.masks)
-    assert plain.deletion_auc is None
+    assert plain.scores["deletion_auc"] is None
     for name in ("deletion_auc", "deletion_auc_blur", "insertion_auc", "prob_keep"):
-        values = getattr(scored, name)
+        values = scored.scores[name]
         assert values.shape == (2,) and bool(((values >= 0) & (values <= 1)).all()), name
 
 
@@ -264,3 +265,16 @@ def test_decisive_stores_an_ordered_mask_whose_deletion_is_the_optimised_one():
     # Inside each side the values are graded, not tied at 0 and 1.
     assert masks[deleted].unique().numel() > deleted.sum() // 2
     assert masks[~deleted].unique().numel() > (~deleted).sum() // 2
+
+
+def test_a_runner_says_what_sets_its_method_apart():
+    """The engine reads these, never the method's name: rows and passes per item size the
+    slots (slot.choose_slots), full_resolution_mask picks the mask the artifacts draw."""
+    extremal = RUNNERS["extremal"]
+    dual = ExplainParams(method="extremal", areas=(0.1, 0.2), variant="dual")
+    assert extremal.rows_per_item(dual) * extremal.passes_per_row(dual) == 4
+    for variant in ("preserve", "delete"):
+        assert extremal.passes_per_row(dual.model_copy(update={"variant": variant})) == 1
+    params = ExplainParams()
+    assert all(RUNNERS[m].passes_per_row(params) == 1 for m in ("decisive", "original", "paper"))
+    assert [m for m, runner in RUNNERS.items() if runner.full_resolution_mask] == ["paper"]

@@ -44,11 +44,11 @@ def test_bf16_runs_the_model_in_bf16_and_keeps_the_mask_in_fp32():
     )  # fmt: skip
     result = explain_batch(model, torch.rand(2, 3, 32, 32), params)
     assert torch.bfloat16 in seen
-    assert result.masks.dtype == torch.float32 and result.precision == "bf16"
+    assert result.masks.dtype == torch.float32 and result.scores["precision"] == ["bf16", "bf16"]
     fp32 = explain_batch(
         model, torch.rand(2, 3, 32, 32), params.model_copy(update={"precision": "fp32"})
     )
-    assert fp32.precision == "fp32"
+    assert fp32.scores["precision"] == ["fp32", "fp32"]
 
 
 def test_result_json_records_the_precision_the_passes_ran_in(tmp_path):

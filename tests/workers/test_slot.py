@@ -6,7 +6,8 @@
 import pytest
 import torch
 
-from explainctl.methods import ExplainParams
+from explainctl.item import SCORE_FIELDS, ItemScores
+from explainctl.methods import METHOD_NAMES, ExplainParams
 from explainctl_worker.engine import explain_batch
 from explainctl_worker.optim import RowOptimizer
 from explainctl_worker.slot import Entry, jitter_rows, run_slots
@@ -104,7 +105,9 @@ def test_an_item_entering_a_refilled_slot_gets_its_mask_alone(params):
     for i in (0, 3, 4):
         alone = _alone(model, images[i], params)
         assert torch.allclose(results[i].masks, alone.masks, atol=1e-5), i
-        assert torch.allclose(results[i].prob_after, alone.prob_after, atol=1e-5), i
+        assert torch.allclose(
+            results[i].scores["prob_after"], alone.scores["prob_after"], atol=1e-5
+        ), i
         if params.method == "extremal":
             assert torch.allclose(results[i].area_masks, alone.area_masks, atol=1e-5), i
 
@@ -129,7 +132,7 @@ def test_items_stopping_at_different_times_refill_their_slots_mid_run(method):
         jitter=1,
     )
     results = dict(run_slots(model, (Entry(i, images[i]) for i in range(6)), params, slots=2))
-    iterations = [int(results[i].iterations) for i in range(6)]
+    iterations = [int(results[i].scores["iterations"]) for i in range(6)]
     assert len(set(iterations)) > 1, iterations  # the precondition: staggered finishes
     # The paper's pyramid picks blur levels by the mask's value, so a 1e-7 difference
     # from a batch size's conv kernel can move a pixel across a level boundary; on an
@@ -138,7 +141,7 @@ def test_items_stopping_at_different_times_refill_their_slots_mid_run(method):
     atol = 1e-3 if method == "paper" else 1e-5
     for i in range(6):
         alone = _alone(model, images[i], params)
-        assert int(alone.iterations) == iterations[i]
+        assert int(alone.scores["iterations"]) == iterations[i]
         assert torch.allclose(results[i].masks, alone.masks, atol=atol), i
 
 
@@ -149,7 +152,7 @@ def test_same_item_same_mask_whatever_the_slot_count():
     for slots in (1, 2, 3):
         other = explain_batch(model, images, NOISY, slots=slots)
         assert torch.allclose(full.masks, other.masks, atol=1e-5), slots
-        assert torch.equal(full.iterations, other.iterations)
+        assert torch.equal(full.scores["iterations"], other.scores["iterations"])
     assert torch.equal(explain_batch(model, images, NOISY).masks, full.masks)  # repeatable
 
 
@@ -196,3 +199,22 @@ def test_jitter_draws_are_drawn_at_admission_and_an_item_keeps_them_in_any_slot(
         assert torch.allclose(together.masks[i], alone.masks[0], atol=1e-5), i
     other_seed = explain_batch(model, images, params.model_copy(update={"seed": 1}))
     assert not torch.allclose(together.masks, other_seed.masks, atol=1e-3)
+
+
+# Scores the engine leaves to explain.py: the class's name (the model's categories) and
+# the agreement of an item's two runs (explain._with_twins).
+LATER = {"target_name", "stability_iou", "stability_rank"}
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_the_engine_produces_every_declared_score_by_its_name(method):
+    """A score is declared once (explainctl.item.ItemScores) and produced once (slot.py):
+    a declared score without a producer, or a produced one without a declaration, fails."""
+    params = ExplainParams(precision="fp32", method=method, iterations=5, image_size=32,
+                           metrics=True, metric_steps=4)  # fmt: skip
+    ((_, explanation),) = run_slots(tiny_classifier(), [Entry(0, _random_images(1)[0])],
+                                    params, slots=1)  # fmt: skip
+    assert set(explanation.scores) == set(SCORE_FIELDS)
+    missing = {name for name, values in explanation.scores.items() if values is None}
+    assert missing == LATER, missing
+    ItemScores(**explanation.item_scores())  # every value of the type it is declared with

@@ -1,9 +1,11 @@
 """Explanations of a batch of images: `explain_batch`, the slot engine run over a tensor.
 
-params.method picks the optimisation (methods/original.py, paper.py, extremal.py); the slot
-engine (slot.py) runs it with every image in a slot of its own, so each image gets the
-mask it would get alone. With params.metrics the engine then scores each mask's
-faithfulness (faithfulness.py: RISE deletion and insertion) in a few batched passes.
+params.method picks the optimisation (methods/decisive.py, the default; original.py,
+paper.py, extremal.py); the slot engine (slot.py) runs it with every image in a slot of
+its own, so each image gets the mask it would get alone, and hands back every declared
+score of each (Explanation.scores, by the names of explainctl.item). With params.metrics
+the engine also scores each mask's faithfulness (faithfulness.py: RISE deletion and
+insertion) in a few batched passes.
 
 Masks everywhere follow one convention: m = 1 keeps a pixel, m = 0 deletes it, and the
 saliency shown and ranked is 1 - m.

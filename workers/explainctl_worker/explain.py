@@ -30,6 +30,7 @@ from explainctl.sources import SourcePolicy, read_source
 from explainctl_worker import diagnostics
 from explainctl_worker.artifact import MASKS_NPY, heatmap_top, render
 from explainctl_worker.decode import DecodeLimits, decode_image
+from explainctl_worker.methods import RUNNERS
 from explainctl_worker.model import LoadedModel, resolve_target
 from explainctl_worker.slot import Entry, Explanation, choose_slots, run_slots
 
@@ -307,8 +308,8 @@ def _with_twins(
         other_copy, other = waiting.pop(position)
         first, second = (other, explanation) if other_copy == 0 else (explanation, other)
         iou, rank = diagnostics.stability(first.masks_full, second.masks_full)
-        first.stability_iou, first.stability_rank = iou, rank
-        first.seconds = first.seconds + second.seconds
+        first.scores["stability_iou"], first.scores["stability_rank"] = iou, rank
+        first.scores["seconds"] = first.scores["seconds"] + second.scores["seconds"]
         yield position, first
 
 
@@ -320,54 +321,33 @@ def _render(
     params: ExplainParams,
     version_info: dict[str, str],
 ) -> None:
-    """result.json and the artifacts of one explained item, into `outcome`."""
-    target_index = int(explanation.targets[0])
-    categories = loaded.categories
+    """result.json and the artifacts of one explained item, into `outcome`: its scores as
+    the engine produced them (by their declared names), the class named where the model
+    has categories, and where they came from."""
+    scores = explanation.item_scores()
+    categories, target_index = loaded.categories, scores["target_index"]
+    if scores["target_name"] is None and categories and target_index < len(categories):
+        scores["target_name"] = categories[target_index]
+    scores["seconds"] = round(scores["seconds"], 4)
     area_masks = None if explanation.area_masks is None else explanation.area_masks[0].numpy()
 
-    def value(values: torch.Tensor | None) -> float | None:
-        if values is None or torch.isnan(values[0]):
-            return None
-        return float(values[0])
-
-    # The paper blurs its upsampled mask: draw what the model saw.
-    mask_full = explanation.masks_full[0, 0].numpy() if params.method == "paper" else None
+    # Draw what the model saw where that is more than the stored mask upsampled.
+    full = RUNNERS[params.method].full_resolution_mask
+    mask_full = explanation.masks_full[0, 0].numpy() if full else None
     mask = explanation.masks[0, 0].numpy()
     top = heatmap_top(mask if mask_full is None else mask_full, params.heatmap_scale)
 
     result = ItemResult(
+        **scores,
         source=outcome.source,
         item=outcome.name,
         model=loaded.spec.name,
-        target_index=target_index,
-        target_name=categories[target_index]
-        if categories and target_index < len(categories)
-        else None,
-        prob_before=float(explanation.prob_before[0]),
-        prob_after=float(explanation.prob_after[0]),
-        mask_area=float(explanation.mask_area[0]),
-        prob_ratio=value(explanation.prob_ratio),
-        class_changed=bool(explanation.class_changed[0]),
-        perturbation=value(explanation.perturbation),
-        compactness=value(explanation.compactness),
-        regions=int(explanation.regions[0]),
-        stability_iou=value(explanation.stability_iou),
-        stability_rank=value(explanation.stability_rank),
         heatmap_max=round(top, 4),
-        iterations=int(explanation.iterations[0]),
-        stop_reason=explanation.stop_reason[0],
-        seconds=round(float(explanation.seconds[0]), 4),
         image_width=image.width,
         image_height=image.height,
         params=params,
         versions=version_info,
         artifacts=[*ARTIFACT_FILES, *([MASKS_NPY] if area_masks is not None else [])],
-        method=explanation.method,
-        precision=explanation.precision,
-        deletion_auc=value(explanation.deletion_auc),
-        deletion_auc_blur=value(explanation.deletion_auc_blur),
-        insertion_auc=value(explanation.insertion_auc),
-        prob_keep=value(explanation.prob_keep),
     )
     try:
         outcome.files = render(

@@ -13,6 +13,8 @@ a pass on a finished mask.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +26,8 @@ import torch
 from torch import nn
 
 from explainctl.contracts import IMAGENET_MEAN, IMAGENET_STD
-from explainctl.methods import DEFAULT_METHOD, ExplainParams
+from explainctl.item import SCORE_FIELDS
+from explainctl.methods import ExplainParams
 from explainctl_worker import diagnostics, faithfulness
 from explainctl_worker.convergence import Convergence, Decision
 from explainctl_worker.mask import mask_area
@@ -45,60 +48,72 @@ class Entry:
     seed: int | None = None
 
 
+# What a score holds for N items: a tensor (N,), a list of N values, or None where it was
+# not measured for them.
+ScoreValues = torch.Tensor | list | None
+
+
 @dataclass
 class Explanation:
-    """What the engine gives back for N items (N = 1 from `run_slots`), on the CPU."""
+    """What the engine gives back for N items (N = 1 from `run_slots`), on the CPU: the
+    tensors the artifacts are drawn from, and the items' scores."""
 
     masks: torch.Tensor  # (N, 1, h, w) float32 in [0, 1]
-    targets: torch.Tensor  # (N,) int64
-    prob_before: torch.Tensor  # (N,) softmax of the target on the clean image
-    prob_after: torch.Tensor  # (N,) on the image perturbed by the final mask, no noise
-    mask_area: torch.Tensor  # (N,) mean(1 - m)
-    # How far to trust it (diagnostics.py): p after / p before, top-1 class changed,
-    # mean |x_m - x| in pixel space, saliency share of the top tenth, deleted regions.
-    prob_ratio: torch.Tensor
-    class_changed: torch.Tensor
-    perturbation: torch.Tensor
-    compactness: torch.Tensor
-    regions: torch.Tensor
-    iterations: torch.Tensor  # (N,) iterations each mask was optimised for
-    converged: torch.Tensor  # (N,) bool: stopped by the convergence rule, not the budget
-    seconds: torch.Tensor  # (N,) wall time of the passes spent on the item: its share of each
-    substrate: torch.Tensor  # (N, C, H, W) pixel-space substrate, for rendering
-    method: str = DEFAULT_METHOD
-    precision: str = "fp32"  # what the model's passes ran in (precision.py)
-    # (N, L, C, H, W) pixel-space blur pyramid, for methods whose perturbation varies
-    # the blur with the mask (paper, extremal); None for the original's single substrate.
-    levels: torch.Tensor | None = None
     # (N, 1, H, W) the mask as the model saw it, at its input resolution; 1 - masks_full
     # is the saliency the metrics rank.
-    masks_full: torch.Tensor | None = None
+    masks_full: torch.Tensor
+    substrate: torch.Tensor  # (N, C, H, W) pixel-space substrate, for rendering
+    # Every score of the result (explainctl.item.ItemScores), by its declared name, each
+    # as ScoreValues. None: faithfulness without params.metrics, the stability of an item
+    # run once, the class name (the engine knows no names; explain._render does).
+    scores: dict[str, ScoreValues]
+    # (N, L, C, H, W) pixel-space blur pyramid, for methods whose perturbation varies
+    # the blur with the mask (paper, extremal); None for a single substrate.
+    levels: torch.Tensor | None = None
     # (N, A, h, w) one mask per area (extremal with several areas); masks is the first.
     area_masks: torch.Tensor | None = None
-    # Faithfulness scores (N,), when params.metrics.
-    deletion_auc: torch.Tensor | None = None
-    deletion_auc_blur: torch.Tensor | None = None
-    insertion_auc: torch.Tensor | None = None
-    prob_keep: torch.Tensor | None = None
-    # Agreement with the same item's mask under a second seed (N,), when it was measured.
-    stability_iou: torch.Tensor | None = None
-    stability_rank: torch.Tensor | None = None
 
-    @property
-    def stop_reason(self) -> list[str]:
-        return ["converged" if c else "budget" for c in self.converged.tolist()]
+    def item_scores(self, i: int = 0) -> dict[str, Any]:
+        """Item i's scores as plain values by name: None where not measured, and where a
+        score is NaN (the compactness of a mask that deleted nothing)."""
+        return {name: _plain(values, i) for name, values in self.scores.items()}
+
+    def row(self, i: int) -> Explanation:
+        """Item i alone."""
+        values = {name: _sliced(value, i) for name, value in vars(self).items()}
+        values["scores"] = {name: _sliced(value, i) for name, value in self.scores.items()}
+        return Explanation(**values)
 
     @staticmethod
     def stack(parts: list[Explanation]) -> Explanation:
         """Explanations of single items, concatenated in order."""
         first = parts[0]
-        values = {}
-        for name, value in vars(first).items():
-            if isinstance(value, torch.Tensor):
-                values[name] = torch.cat([getattr(part, name) for part in parts])
-            else:
-                values[name] = value
+        values = {name: _joined([getattr(part, name) for part in parts]) for name in vars(first)}
+        values["scores"] = {
+            name: _joined([part.scores[name] for part in parts]) for name in first.scores
+        }
         return Explanation(**values)
+
+
+def _sliced(value, i: int):
+    return value[i : i + 1] if isinstance(value, torch.Tensor | list) else value
+
+
+def _joined(values: list):
+    """Per-item values of several explanations, in order; anything else is the first's."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values)
+    if isinstance(first, list):
+        return [v for value in values for v in value]
+    return first
+
+
+def _plain(values: ScoreValues, i: int) -> Any:
+    if values is None:
+        return None
+    value = values[i].item() if isinstance(values, torch.Tensor) else values[i]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 # Slots on a CPU: with channels_last, 4 images per pass gave the most images per second
@@ -112,10 +127,12 @@ MAX_SLOTS = 256
 def choose_slots(model: nn.Module, params: ExplainParams, device: torch.device, items: int) -> int:
     """Slots for `items` items when none were asked for: CPU_SLOTS on a CPU; on CUDA as
     many as GPU_MEMORY_SHARE of the free memory holds, from one measured pass of 2 images,
-    counting every row an item needs (extremal: one per area, twice for `dual`)."""
+    counting every row an item needs and every pass of each row (the Runner's
+    rows_per_item and passes_per_row)."""
     if device.type != "cuda":
         return max(1, min(CPU_SLOTS, items))
-    passes = RUNNERS[params.method].rows_per_item(params) * (2 if params.variant == "dual" else 1)
+    runner = RUNNERS[params.method]
+    passes = runner.rows_per_item(params) * runner.passes_per_row(params)
     per_item = _row_bytes(model, params.image_size, device) * passes
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(items, MAX_SLOTS // passes, int(GPU_MEMORY_SHARE * free // per_item)))
@@ -352,7 +369,7 @@ def run_slots(
                 )
             share = (time.perf_counter() - started) / len(finished)
             for position, i in enumerate(finished):
-                explained[position].seconds += spent[i] + share
+                explained[position].scores["seconds"] += spent[i] + share
             keep = [i for i in range(len(keys)) if i not in set(finished)]
             keep_index = torch.tensor(keep, dtype=torch.long, device=device)
             keep_rows = _rows_of(keep, per_item, device)
@@ -381,22 +398,40 @@ def _rows_of(items: list[int], per_item: int, device) -> torch.Tensor:
     )
 
 
-def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach().float().cpu()
+def _cpu(values: ScoreValues) -> ScoreValues:
+    """A tensor on the CPU, floats as float32 (float64 stays); lists and None as they are."""
+    if not isinstance(values, torch.Tensor):
+        return values
+    values = values.detach()
+    if values.is_floating_point() and values.dtype != torch.float64:
+        values = values.float()
+    return values.cpu()
+
+
+def _faithfulness(problem: Problem, result, params: ExplainParams) -> dict[str, ScoreValues]:
+    """The faithfulness scores (the fields of faithfulness.Faithfulness that are declared
+    scores; the rest are its curves), each None without params.metrics."""
+    names = [
+        f.name for f in dataclasses.fields(faithfulness.Faithfulness) if f.name in SCORE_FIELDS
+    ]
+    if not params.metrics:
+        return dict.fromkeys(names)
+    scored = faithfulness.evaluate(
+        problem.model,
+        problem.x,
+        1 - result.masks_full.detach(),
+        problem.targets,
+        steps=params.metric_steps,
+        max_batch=params.metric_batch,
+    )
+    return {name: getattr(scored, name) for name in names}
 
 
 def _explanations(problem: Problem, result, iterations, converged, params) -> list[Explanation]:
-    """One Explanation per finished item, with its faithfulness when params.metrics."""
-    scored = None
-    if params.metrics:
-        scored = faithfulness.evaluate(
-            problem.model,
-            problem.x,
-            1 - result.masks_full.detach(),
-            problem.targets,
-            steps=params.metric_steps,
-            max_batch=params.metric_batch,
-        )
+    """One Explanation per finished item, every declared score (explainctl.item) produced
+    here by name; its faithfulness when params.metrics."""
+    n = len(iterations)
+    measured = _faithfulness(problem, result, params)
     final = result.masks.detach()
     probabilities = problem.model(result.perturbed).softmax(dim=1)
     prob_after = probabilities.gather(1, problem.targets.view(-1, 1)).squeeze(1)
@@ -410,37 +445,30 @@ def _explanations(problem: Problem, result, iterations, converged, params) -> li
         problem.top1_before,
         probabilities.argmax(dim=1),
     )
+    scores = {
+        "target_index": problem.targets,
+        "target_name": None,  # the engine knows no class names: explain._render does
+        "prob_before": problem.prob_before,
+        "prob_after": prob_after,
+        "mask_area": mask_area(final),
+        **vars(trust),  # how far to trust it: diagnostics.Diagnostics, every field a score
+        # Measured from an item's two runs once both are done (explain._with_twins).
+        "stability_iou": None,
+        "stability_rank": None,
+        "iterations": torch.tensor(iterations, dtype=torch.long),
+        "stop_reason": ["converged" if c else "budget" for c in converged],
+        # Wall time of the passes spent on the item, its share of each: run_slots adds it.
+        "seconds": torch.zeros(n, dtype=torch.float64),
+        "method": [params.method] * n,
+        "precision": [problem.model.precision] * n,  # what the model's passes ran in
+        **measured,
+    }
     batch = Explanation(
         masks=final.float().cpu(),
-        targets=problem.targets.cpu(),
-        prob_before=problem.prob_before.float().cpu(),
-        prob_after=prob_after.float().cpu(),
-        mask_area=mask_area(final).float().cpu(),
-        prob_ratio=trust.prob_ratio.float().cpu(),
-        class_changed=trust.class_changed.cpu(),
-        perturbation=trust.perturbation.float().cpu(),
-        compactness=trust.compactness.float().cpu(),
-        regions=trust.regions.cpu(),
-        iterations=torch.tensor(iterations, dtype=torch.long),
-        converged=torch.tensor(converged, dtype=torch.bool),
-        seconds=torch.zeros(len(iterations), dtype=torch.float64),
-        substrate=result.substrate.float().cpu(),
-        method=params.method,
-        precision=problem.model.precision,
-        levels=_cpu(result.levels),
         masks_full=_cpu(result.masks_full),
+        substrate=result.substrate.float().cpu(),
+        scores={name: _cpu(values) for name, values in scores.items()},
+        levels=_cpu(result.levels),
         area_masks=_cpu(result.area_masks),
-        deletion_auc=_cpu(scored.deletion_auc) if scored else None,
-        deletion_auc_blur=_cpu(scored.deletion_auc_blur) if scored else None,
-        insertion_auc=_cpu(scored.insertion_auc) if scored else None,
-        prob_keep=_cpu(scored.prob_keep) if scored else None,
     )
-    return [_row(batch, i) for i in range(len(iterations))]
-
-
-def _row(batch: Explanation, i: int) -> Explanation:
-    values = {
-        name: value[i : i + 1] if isinstance(value, torch.Tensor) else value
-        for name, value in vars(batch).items()
-    }
-    return Explanation(**values)
+    return [batch.row(i) for i in range(n)]

@@ -2,10 +2,12 @@
 
 A method is a `Runner`: `start` turns newly admitted items into rows of the parameter
 (one per item, or one per item and area), `loss` gives each row's loss, `finish` turns
-finished rows into stored masks. The slot engine (slot.py) owns the loop, the optimiser
-and the randomness, so a row's loss may depend only on its own parameter, its own
-precomputed tensors and its own step count: an item's mask is then the same alone, in a
-full batch, or entering a slot that another item just left.
+finished rows into stored masks. Whatever else sets a method apart (its optimiser, stop
+rule, passes per row, which mask its artifacts draw) is an attribute of its Runner: the
+engine never tests a method's name or variant. The slot engine (slot.py) owns the loop,
+the optimiser and the randomness, so a row's loss may depend only on its own parameter,
+its own precomputed tensors and its own step count: an item's mask is then the same
+alone, in a full batch, or entering a slot that another item just left.
 """
 
 from __future__ import annotations
@@ -140,6 +142,13 @@ class Runner:
     # The stop rule (convergence.py): "drift" (block averages against their flicker) or
     # "decision" (the hinge held and the deleted region stopped moving).
     stop: Literal["drift", "decision"] = "drift"
+    # Perturbed copies of each row the loss scores per step, one model input each (extremal's
+    # dual variant: the region preserved and deleted); slot.choose_slots counts them.
+    passes_per_row: Callable[[ExplainParams], int] = lambda params: 1
+    # Whether the heatmap and overlay draw masks_full, the mask at the model's resolution
+    # as the model saw it, rather than the stored mask upsampled: for a method whose full
+    # mask is more than an upsampling of the stored one (paper blurs it).
+    full_resolution_mask: bool = False
 
 
 def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:

@@ -66,6 +66,16 @@ def rows_per_item(params: ExplainParams) -> int:
     return len(params.areas)
 
 
+def sides(params: ExplainParams) -> tuple[bool, bool]:
+    """(preserve, delete): which perturbations of each row the variant scores."""
+    return params.variant in ("preserve", "dual"), params.variant in ("delete", "dual")
+
+
+def passes_per_row(params: ExplainParams) -> int:
+    """Model inputs per row and step: one per side the variant scores (dual: two)."""
+    return sum(sides(params))
+
+
 def start(problem: Problem, params: ExplainParams) -> tuple[torch.Tensor, Rows]:
     """pbar0 = 1/2 everywhere, (N * A, 1, g, g) for g = mask_size and A areas, item-major;
     per row the pyramid (pixel space and normalised), the target and the area."""
@@ -90,8 +100,7 @@ def loss(model, pbar, rows: Rows, steps, params: ExplainParams, perturb: Perturb
     """-reward(p) + area_coeff * area_growth^t * R_a(p) per row, t its step count, (R,)."""
     levels_x, targets = rows["levels_x"], rows["targets"]
     _, p = preserved_region(pbar, tuple(levels_x.shape[-2:]), params)
-    preserve = params.variant in ("preserve", "dual")
-    delete = params.variant in ("delete", "dual")
+    preserve, delete = sides(params)
     inputs = []
     if preserve:
         inputs.append(pyramid_blend(levels_x, p))
@@ -125,4 +134,11 @@ def finish(problem: Problem, pbar, rows: Rows, params: ExplainParams) -> MethodR
     )
 
 
-RUNNER = Runner(start=start, loss=loss, finish=finish, optimizer="sgd", rows_per_item=rows_per_item)
+RUNNER = Runner(
+    start=start,
+    loss=loss,
+    finish=finish,
+    optimizer="sgd",
+    rows_per_item=rows_per_item,
+    passes_per_row=passes_per_row,
+)

@@ -74,4 +74,5 @@ def finish(problem: Problem, m, rows: Rows, params: ExplainParams) -> MethodResu
     )
 
 
-RUNNER = Runner(start=start, loss=loss, finish=finish, optimizer="adam")
+# The model saw blur(up(m)), not up(m): the artifacts draw that (Runner.full_resolution_mask).
+RUNNER = Runner(start=start, loss=loss, finish=finish, optimizer="adam", full_resolution_mask=True)
