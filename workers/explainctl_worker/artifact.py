@@ -84,7 +84,7 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def _resize(array_chw: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(3, S, S) in [0, 1] -> (height, width, 3) float32, through 8-bit like the seed's."""
+    """(3, S, S) in [0, 1] -> (height, width, 3) float32 through 8-bit, as the original did."""
     hwc = np.transpose(array_chw, (1, 2, 0)).astype(np.float32)
     small = Image.fromarray((np.clip(hwc, 0, 1) * 255 + 0.5).astype(np.uint8))
     big = small.resize((width, height), Image.Resampling.BILINEAR)

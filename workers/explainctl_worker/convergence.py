@@ -1,6 +1,6 @@
 """When an item's mask has converged: the stop rule the slot engine checks at checkpoints.
 
-Under the seed's input noise (sigma = 0.2 every iteration) the mask never settles: the
+Under the original method's input noise (sigma = 0.2 every iteration) the mask never settles: the
 iterate keeps flickering by several hundredths per pixel, and the loss, dominated by the
 noisy class probability, hides a slow drift of the mask's area (its L1 weight is 0.01).
 Neither the loss nor the last iterate tells noise from progress. The rule therefore

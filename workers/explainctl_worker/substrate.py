@@ -62,7 +62,7 @@ def median_blur(x: torch.Tensor, size: int) -> torch.Tensor:
 def make_substrate(x: torch.Tensor, params: ExplainParams) -> torch.Tensor:
     """The perturbation target for each image, as `params.substrate` names it.
 
-    `average` is the mean of the Gaussian and median blurs, as the seed's README describes
+    `average` is the mean of the Gaussian and median blurs, as the original's README describes
     (its code used the median alone).
     """
     if params.substrate == "gaussian":
@@ -100,7 +100,7 @@ def pyramid_blend(levels: torch.Tensor, m_up: torch.Tensor) -> torch.Tensor:
     levels (N, L, C, H, W) from `blur_pyramid`; m_up (N, 1, H, W) in [0, 1] -> (N, C, H, W).
     Each pixel sits at t = m * (L - 1) on the pyramid and is interpolated linearly between
     the two levels that bracket t: m = 1 is the image, m = 0 the strongest blur. With
-    L = 2 this is m * x + (1 - m) * blur(x), the seed's blend.
+    L = 2 this is m * x + (1 - m) * blur(x), the original method's blend.
     """
     n, count, c, h, w = levels.shape
     # No clamp on m itself: torch's clamp passes no gradient at its bounds, and masks
