@@ -276,5 +276,8 @@ def test_a_runner_says_what_sets_its_method_apart():
     for variant in ("preserve", "delete"):
         assert extremal.passes_per_row(dual.model_copy(update={"variant": variant})) == 1
     params = ExplainParams()
-    assert all(RUNNERS[m].passes_per_row(params) == 1 for m in ("decisive", "original", "paper"))
+    assert all(RUNNERS[m].passes_per_row(params) == 1 for m in ("original", "paper"))
+    # decisive puts D jittered copies of each row through the model at every step.
+    assert RUNNERS["decisive"].passes_per_row(params) == params.jitter_draws == 2
+    assert RUNNERS["decisive"].passes_per_row(params.model_copy(update={"jitter": 0})) == 1
     assert [m for m, runner in RUNNERS.items() if runner.full_resolution_mask] == ["paper"]

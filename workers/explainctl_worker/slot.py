@@ -32,7 +32,13 @@ from explainctl_worker import diagnostics, faithfulness
 from explainctl_worker.convergence import Convergence, Decision
 from explainctl_worker.mask import mask_area
 from explainctl_worker.methods import RUNNERS
-from explainctl_worker.methods.common import CHECKPOINT_EVERY, Problem, Rows, prepare
+from explainctl_worker.methods.common import (
+    CHECKPOINT_EVERY,
+    Problem,
+    Rows,
+    jitter_draws,
+    prepare,
+)
 from explainctl_worker.optim import RowOptimizer
 from explainctl_worker.precision import autocast, resolve
 
@@ -179,11 +185,6 @@ class ItemRandom:
 
     def noise(self, shape: tuple[int, ...], device) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, device=device)
-
-
-def jitter_draws(params: ExplainParams) -> int:
-    """Jittered copies of each row per step: params.jitter_draws where the method reads it."""
-    return params.jitter_draws or 1 if params.jitter else 1
 
 
 def jitter_rows(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:

@@ -151,6 +151,11 @@ class Runner:
     full_resolution_mask: bool = False
 
 
+def jitter_draws(params: ExplainParams) -> int:
+    """Jittered copies of each row per step: params.jitter_draws where the method reads it."""
+    return params.jitter_draws or 1 if params.jitter else 1
+
+
 def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     shape = (-1, 1, 1)
     mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)

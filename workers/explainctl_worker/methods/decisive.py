@@ -61,6 +61,7 @@ from explainctl_worker.methods.common import (
     Problem,
     Rows,
     Runner,
+    jitter_draws,
     target_log_odds,
 )
 
@@ -154,4 +155,6 @@ RUNNER = Runner(
     optimizer="adam-row",
     lr_scale=lr_scale,
     stop="decision",
+    # D jittered copies of each row go through the model at every step.
+    passes_per_row=jitter_draws,
 )
