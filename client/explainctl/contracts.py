@@ -25,6 +25,11 @@ OVERLAY_PNG = "overlay.png"
 PERTURBED_PNG = "perturbed.png"
 RESULT_JSON = "result.json"
 ARTIFACT_FILES = (MASK_NPY, MASK_PNG, HEATMAP_PNG, OVERLAY_PNG, PERTURBED_PNG, RESULT_JSON)
+# Written beside mask.npy when a method returns several masks (extremal with several
+# areas): (A, h, w) float32, one per area in the order of params.areas.
+MASKS_NPY = "masks.npy"
+# Every name an item's folder may hold: what readers of artifacts accept.
+ARTIFACT_NAMES = frozenset((*ARTIFACT_FILES, MASKS_NPY))
 
 
 class _Strict(BaseModel):

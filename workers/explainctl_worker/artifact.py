@@ -16,6 +16,7 @@ from explainctl.contracts import (
     HEATMAP_PNG,
     MASK_NPY,
     MASK_PNG,
+    MASKS_NPY,
     OVERLAY_PNG,
     PERTURBED_PNG,
     RESULT_JSON,
@@ -27,10 +28,6 @@ OVERLAY_ALPHA = 0.5
 # saliency below this: a mask that deleted nothing strongly is not stretched into one that
 # looks decisive, while one that deleted mildly everywhere does not look like nothing.
 ITEM_SCALE_FLOOR = 0.25
-# Written beside mask.npy when a method returns several masks (extremal with several
-# areas): (A, h, w) float32, one per area in the order of params.areas.
-MASKS_NPY = "masks.npy"
-
 # Control points of a blue-cyan-yellow-red ramp (value, r, g, b).
 _RAMP = np.array(
     [

@@ -22,13 +22,13 @@ import torch
 from PIL import Image
 
 import explainctl
-from explainctl.contracts import ARTIFACT_FILES, Target
+from explainctl.contracts import ARTIFACT_FILES, MASKS_NPY, Target
 from explainctl.errors import ExplainctlError, ItemError
 from explainctl.item import ItemResult
 from explainctl.methods import ExplainParams
 from explainctl.sources import SourcePolicy, read_source
 from explainctl_worker import diagnostics
-from explainctl_worker.artifact import MASKS_NPY, heatmap_top, render
+from explainctl_worker.artifact import heatmap_top, render
 from explainctl_worker.decode import DecodeLimits, decode_image
 from explainctl_worker.methods import RUNNERS
 from explainctl_worker.model import LoadedModel, resolve_target
