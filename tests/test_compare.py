@@ -14,6 +14,7 @@ from PIL import Image
 from explainctl.agreement import mask_agreement
 from explainctl.ids import new_job_id
 from explainctl.job import JobStore
+from explainctl.keys import job_key
 from tests import browser, cli
 
 TINY = ["--model", "tests.models:tiny_classifier", "--image-size", "32", "--mask-size", "8",
@@ -109,7 +110,7 @@ def test_compare_two_jobs_after_one_expired(s3_bucket, start_workers, worker_env
     assert summary["mean_iou"] == (pairs["img1.png"]["iou"] + pairs["img2.png"]["iou"]) / 2
 
     # Forgotten by Redis altogether (index entry gone, pruned): job.json still answers.
-    store.redis.delete(f"explainctl:job:{jobs['a']}:index")
+    store.redis.delete(job_key(jobs["a"], "index"))
     assert json.loads(cli.run("prune", "--json", **env).stdout)["forgotten"] >= 1
     page = tmp_path / "compare.html"
     made = cli.run("compare", jobs["a"], jobs["b"], "--out", str(page), **env)

@@ -8,6 +8,7 @@ import time
 
 import redis
 
+from explainctl.keys import JOBS_KEY, job_key
 from explainctl.queue import waiting_chunks
 from tests import cli
 
@@ -17,17 +18,17 @@ N = 10_000
 def _killed_submit(listing, env) -> str:
     """Start a submit of the list and SIGKILL it once a quarter of the items are recorded."""
     client = redis.Redis.from_url(env["EXPLAINCTL_BROKER_URL"], decode_responses=True)
-    before = set(client.zrange("explainctl:jobs", 0, -1))
+    before = set(client.zrange(JOBS_KEY, 0, -1))
     process = subprocess.Popen(
         [cli.EXPLAINCTL, "submit", f"@{listing}", "--chunk-size", "5", "--json"],
         env=cli.env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        new = set(client.zrange("explainctl:jobs", 0, -1)) - before
+        new = set(client.zrange(JOBS_KEY, 0, -1)) - before
         if new:
             (job,) = new
-            total = int(client.hget(f"explainctl:job:{job}:meta", "total") or 0)
+            total = int(client.hget(job_key(job, "meta"), "total") or 0)
             if total >= N // 4:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
@@ -77,7 +78,7 @@ def test_an_interrupted_submit_is_shown_and_resumed_without_duplicates(tmp_path,
     queued = [i["index"] for p in waiting_chunks(client, env["EXPLAINCTL_QUEUE"])
               if p["job_id"] == job for i in p["items"]]  # fmt: skip
     assert len(queued) == N and set(queued) == set(range(N))  # each item once
-    assert client.hlen(f"explainctl:job:{job}:items") == N
+    assert client.hlen(job_key(job, "items")) == N
     again = cli.run("submit", "--resume", job, f"@{listing}", **env)
     assert again.returncode == 2 and "only an interrupted job" in again.stderr
 

@@ -1,27 +1,30 @@
 """Job records in Redis, owned by explainctl (not Celery results or chords).
 
-Keys, all under `explainctl:job:<id>:`
-  meta      hash: info (JobInfo JSON), total, chunks, submitted, cancelled, finished_at,
-            layout:<id> (the score names of a result layout)
+Keys (explainctl.keys builds them), all under `explainctl:job:<id>:`
+  meta      hash: info (JobInfo JSON), total, chunks, sent, submitted, cancelled,
+            finished_at, layout:<id> (the score names of a result layout)
   items     hash: index -> [uri] or [uri, target]                 (fixed at submission)
   state     hash: index -> queued | running | done | failed | cancelled
   result    hash: index -> the scores as a list in a named layout, or the error
   attempts  hash: index -> how many times a worker started the item
   counts    hash: state -> number of items in it
+  deliveries hash: chunk -> how many times a worker received it
+  submitter string: the submit that holds the job while it queues (expires unless renewed)
 and `explainctl:jobs`, a sorted set of job IDs by creation time. Once a finished job's
 manifest is written (`seal`), its keys expire after the job TTL and a small `index` key
 (job.json's content: what was asked and the final status) stays for INDEX_TTL_FACTOR
 times longer, so `jobs` and `status` still answer and `results` finds the manifest in
-storage. Only what cannot be
-derived is stored: an item's name comes from its index and URI (contracts.item_name), its
-artifacts' URIs from the job's output (uri.key_uri), so a million-item job stays small.
+storage. Only what cannot be derived is stored: an item's name comes from its index and
+URI (contracts.item_name), its artifacts' URIs from the job's output (uri.key_uri), so a
+million-item job stays small.
 
-Every state change goes through one Lua script that moves the item and its counters
-together, and refuses to leave a final state: a chunk delivered twice cannot count an item
-twice. The same script notices the change that finishes the job, exactly once.
+Every state change goes through one Lua script (lua/transition.lua) that moves the item
+and its counters together, and refuses to leave a final state: a chunk delivered twice
+cannot count an item twice. The same script notices the change that finishes the job,
+exactly once. The scripts are given the terminal states from contracts.TERMINAL_STATES.
 
 This is the Redis boundary: every JobStore method turns a redis error into
-ServiceUnavailable (`_redis_errors`), so no caller handles redis's own exceptions.
+ServiceUnavailable (`redis_errors`), so no caller handles redis's own exceptions.
 """
 
 from __future__ import annotations
@@ -52,81 +55,19 @@ from explainctl.contracts import (
 from explainctl.errors import JobNotFound, ServiceUnavailable
 from explainctl.ids import check_job_id
 from explainctl.item import SCORE_FIELDS, ItemRecord
+from explainctl.keys import JOB_PARTS, JOBS_KEY, JobPart, Script, argv_set, job_key
 from explainctl.uri import key_uri
 
-JOBS_KEY = "explainctl:jobs"
 _BATCH = 1000
-_PARTS = ("state", "counts", "result", "meta", "attempts", "items", "deliveries")
-_DELIVERED = """
-local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-local ttl = redis.call('PTTL', KEYS[2])
-if ttl > 0 then
-  redis.call('PEXPIRE', KEYS[1], ttl)
-elseif ttl == -2 then
-  redis.call('DEL', KEYS[1])
-end
-return n
-"""
 INDEX_TTL_FACTOR = 12  # a job stays listed this many job TTLs after its records expire
 
-# KEYS: the job's keys, then its index key; ARGV: ttl, index ttl, the index document.
-# Only a finished job is sealed, so a retry that reopened it in between keeps its records.
-_SEAL = """
-if not redis.call('HGET', KEYS[4], 'finished_at') then return 0 end
-local ttl = tonumber(ARGV[1])
-if ttl > 0 then
-  for i = 1, #KEYS - 1 do redis.call('EXPIRE', KEYS[i], ttl) end
-  redis.call('SET', KEYS[#KEYS], ARGV[3], 'EX', tonumber(ARGV[2]))
-else
-  redis.call('SET', KEYS[#KEYS], ARGV[3])
-end
-return 1
-"""
-
-_TRANSITION = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if not old then return {-1, 0} end
-local final = {done = true, failed = true, cancelled = true}
-local new = ARGV[2]
-if ARGV[4] == 'retry' then
-  if old ~= 'failed' and old ~= 'cancelled' then return {0, 0} end
-  redis.call('HDEL', KEYS[3], ARGV[1])
-  redis.call('HDEL', KEYS[5], ARGV[1])
-  redis.call('HDEL', KEYS[4], 'finished_at')
-elseif ARGV[4] == 'queued-only' then
-  if old ~= 'queued' then return {0, 0} end
-elseif final[old] then
-  return {0, 0}
-end
-local attempts = 0
-if new == 'running' then attempts = redis.call('HINCRBY', KEYS[5], ARGV[1], 1) end
-if old ~= new then
-  redis.call('HSET', KEYS[1], ARGV[1], new)
-  redis.call('HINCRBY', KEYS[2], old, -1)
-  redis.call('HINCRBY', KEYS[2], new, 1)
-end
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) end
-local finished = 0
-if final[new] then
-  local c = redis.call('HMGET', KEYS[2], 'done', 'failed', 'cancelled')
-  local settled = (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0)
-  local m = redis.call('HMGET', KEYS[4], 'total', 'submitted')
-  if m[2] == '1' and settled == tonumber(m[1]) then
-    finished = redis.call('HSETNX', KEYS[4], 'finished_at', ARGV[5])
-  end
-end
-return {1, finished, attempts}
-"""
-
-_SUBMITTED = """
-redis.call('HSET', KEYS[1], 'submitted', '1')
-local c = redis.call('HMGET', KEYS[2], 'done', 'failed', 'cancelled')
-local settled = (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0)
-if settled == tonumber(redis.call('HGET', KEYS[1], 'total') or '0') then
-  return redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[1])
-end
-return 0
-"""
+# The scripts (lua/*.lua) and the item states they are given, from their declaration.
+_TRANSITION = Script("transition")
+_SUBMITTED = Script("submitted")
+_SEAL = Script("seal")
+_DELIVERED = Script("delivered")
+_TERMINAL = argv_set(TERMINAL_STATES)
+_REOPENABLE = argv_set(TERMINAL_STATES - {"done"})  # a retry never runs a done item again
 
 
 @dataclass(frozen=True)
@@ -214,16 +155,16 @@ def _encode(fields: dict) -> str:
 
 
 def _decode(raw: str | None, layouts: dict[str, list[str]], uri_of) -> dict:
-    """ItemRecord fields from a stored record (or a record of the older, spelt-out form)."""
+    """ItemRecord fields from a stored record (as _encode wrote it)."""
     if not raw:
         return {}
     stored = json.loads(raw)
     if "s" not in stored and "f" not in stored:
-        return stored  # an error, or a record written before the compact form
+        return stored  # an error: its fields as they are
     fields = {}
     attempt = stored.pop("a", None)
     if "s" in stored:
-        names = layouts.get(stored.pop("l", _LAYOUT_ID), SCORE_FIELDS)
+        names = layouts[stored.pop("l")]
         known = set(ItemRecord.model_fields)
         fields = {n: v for n, v in zip(names, stored.pop("s"), strict=False) if n in known}
         names_of_files = stored.pop("f", ARTIFACT_FILES)
@@ -233,9 +174,8 @@ def _decode(raw: str | None, layouts: dict[str, list[str]], uri_of) -> dict:
     return fields
 
 
-def _item(stored) -> tuple[str, str | None]:
-    if isinstance(stored, dict):  # written before the compact form
-        return stored["uri"], stored.get("target")
+def _item(stored: list) -> tuple[str, str | None]:
+    """(uri, target) of an items entry: [uri] or [uri, target]."""
     return stored[0], (stored[1] if len(stored) > 1 else None)
 
 
@@ -282,10 +222,10 @@ class JobStore:
         self.redis = client
         self.job_ttl = job_ttl
         self.index_ttl = index_ttl or job_ttl * INDEX_TTL_FACTOR
-        self._transition = client.register_script(_TRANSITION)
-        self._submitted = client.register_script(_SUBMITTED)
-        self._seal = client.register_script(_SEAL)
-        self._delivered = client.register_script(_DELIVERED)
+        self._transition = _TRANSITION.on(client)
+        self._submitted = _SUBMITTED.on(client)
+        self._seal = _SEAL.on(client)
+        self._delivered = _DELIVERED.on(client)
 
     @classmethod
     def connect(cls, url: str, job_ttl: int = 0) -> JobStore:
@@ -304,11 +244,25 @@ class JobStore:
         self.redis.ping()
 
     @staticmethod
-    def _key(job_id: str, part: str) -> str:
-        return f"explainctl:job:{job_id}:{part}"
+    def _key(job_id: str, part: JobPart) -> str:
+        return job_key(job_id, part)
 
-    def _keys(self, job_id: str) -> list[str]:
-        return [self._key(job_id, p) for p in ("state", "counts", "result", "meta", "attempts")]
+    def _transition_keys(self, job_id: str) -> dict[str, str]:
+        """lua/transition.lua's KEYS, by name."""
+        return {
+            "state": self._key(job_id, "state"),
+            "counts": self._key(job_id, "counts"),
+            "result": self._key(job_id, "result"),
+            "meta": self._key(job_id, "meta"),
+            "attempts": self._key(job_id, "attempts"),
+        }
+
+    def _move(self, pipe, keys: dict[str, str], index: int, new: str, mode: str,
+              record: str = "", now: float = 0) -> None:  # fmt: skip
+        """Queue on `pipe` one run of lua/transition.lua (see its header for the replies)."""
+        args = {"index": index, "new": new, "record": record, "mode": mode, "now": now,
+                "terminal": _TERMINAL, "reopenable": _REOPENABLE}  # fmt: skip
+        self._transition(keys=keys, args=args, client=pipe)
 
     # --- submission -------------------------------------------------------------------
 
@@ -377,8 +331,9 @@ class JobStore:
 
     def mark_submitted(self, job_id: str) -> bool:
         """Submission finished; True when this also finished the job (all items settled)."""
-        keys = [self._key(job_id, "meta"), self._key(job_id, "counts")]
-        finished = bool(self._submitted(keys=keys, args=[time.time()]))
+        keys = {"meta": self._key(job_id, "meta"), "counts": self._key(job_id, "counts")}
+        args = {"now": time.time(), "terminal": _TERMINAL}
+        finished = bool(self._submitted(keys=keys, args=args))
         self.release_submitter(job_id)
         return finished
 
@@ -392,10 +347,10 @@ class JobStore:
     def begin(self, job_id: str, indices: Sequence[int]) -> list[int | None]:
         """Mark items running and count an attempt for each; returns the attempt numbers,
         None for an item already settled (another copy of its chunk finished it)."""
-        keys = self._keys(job_id)
+        keys = self._transition_keys(job_id)
         pipe = self.redis.pipeline(transaction=False)
         for index in indices:
-            self._transition(keys=keys, args=[index, "running", "", "normal", 0], client=pipe)
+            self._move(pipe, keys, index, "running", mode="normal")
         return [int(reply[2]) if reply[0] == 1 else None for reply in pipe.execute()]
 
     def settle(
@@ -403,26 +358,25 @@ class JobStore:
     ) -> bool:
         """Move items to final states; True if that finished the job. `queued-only` moves
         only items still queued (a cancel must not discard work a worker started)."""
-        keys = self._keys(job_id)
+        keys = self._transition_keys(job_id)
         now = time.time()
         finished = False
         changes = list(changes)
         for start in range(0, len(changes), _BATCH):
             pipe = self.redis.pipeline()
-            pipe.hsetnx(keys[3], f"layout:{_LAYOUT_ID}", _LAYOUT)
+            pipe.hsetnx(keys["meta"], f"layout:{_LAYOUT_ID}", _LAYOUT)
             for index, state, fields in changes[start : start + _BATCH]:
                 assert state in TERMINAL_STATES
-                payload = _encode(fields) if fields else ""
-                args = [index, state, payload, mode, now]
-                self._transition(keys=keys, args=args, client=pipe)
+                record = _encode(fields) if fields else ""
+                self._move(pipe, keys, index, state, mode=mode, record=record, now=now)
             replies = pipe.execute()[1:]
             finished |= any(reply[0] == 1 and reply[1] for reply in replies)
         return finished
 
     def record_delivery(self, job_id: str, chunk: int) -> int:
         """Count a delivery of the chunk; the count expires with the job's records."""
-        keys = [self._key(job_id, "deliveries"), self._key(job_id, "meta")]
-        return int(self._delivered(keys=keys, args=[chunk]))
+        keys = {"deliveries": self._key(job_id, "deliveries"), "meta": self._key(job_id, "meta")}
+        return int(self._delivered(keys=keys, args={"chunk": chunk}))
 
     def is_cancelled(self, job_id: str) -> bool:
         return self.redis.hget(self._key(job_id, "meta"), "cancelled") == "1"
@@ -450,8 +404,13 @@ class JobStore:
         records expire after job_ttl, its index entry after index_ttl. False if the job
         is not finished (a retry reopened it)."""
         document = json.dumps(self.status(job_id).document())
-        keys = [*(self._key(job_id, part) for part in _PARTS), self._key(job_id, "index")]
-        return bool(self._seal(keys=keys, args=[self.job_ttl, self.index_ttl, document]))
+        keys = {
+            "meta": self._key(job_id, "meta"),
+            "index": self._key(job_id, "index"),
+            "records": [self._key(job_id, part) for part in JOB_PARTS if part != "meta"],
+        }
+        args = {"ttl": self.job_ttl, "index_ttl": self.index_ttl, "document": document}
+        return bool(self._seal(keys=keys, args=args))
 
     def prune(self) -> dict[str, int]:
         """Forget jobs whose records and index entry have both expired, and seal finished
@@ -532,10 +491,23 @@ class JobStore:
                     **_decode(result, layouts, uri_of),
                 )
 
-    def cancel(self, job_id: str) -> int:
-        """Stop the job: queued items become cancelled; returns how many."""
+    def cancel(self, job_id: str) -> int | None:
+        """Stop the job: queued items become cancelled; returns how many. A job that has
+        already finished is left as it is (None): a cancel must not relabel its outcome."""
         self.info(job_id)
-        self.redis.hset(self._key(job_id, "meta"), "cancelled", "1")
+        meta = self._key(job_id, "meta")
+
+        def flag(pipe) -> bool:
+            # Under WATCH: a job that finishes between the check and the flag is retried,
+            # and then left alone.
+            if pipe.hexists(meta, "finished_at"):
+                return False
+            pipe.multi()
+            pipe.hset(meta, "cancelled", "1")
+            return True
+
+        if not self.redis.transaction(flag, meta, value_from_callable=True):
+            return None
         queued = [record.index for record in self.items(job_id, {"queued"})]
         self.settle(job_id, [(index, "cancelled", {}) for index in queued], mode="queued-only")
         return len(queued)
@@ -544,19 +516,17 @@ class JobStore:
         """Put failed/cancelled items back to queued for a retry; returns them."""
         self.info(job_id)
         pipe = self.redis.pipeline()
-        for part in _PARTS:  # live again: its retention clock stops until it finishes
+        for part in JOB_PARTS:  # live again: its retention clock stops until it finishes
             pipe.persist(self._key(job_id, part))
         pipe.delete(self._key(job_id, "index"))
         pipe.hdel(self._key(job_id, "meta"), "cancelled")
         pipe.execute()
         records = list(self.items(job_id, states))
-        keys = self._keys(job_id)
+        keys = self._transition_keys(job_id)
         for start in range(0, len(records), _BATCH):
             pipe = self.redis.pipeline()
             for record in records[start : start + _BATCH]:
-                self._transition(
-                    keys=keys, args=[record.index, "queued", "", "retry", 0], client=pipe
-                )
+                self._move(pipe, keys, record.index, "queued", mode="retry")
             pipe.execute()
         return [ChunkItem(index=r.index, uri=r.uri, target=r.target) for r in records]
 

@@ -34,18 +34,22 @@ def waiting_chunks(client: redis.Redis, queue: str) -> Iterator[dict]:
             continue  # not a chunk message
 
 
-def send_chunk(app: Celery, payload: ChunkPayload, queue: str) -> None:
-    """Queue one chunk, riding out a broker blip of a few seconds."""
+def send_chunk(app: Celery, payload: ChunkPayload | dict, queue: str) -> None:
+    """Queue one chunk, riding out a broker blip of a few seconds: the one way a chunk is
+    queued, by a submit, a retry, or a worker's reaper re-sending a lost chunk (which
+    holds the message as it was received, a dict, and sends it on unchanged)."""
+    message = payload.model_dump(mode="json") if isinstance(payload, ChunkPayload) else payload
     try:
         app.send_task(
             TASK_EXPLAIN_CHUNK,
-            args=[payload.model_dump(mode="json")],
+            args=[message],
             queue=queue,
             retry=True,
             retry_policy={"max_retries": 5, "interval_start": 0.5, "interval_step": 1},
         )
     except (OperationalError, redis.RedisError) as error:
-        raise ServiceUnavailable(f"cannot queue job {payload.job_id}: {error}") from None
+        job = message.get("job_id") if isinstance(message, dict) else None
+        raise ServiceUnavailable(f"cannot queue job {job}: {error}") from None
 
 
 def make_app(settings: Settings) -> Celery:

@@ -4,9 +4,10 @@ import time
 
 import pytest
 
-from explainctl.contracts import ChunkItem, JobInfo, ModelSpec
+from explainctl.contracts import TERMINAL_STATES, ChunkItem, JobInfo, ModelSpec
 from explainctl.errors import InvalidInput, JobNotFound
 from explainctl.ids import new_job_id
+from explainctl.keys import job_key
 from explainctl.methods import ExplainParams
 
 
@@ -107,6 +108,16 @@ def test_cancel_and_reopen(job_store):
     assert [r.attempts for r in job_store.items(job_id, {"queued"})] == [0]
 
 
+def test_cancelling_a_finished_job_changes_nothing(job_store):
+    job_id = _job(job_store, 2)
+    job_store.mark_submitted(job_id)
+    job_store.settle(job_id, [(0, "done", {}), (1, "failed", {"error_code": "x", "error": "y"})])
+    cancelled = job_store.cancel(job_id)
+    status = job_store.status(job_id)
+    assert (status.state, status.cancelled) == ("completed_with_failures", False)
+    assert cancelled is None  # nothing was cancelled: the job had finished
+
+
 def test_unknown_and_malformed_job_ids(job_store):
     with pytest.raises(JobNotFound):
         job_store.status(new_job_id())
@@ -152,24 +163,47 @@ def test_records_store_no_derivable_field_and_read_back_whole(job_store):
     failure = {"error_code": "corrupt", "error": "bad"}
     done = {"attempt": 1, "artifacts": artifacts, **scores}
     job_store.settle(job_id, [(0, "done", done), (1, "failed", failure)])
-    stored = job_store.redis.hget(f"explainctl:job:{job_id}:result", "0")
+    stored = job_store.redis.hget(job_key(job_id, "result"), "0")
     assert "/tmp/out" not in stored and name not in stored  # derived, not stored
-    assert name not in job_store.redis.hget(f"explainctl:job:{job_id}:items", "0")
+    assert name not in job_store.redis.hget(job_key(job_id, "items"), "0")
     done, failed = job_store.items(job_id)
     assert done.item == name and done.artifacts == artifacts and done.attempt == 1
     assert {k: getattr(done, k) for k in scores} == scores
     assert (failed.error_code, failed.artifacts, failed.mask_area) == ("corrupt", {}, None)
 
 
-def test_records_of_an_older_form_or_another_layout_still_read(job_store):
+def test_records_of_another_layout_still_read(job_store):
     job_id = _job(job_store, 2)
-    key = f"explainctl:job:{job_id}"
-    # The spelt-out form of earlier versions, and a layout with a field this one lacks.
-    job_store.redis.hset(f"{key}:items", "0", '{"uri": "/images/0.png", "target": null, '
-                         '"item": "000000-0"}')  # fmt: skip
-    job_store.redis.hset(f"{key}:result", "0", '{"mask_area": 0.3, "artifacts": {"a.png": "x"}}')
-    job_store.redis.hset(f"{key}:meta", "layout:zz", "mask_area,future_score,prob_after")
-    job_store.redis.hset(f"{key}:result", "1", '{"l": "zz", "s": [0.4, 7, 0.2]}')
-    old, other = job_store.items(job_id)
-    assert (old.uri, old.mask_area, old.artifacts) == ("/images/0.png", 0.3, {"a.png": "x"})
-    assert (other.mask_area, other.prob_after) == (0.4, 0.2)
+    # A worker of another version, whose scores have a field this one lacks.
+    job_store.redis.hset(job_key(job_id, "meta"), "layout:zz", "mask_area,future_score,prob_after")
+    job_store.redis.hset(job_key(job_id, "result"), "1", '{"a": 2, "l": "zz", "s": [0.4, 7, 0.2]}')
+    mine, other = job_store.items(job_id)
+    assert mine.state == "queued" and mine.mask_area is None
+    assert (other.mask_area, other.prob_after, other.attempt) == (0.4, 0.2, 2)
+    assert other.artifacts["mask.png"] == f"/tmp/out/{job_id}/000001-1/attempt-2/mask.png"
+
+
+def test_the_scripts_are_given_the_declared_terminal_states(job_store):
+    given = []
+
+    def recording(bound):
+        def call(keys, args, client=None):
+            given.append(args)
+            return bound(keys=keys, args=args, client=client)
+
+        return call
+
+    job_store._transition = recording(job_store._transition)
+    job_store._submitted = recording(job_store._submitted)
+    job_id = _job(job_store, 3)
+    job_store.begin(job_id, [0, 1])
+    job_store.settle(job_id, [(0, "done", {}), (1, "failed", {"error_code": "x", "error": "y"})])
+    job_store.settle(job_id, [(2, "cancelled", {})], mode="queued-only")
+    assert job_store.mark_submitted(job_id) is True
+    assert [r.index for r in job_store.reopen(job_id, {"failed", "cancelled"})] == [1, 2]
+    assert len(given) == 2 + 2 + 1 + 1 + 2
+    for args in given:
+        assert set(args["terminal"].split(",")) == TERMINAL_STATES
+    retry = [args for args in given if args.get("mode") == "retry"]
+    assert {s for args in retry for s in args["reopenable"].split(",")} < TERMINAL_STATES
+    assert "done" not in retry[0]["reopenable"].split(",")

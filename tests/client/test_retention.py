@@ -10,6 +10,7 @@ from explainctl.contracts import ChunkItem, JobInfo, ModelSpec
 from explainctl.errors import JobNotFound
 from explainctl.ids import new_job_id
 from explainctl.job import JobStore
+from explainctl.keys import job_key
 from explainctl.manifest import read_manifest, write_manifest
 from explainctl.methods import ExplainParams
 from explainctl.storage import open_storage
@@ -73,7 +74,7 @@ def test_a_sealed_job_answers_from_its_index_until_that_expires(server, tmp_path
     client = redis.Redis.from_url(server.url, decode_responses=True)
     store = JobStore(client, job_ttl=1, index_ttl=3)
     job_id = _finished_job(store, str(tmp_path / "out"))
-    assert client.ttl(f"explainctl:job:{job_id}:meta") == 1
+    assert client.ttl(job_key(job_id, "meta")) == 1
     time.sleep(1.5)
     assert not store.live(job_id)
     status = store.status(job_id)  # from the index entry
@@ -91,11 +92,11 @@ def test_a_retried_job_stops_its_clock_and_an_unsealed_one_is_sealed_by_prune(se
     client = redis.Redis.from_url(server.url, decode_responses=True)
     store = JobStore(client, job_ttl=100)
     job_id = _finished_job(store, str(tmp_path / "out"), failed=2)
-    assert client.ttl(f"explainctl:job:{job_id}:state") > 0
+    assert client.ttl(job_key(job_id, "state")) > 0
     assert [i.index for i in store.reopen(job_id, {"failed"})] == [2]  # as `retry` does
-    assert client.ttl(f"explainctl:job:{job_id}:state") == -1
-    assert not client.exists(f"explainctl:job:{job_id}:index")
+    assert client.ttl(job_key(job_id, "state")) == -1
+    assert not client.exists(job_key(job_id, "index"))
     assert store.seal(job_id) is False  # not finished: nothing may expire
     store.settle(job_id, [(2, "done", {})])  # finished again, but never sealed
     assert store.prune() == {"forgotten": 0, "sealed": 1}
-    assert client.ttl(f"explainctl:job:{job_id}:meta") > 0
+    assert client.ttl(job_key(job_id, "meta")) > 0

@@ -9,6 +9,7 @@ import pytest
 from explainctl.config import Settings
 from explainctl.contracts import ChunkItem, ChunkPayload, ModelSpec
 from explainctl.ids import new_job_id
+from explainctl.keys import lease_key
 from explainctl.queue import make_app
 from explainctl_worker import lease
 
@@ -79,7 +80,7 @@ def test_a_second_copy_of_a_running_chunk_stands_aside_while_the_first_lease_liv
             assert second is False  # the first copy runs it, under its live lease
         assert client.zcard(lease.LEASES) == 1
         # The stand-aside left nothing (other tests' leftovers in this database aside).
-        assert len(client.keys(f"explainctl:lease:{payload.job_id}:*")) == 1
+        assert len(client.keys(lease_key(f"{payload.job_id}:*"))) == 1
         # The first copy's worker is gone: its lease expired (the reaper re-sends it) and
         # the copy that arrives then runs.
         (key,) = client.zrange(lease.LEASES, 0, -1)
@@ -109,3 +110,34 @@ def test_a_copy_takes_over_from_a_dead_pool_process_of_its_own_host_at_once(setu
         client.set(runner, f"{key}|{socket.gethostname()}|{gone.pid}")
         with lease.hold(client, payload, queue, seconds=30) as second:
             assert second is True  # the holder's pid is gone from this host
+
+
+def test_a_running_chunk_from_another_queue_is_sent_again_to_that_queue(
+    setup, monkeypatch, redis_url, tmp_path
+):
+    """A worker may consume queues besides its configured one (`-Q explain,other`): the
+    chunk it was running when it died goes back to the queue it came from."""
+    client, _, delivered_on = setup
+    monkeypatch.setenv("EXPLAINCTL_BROKER_URL", redis_url)  # for the module's own settings
+    monkeypatch.setenv("EXPLAINCTL_OUTPUT", str(tmp_path))
+    from explainctl_worker import app as worker
+
+    configured = f"configured-{uuid.uuid4().hex[:8]}"
+    settings = Settings.load(broker_url=redis_url, output=str(tmp_path), queue=configured)
+    monkeypatch.setattr(worker, "settings", settings)
+    monkeypatch.setattr(worker, "_context", None)
+
+    def dies(payload, context):
+        raise RuntimeError("the worker died mid-chunk")  # its lease stays behind
+
+    monkeypatch.setattr(worker, "run_chunk", dies)
+    message = _payload().model_dump(mode="json")
+    try:
+        with pytest.raises(RuntimeError):
+            worker.explain_chunk_task.apply(args=[message], routing_key=delivered_on, throw=True)
+        assert lease.reap(client, worker.app, now=lease._now(client) + 60) == 1
+        assert client.llen(configured) == 0
+        (sent,) = client.lrange(delivered_on, 0, -1)
+        assert json.loads(sent)["headers"]["task"] == "explainctl.explain_chunk"
+    finally:
+        client.delete(configured)

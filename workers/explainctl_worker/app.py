@@ -56,7 +56,7 @@ def _reserve(request, **_) -> None:
     """In the main process, on receipt: the chunk is ours until its pool process starts it."""
     if _reservations is None or request.name != TASK_EXPLAIN_CHUNK or not request.args:
         return
-    queue = (request.delivery_info or {}).get("routing_key") or settings.queue
+    queue = lease.delivered_queue(request, settings.queue)
     try:
         _reservations.take(request.id, request.args[0], queue)
     except Exception as error:  # a reservation helps recovery; it must never drop a chunk
@@ -96,7 +96,8 @@ def explain_chunk_task(self, payload: dict) -> None:
         log.error("dropping a malformed chunk message: %s", str(error).splitlines()[0])
         return
     started = time.time()
-    with lease.hold(context().store.redis, chunk, settings.queue, settings.lease_seconds) as mine:
+    queue = lease.delivered_queue(self.request, settings.queue)  # where a re-send goes
+    with lease.hold(context().store.redis, chunk, queue, settings.lease_seconds) as mine:
         if not mine:
             log.info("job %s chunk %d runs elsewhere under a live lease", chunk.job_id, chunk.chunk)
             return

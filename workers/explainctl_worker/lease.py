@@ -1,13 +1,14 @@
 """Chunk leases: a lost chunk runs again within seconds, not after the visibility timeout.
 
 While a worker runs a chunk it holds a lease in Redis (`explainctl:leases`, a sorted set
-scored by expiry time) and renews it from a heartbeat thread. When the whole worker
-vanishes (SIGKILL, a lost node or spot instance) the renewals stop; every worker's reaper
-thread looks for expired leases and claims one atomically (a Lua script pushes its expiry
-out by CLAIM_SECONDS, so no other reaper takes it), sends the chunk again, and only then
-removes the lease and its payload. A reaper that dies between claim and send leaves a
-lease that expires again and is claimed by another: a re-send is never lost, at worst
-made twice, and items are idempotent.
+scored by expiry time; explainctl.keys names every key) and renews it from a heartbeat
+thread. When the whole worker vanishes (SIGKILL, a lost node or spot instance) the
+renewals stop; every worker's reaper thread looks for expired leases and claims one
+atomically (lua/claim.lua pushes its expiry out by CLAIM_SECONDS, so no other reaper takes
+it), sends the chunk again to the queue it was delivered on (queue.send_chunk, the one
+way a chunk is queued), and only then removes the lease and its payload. A reaper that
+dies between claim and send leaves a lease that expires again and is claimed by another:
+a re-send is never lost, at worst made twice, and items are idempotent.
 
 A chunk a worker has received but not yet started (reserved: waiting for its pool
 process) holds a reservation lease, taken by the worker's main process on receipt and
@@ -29,44 +30,25 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 
-from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload
+from explainctl import keys
+from explainctl.contracts import ChunkPayload
+from explainctl.queue import send_chunk
 
-LEASES = "explainctl:leases"
+LEASES = keys.LEASES_KEY
 CLAIM_SECONDS = 30.0  # how long a claimed lease is left to its reaper before another may
 log = logging.getLogger("explainctl.worker")
-
-# KEYS: the chunk's runner key, the leases; ARGV: my lease, its expiry, now, seconds, a
-# holder known to be dead, me (host|pid). The chunk is mine unless the runner key names
-# another lease that is still alive; the lease is taken in the same step, so a runner key
-# always names a lease that can expire.
-_RUN = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[5] then
-  local score = redis.call('ZSCORE', KEYS[2], string.match(holder, '^[^|]*'))
-  if score and tonumber(score) > tonumber(ARGV[3]) then return 0 end
-end
-local ttl = math.max(1, math.floor(tonumber(ARGV[4])))
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[6], 'EX', ttl)
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-return 1
-"""
-
-# KEYS[1] the leases; ARGV: member, now, claimed expiry. 1 if this caller claimed it.
-_CLAIM = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-return 1
-"""
+_RUN = keys.Script("run")
+_CLAIM = keys.Script("claim")
 
 
 def _key(payload: ChunkPayload) -> str:
     # One lease per run, not per chunk: two copies of a chunk (a requeue and a re-send)
     # must not release or renew each other's lease.
-    return f"{payload.job_id}:{payload.chunk}:{uuid.uuid4().hex[:8]}"
+    return keys.lease_member(payload.job_id, payload.chunk, uuid.uuid4().hex[:8])
 
 
 def _now(client: redis.Redis) -> float:
@@ -77,11 +59,19 @@ def _now(client: redis.Redis) -> float:
 
 
 def _payload_key(key: str) -> str:
-    return f"explainctl:lease:{key}"
+    return keys.lease_key(key)
 
 
 def _runner_key(payload: ChunkPayload) -> str:
-    return f"explainctl:runner:{payload.job_id}:{payload.chunk}"
+    return keys.runner_key(payload.job_id, payload.chunk)
+
+
+def delivered_queue(request: Any, configured: str) -> str:
+    """The queue a task's message came from: its delivery's routing key (with Celery's
+    default direct exchange, the queue's name), else the worker's configured queue. A
+    worker may consume several queues (`-Q explain,other`): a lost chunk goes back to its
+    own, where the workers meant for it look."""
+    return (getattr(request, "delivery_info", None) or {}).get("routing_key") or configured
 
 
 def _me() -> str:
@@ -114,16 +104,22 @@ def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float)
     another copy of the chunk is running under a live lease (after a Redis restart kombu
     hands back the message of a chunk still running): that copy's lease covers it, and
     if its worker dies the reaper sends the chunk again. The lease is released only when
-    the block finishes normally: after an exception it expires and the chunk is sent again
-    (the attempt counts of explainctl.job bound how often)."""
+    the block finishes normally: after an exception it expires and the chunk is sent again,
+    to `queue`: the one it was delivered on (`delivered_queue`). The attempt counts of
+    explainctl.job bound how often."""
     key = _key(payload)
     body = json.dumps({"queue": queue, "payload": payload.model_dump(mode="json")})
     client.set(_payload_key(key), body)
-    claim = client.register_script(_RUN)
+    claim = _RUN.on(client)
     now = _now(client)
     runner = _runner_key(payload)
     dead = _dead_holder(client, runner)
-    if not claim(keys=[runner, LEASES], args=[key, now + seconds, now, seconds, dead, _me()]):
+    mine = claim(
+        keys={"runner": runner, "leases": LEASES},
+        args={"lease": key, "expiry": now + seconds, "now": now, "seconds": seconds,
+              "dead": dead, "me": _me()},
+    )  # fmt: skip
+    if not mine:
         client.delete(_payload_key(key))
         yield False
         return
@@ -150,17 +146,18 @@ def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float)
 def reap(client: redis.Redis, app, now: float | None = None, limit: int = 20) -> int:
     """Send again the chunks whose leases expired; returns how many."""
     now = now or _now(client)
-    claim = client.register_script(_CLAIM)
+    claim = _CLAIM.on(client)
     expired = client.zrangebyscore(LEASES, "-inf", now, start=0, num=limit)
     sent = 0
     for member in expired:
         key = member.decode() if isinstance(member, bytes) else member
-        if not claim(keys=[LEASES], args=[key, now, now + CLAIM_SECONDS]):
+        args = {"lease": key, "now": now, "expiry": now + CLAIM_SECONDS}
+        if not claim(keys={"leases": LEASES}, args=args):
             continue  # another worker's reaper claimed it first
         body = client.get(_payload_key(key))
         if body is not None:
             lease = json.loads(body)
-            app.send_task(TASK_EXPLAIN_CHUNK, args=[lease["payload"]], queue=lease["queue"])
+            send_chunk(app, lease["payload"], lease["queue"])
             log.warning("chunk %s lost its worker; sent it again", key)
             sent += 1
         release(client, key)
@@ -168,7 +165,7 @@ def reap(client: redis.Redis, app, now: float | None = None, limit: int = 20) ->
 
 
 def reservation_key(task_id: str) -> str:
-    return f"reserved:{task_id}"
+    return keys.reservation_member(task_id)
 
 
 class Reservations:
