@@ -63,10 +63,16 @@ def test_offline_demo_says_what_to_do_in_one_line(tmp_path):
         "HTTPS_PROXY": "http://127.0.0.1:9",
         "https_proxy": "http://127.0.0.1:9",
     }
-    done = cli.run("demo", timeout=120, **env)  # VGG19 with weights that cannot be fetched
-    assert done.returncode == 3
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--weights" in lines[0] and "--model" in lines[0]
+    try:
+        done = cli.run("demo", timeout=120, **env)  # VGG19 with weights that cannot be fetched
+        assert done.returncode == 3
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--weights" in lines[0] and "--model" in lines[0]
+        # It found that out before starting anything: no embedded Redis is left running.
+        pid_file = tmp_path / "home" / "redis" / "redis.pid"
+        assert not pid_file.exists(), f"left redis-server {pid_file.read_text().strip()} running"
+    finally:
+        cli.run("down", **env)
 
 
 def test_up_submit_wait_down_with_nothing_configured(tmp_path):

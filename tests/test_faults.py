@@ -4,6 +4,7 @@ reliability table (tests/reliability.py): the target is 0 lost and 0 duplicated.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -18,7 +19,8 @@ from PIL import Image
 from explainctl.config import Settings
 from explainctl.contracts import TASK_EXPLAIN_CHUNK, ChunkItem, ChunkPayload
 from explainctl.job import JobStore
-from explainctl.queue import make_app
+from explainctl.keys import LEASES_KEY, job_key
+from explainctl.queue import make_app, waiting_chunks
 from tests import cli
 from tests.reliability import audit
 from tests.services import RedisServer, free_port
@@ -104,7 +106,7 @@ def test_worker_killed_with_a_chunk_received_but_not_started(tmp_path, start_wor
     os.kill(pool, signal.SIGSTOP)  # it cannot start what its main process receives
     job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(20))
     client = JobStore.connect(env["EXPLAINCTL_BROKER_URL"]).redis
-    until(lambda: any(k.startswith("reserved:") for k in client.zrange("explainctl:leases", 0, -1)))
+    until(lambda: any(k.startswith("reserved:") for k in client.zrange(LEASES_KEY, 0, -1)))
     assert status(env, job)["counts"]["queued"] == 2  # received, not started
     victim.kill()
     started = time.monotonic()
@@ -232,7 +234,7 @@ def test_same_job_twice_and_a_chunk_delivered_twice(tmp_path, start_workers, wor
     app = make_app(Settings.load(broker_url=worker_env["EXPLAINCTL_BROKER_URL"]))
     app.send_task(TASK_EXPLAIN_CHUNK, args=[payload.model_dump(mode="json")],
                   queue=worker_env["EXPLAINCTL_QUEUE"])  # fmt: skip
-    deliveries = f"explainctl:job:{first}:deliveries"
+    deliveries = job_key(first, "deliveries")
     until(lambda: store.redis.hget(deliveries, "0") == "2")
     time.sleep(0.5)
     assert {p: p.read_bytes() for p in (output / first).rglob("*.npy")} == before
@@ -255,3 +257,49 @@ def test_cancel_during_a_running_job(tmp_path, start_workers, worker_env):
     row = audit(JobStore.connect(worker_env["EXPLAINCTL_BROKER_URL"]), job,
                 "cancel mid-job", expected_cancelled=cancelled)  # fmt: skip
     assert (row.lost, row.duplicated) == (0, 0)
+
+
+def test_broker_refusing_a_retry(tmp_path, worker_env):
+    """The broker refuses every chunk a retry sends (a Redis user that may not push to the
+    queue): the reopened items fail `not-queued`, so the job ends instead of waiting for
+    messages that were never sent, and a later retry queues them."""
+    server = RedisServer(tmp_path / "redis").start()
+    env = {**worker_env, "EXPLAINCTL_BROKER_URL": server.url}
+    try:
+        images(tmp_path / "in", 5)
+        job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(5))
+        assert cli.run("cancel", job, **env).stdout.startswith("cancelled 5")
+        admin = JobStore.connect(server.url).redis
+        admin.delete(env["EXPLAINCTL_QUEUE"])  # no worker runs: drop the cancelled chunks
+        admin.acl_setuser("nopush", enabled=True, passwords=["+pw"], keys=["*"],
+                          channels=["*"], commands=["+@all", "-lpush", "-rpush"])  # fmt: skip
+        refusing = server.url.replace("redis://", "redis://nopush:pw@")
+
+        refused = cli.run("retry", job, "--broker", refusing, **env)
+        assert refused.returncode == 6, refused.stderr
+        final = status(env, job)
+        assert (final["state"], final["counts"]["failed"]) == ("completed_with_failures", 5)
+        (line,) = refused.stderr.strip().splitlines()
+        assert "requeued 0 of its 5 items" in line and "5 failed as not-queued" in line, line
+        store = JobStore.connect(server.url)
+        assert {r.error_code for r in store.items(job)} == {"not-queued"}
+        row = audit(store, job, "broker refuses a retry", expected_failed=set(range(5)))
+        assert (row.lost, row.duplicated) == (0, 0)  # the manifest says so too
+
+        # A submit the broker refuses ends at once too, its manifest written.
+        images(tmp_path / "more", 3)
+        refused = cli.run("submit", str(tmp_path / "more"), *tiny(5), "--broker", refusing,
+                          **env)  # fmt: skip
+        assert refused.returncode == 6, refused.stderr
+        (other,) = set(re.findall(r"job ([0-9a-z]{18})", refused.stderr))
+        assert status(env, other)["state"] == "completed_with_failures"
+        row = audit(store, other, "broker refuses a submit", expected_failed={0, 1, 2})
+        assert (row.lost, row.duplicated) == (0, 0)
+
+        # With the broker back, a retry queues each of them once.
+        assert cli.run("retry", job, **env).stdout.startswith("requeued 5")
+        queued = [i["index"] for p in waiting_chunks(admin, env["EXPLAINCTL_QUEUE"])
+                  for i in p["items"]]  # fmt: skip
+        assert sorted(queued) == list(range(5))
+    finally:
+        server.stop()

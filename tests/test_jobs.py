@@ -10,6 +10,7 @@ import numpy as np
 import redis
 from PIL import Image
 
+from explainctl.keys import job_key, job_pattern
 from tests import browser, cli
 
 TINY = [
@@ -84,6 +85,21 @@ def test_cancel_retry_results_download(tmp_path, start_workers, worker_env):
     assert job in [entry["job_id"] for entry in listed]
 
 
+def test_cancelling_a_finished_job_changes_nothing(tmp_path, start_workers, worker_env):
+    folder = _folder(tmp_path, good=2, broken=0)
+    start_workers(1)
+    job = _json(cli.run("submit", str(folder), "--wait", "--json", *TINY, **worker_env))["job_id"]
+    manifest = [tmp_path / "output" / job / name for name in ("job.json", "items.jsonl")]
+    written = [(path.read_bytes(), path.stat().st_mtime_ns) for path in manifest]
+
+    cancelled = cli.run("cancel", job, **worker_env)
+    status = _json(cli.run("status", job, "--json", **worker_env))
+    assert (status["state"], status["cancelled"]) == ("completed", False)
+    assert [(path.read_bytes(), path.stat().st_mtime_ns) for path in manifest] == written
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout == f"job {job} already finished (completed): nothing to cancel\n"
+
+
 def test_lists_stdin_and_per_item_targets(tmp_path, start_workers, worker_env):
     folder = _folder(tmp_path, good=3, broken=0)
     table = tmp_path / "audit.csv"
@@ -135,7 +151,7 @@ def test_results_outlive_redis(tmp_path, start_workers, worker_env):
     start_workers(1)
     job = _json(cli.run("submit", str(folder), "--wait", "--json", *TINY, **worker_env))["job_id"]
     client = redis.Redis.from_url(worker_env["EXPLAINCTL_BROKER_URL"])
-    client.delete(*client.keys(f"explainctl:job:{job}:*"))
+    client.delete(*client.keys(job_pattern(job)))
     listed = cli.run("results", job, "--json", **worker_env)
     assert listed.returncode == 0, listed.stderr
     assert [json.loads(line)["state"] for line in listed.stdout.splitlines()] == ["done", "done"]
@@ -151,9 +167,9 @@ def test_a_finished_job_expires_and_every_command_still_answers(
     assert done.returncode == 1, done.stderr  # one item failed, as planned
     job = json.loads(done.stdout)["job_id"]
     client = redis.Redis.from_url(env["EXPLAINCTL_BROKER_URL"], decode_responses=True)
-    assert 0 < client.ttl(f"explainctl:job:{job}:meta") <= 2
+    assert 0 < client.ttl(job_key(job, "meta")) <= 2
     time.sleep(3)
-    assert client.keys(f"explainctl:job:{job}:*") == [f"explainctl:job:{job}:index"]
+    assert client.keys(job_pattern(job)) == [job_key(job, "index")]
 
     # From the index entry and the manifest, as if nothing had expired.
     status = _json(cli.run("status", job, "--json", **env))
@@ -178,7 +194,7 @@ def test_a_finished_job_expires_and_every_command_still_answers(
 
     # Once the index entry is gone too, job.json in storage still answers `status`, and
     # `prune` forgets the job.
-    client.delete(f"explainctl:job:{job}:index")
+    client.delete(job_key(job, "index"))
     assert _json(cli.run("status", job, "--json", **env))["state"] == "completed_with_failures"
     assert _json(cli.run("prune", "--json", **env))["forgotten"] >= 1
     assert job not in cli.run("jobs", "--json", **env).stdout

@@ -398,9 +398,13 @@ def download(
 
 @app.command()
 def cancel(job: JobArg, broker: BrokerOpt = None) -> None:
-    """Stop a job: queued items are not run; finished ones are kept."""
-    count = _client(broker).cancel(job)
-    print(f"cancelled {count} queued items of {job}")
+    """Stop a job: queued items are not run; finished ones are kept. A job that has
+    already finished is left as it is."""
+    cancelled = _client(broker).cancel(job)
+    if cancelled.finished:
+        print(f"job {job} already finished ({cancelled.finished}): nothing to cancel")
+    else:
+        print(f"cancelled {cancelled.count} queued items of {job}")
 
 
 @app.command()
@@ -599,13 +603,12 @@ def demo(
     For a quick run on a laptop CPU: --iterations 50 --image-size 160, or a smaller
     --model such as resnet18.
     """
-    from explainctl import embedded
     from explainctl.config import Settings
     from explainctl.demo import run_demo
 
     params = params_from(method_flags)
     spec = build_model_spec(model, weights, mean, std)
-    settings = embedded.resolve(Settings.load(broker_url=broker, output=output))
+    settings = Settings.load(broker_url=broker, output=output)  # run_demo starts Redis
     result = run_demo(settings, spec, params, lambda c, j: _follow(c, j, check=False), device)
     print(f"report: {result.report}")
     if result.counts["failed"]:

@@ -8,7 +8,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -19,6 +19,7 @@ from explainctl.contracts import (
     ChunkItem,
     ChunkPayload,
     JobInfo,
+    JobState,
     ModelSpec,
     job_key,
 )
@@ -53,6 +54,12 @@ class Submitted:
     total: int
     chunks: int
     output: str
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    count: int  # queued items cancelled
+    finished: JobState | None = None  # the state of a job that had already finished
 
 
 def _chunks(items: Iterable[ChunkItem], size: int) -> Iterator[list[ChunkItem]]:
@@ -187,14 +194,8 @@ class Client:
         try:
             for chunk in _chunks(items, info.chunk_size):
                 number = self.store.add_chunk(info.job_id, chunk)
-                try:
-                    self._send(info, chunk, number)
-                except ServiceUnavailable:
-                    # Recorded but not queued: fail these items so the job can still end
-                    # (`retry` queues them again).
-                    failure = {"error_code": "not-queued", "error": "the broker refused it"}
-                    self.store.settle(info.job_id, [(i.index, "failed", failure) for i in chunk])
-                    raise
+                if refusal := self._send_or_fail(info, chunk, number):
+                    raise refusal
                 self.store.mark_sent(info.job_id, number + 1)
                 total += len(chunk)
                 chunks += 1
@@ -204,7 +205,8 @@ class Client:
         except ExplainctlError as error:
             # What is queued stays queued and can finish; the job just ends where input did.
             with contextlib.suppress(ServiceUnavailable):
-                self.store.mark_submitted(info.job_id)
+                if self.store.mark_submitted(info.job_id):  # every item had settled
+                    write_manifest(self.store, self.storage(info.output), info.job_id)
             message = f"{error} (job {info.job_id} kept the {total} items queued before it)"
             kind = InvalidInput if isinstance(error, InvalidInput) else ServiceUnavailable
             raise kind(message) from None
@@ -219,6 +221,23 @@ class Client:
             # Workers on this machine may run in another directory: pin the path.
             return os.path.abspath(location.key if location else output)
         return output
+
+    def _send_or_fail(
+        self, info: JobInfo, items: list[ChunkItem], chunk: int, unsent: Sequence[ChunkItem] = ()
+    ) -> ServiceUnavailable | None:
+        """Send one chunk. If the broker refuses it, fail its items and `unsent` (recorded
+        items this call will not send either) as not-queued and return the refusal: the
+        job can then end instead of waiting for messages that never come (`retry` queues
+        them again)."""
+        try:
+            self._send(info, items, chunk)
+        except ServiceUnavailable as refusal:
+            failure = {"error_code": "not-queued", "error": "the broker refused it"}
+            changes = [(i.index, "failed", failure) for i in [*items, *unsent]]
+            if self.store.settle(info.job_id, changes):
+                write_manifest(self.store, self.storage(info.output), info.job_id)
+            return refusal
+        return None
 
     def _send(self, info: JobInfo, items: list[ChunkItem], chunk: int) -> None:
         payload = ChunkPayload(
@@ -327,22 +346,32 @@ class Client:
 
     # --- changing ---------------------------------------------------------------------
 
-    def cancel(self, job_id: str) -> int:
+    def cancel(self, job_id: str) -> Cancelled:
+        """Stop a job. One that has already finished is left as it is, manifest included."""
         before = self.store.status(check_job_id(job_id))
         cancelled = self.store.cancel(job_id)
+        if cancelled is None:
+            return Cancelled(0, finished=self.store.status(job_id).state)
         if before.state == "interrupted":
             # Nothing more will be queued: the job may now finish (and expire) as it stands.
             self.store.mark_submitted(job_id)
         status = self.store.status(job_id)
         if status.counts.get("running", 0) == 0:
             write_manifest(self.store, self.storage(status.info.output), job_id)
-        return cancelled
+        return Cancelled(cancelled)
 
     def retry(self, job_id: str, failed_only: bool = False) -> int:
         """Queue again the items that did not finish (only the failed ones with failed_only)."""
         info = self.store.info(check_job_id(job_id))
         states = {"failed"} if failed_only else {"failed", "cancelled"}
         items = self.store.reopen(job_id, states)
-        for chunk in _chunks(items, info.chunk_size):
-            self._send(info, chunk, self.store.new_chunk_number(job_id))
+        size = info.chunk_size
+        for start in range(0, len(items), size):
+            chunk, unsent = items[start : start + size], items[start + size :]
+            number = self.store.new_chunk_number(job_id)
+            if refusal := self._send_or_fail(info, chunk, number, unsent):
+                raise ServiceUnavailable(
+                    f"{refusal}; requeued {start} of its {len(items)} items, "
+                    f"{len(items) - start} failed as not-queued (retry once the broker is back)"
+                )
         return len(items)

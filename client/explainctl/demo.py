@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
+from explainctl import embedded
 from explainctl.client import Client
 from explainctl.config import Settings
 from explainctl.contracts import ModelSpec
@@ -55,7 +56,11 @@ def run_demo(
     follow: Callable[[Client, str], None],
     device: str | None = None,
 ) -> DemoResult:
+    """Run the demo with `settings` as loaded. The embedded Redis, when needed, starts
+    only once the model and its weights are found, so an offline failure leaves nothing
+    running."""
     check_model(spec)
+    settings = embedded.resolve(settings)
     client = Client(settings)
     env = replace(
         settings, allowed_models=(spec.name,), device=device or settings.device
