@@ -23,7 +23,7 @@ from rich.progress import (
 )
 
 from explainctl import __version__
-from explainctl.contracts import ITEM_STATES, TERMINAL_STATES, Target
+from explainctl.contracts import DEFAULT_CHUNK_SIZE, ITEM_STATES, TERMINAL_STATES, Target
 from explainctl.errors import (
     ExplainctlError,
     InvalidInput,
@@ -214,7 +214,7 @@ def submit(
     labels: LabelsOpt = None,
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", min=1, help="Images per chunk (one queue message).")
-    ] = 16,
+    ] = DEFAULT_CHUNK_SIZE,
     broker: BrokerOpt = None,
     output: OutputOpt = None,
     queue: QueueOpt = None,

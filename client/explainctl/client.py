@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import re
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -14,7 +13,10 @@ from functools import cached_property
 
 from explainctl.config import Settings
 from explainctl.contracts import (
+    ARTIFACT_NAMES,
+    DEFAULT_CHUNK_SIZE,
     FINISHED_JOB_STATES,
+    ITEM_NAME,
     REPORT_HTML,
     ChunkItem,
     ChunkPayload,
@@ -42,9 +44,6 @@ from explainctl.sources import read_uri
 from explainctl.storage import Storage, open_storage
 from explainctl.uri import parse_uri
 
-DEFAULT_CHUNK_SIZE = 16
-ITEM_NAME = re.compile(r"\d{6,}-[A-Za-z0-9_-]+")
-ARTIFACT_NAME = re.compile(r"[a-z_]+\.(png|npy|json)")
 ARTIFACT_MAX_BYTES = 512 * 1024 * 1024
 
 
@@ -307,7 +306,7 @@ class Client:
         for record in self.results(job_id):
             for filename, uri in record.artifacts.items():
                 # Names may come from a manifest file anyone could edit: nothing may escape DIR.
-                if not (ITEM_NAME.fullmatch(record.item) and ARTIFACT_NAME.fullmatch(filename)):
+                if not (ITEM_NAME.fullmatch(record.item) and filename in ARTIFACT_NAMES):
                     raise InvalidInput(f"refusing an unsafe artifact name in job {job_id}")
                 target = os.path.join(directory, record.item, filename)
                 os.makedirs(os.path.dirname(target), exist_ok=True)

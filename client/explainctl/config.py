@@ -19,6 +19,9 @@ from typing import Any
 
 from explainctl.errors import InvalidInput
 
+# A sealed job stays listed (its index entry) this many job TTLs after its records expire.
+INDEX_TTL_FACTOR = 12
+
 
 def _flag(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
@@ -58,8 +61,8 @@ class Settings:
     )  # fmt: skip
     job_ttl: int = setting(
         7 * 24 * 3600, "seconds a finished job's records stay in Redis once its manifest is "
-        "written (it stays listed 12 times longer); afterwards commands read the manifest; "
-        "0: forever",
+        f"written (it stays listed {INDEX_TTL_FACTOR} times longer); afterwards commands read "
+        "the manifest; 0: forever",
     )  # fmt: skip
     max_deliveries: int = setting(3, "attempts per item before it fails as a poison item")
     lease_seconds: int = setting(

@@ -7,6 +7,7 @@ reads the same models back. Method parameters are in explainctl.methods.
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -108,9 +109,16 @@ class ChunkPayload(_Strict):
 
 # --- Storage layout: <output>/<job_id>/... ---------------------------------------------
 
+# Items per chunk (one queue message) unless `submit --chunk-size` says otherwise.
+DEFAULT_CHUNK_SIZE = 16
+
 JOB_JSON = "job.json"
 ITEMS_JSONL = "items.jsonl"
 REPORT_HTML = "report.html"
+
+
+# What item_name gives: a reader checks names from a manifest anyone could edit against it.
+ITEM_NAME = re.compile(r"\d{6,}-[A-Za-z0-9_-]+")
 
 
 def item_name(index: int, uri: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -68,14 +67,7 @@ def run_demo(
     log_path = client.settings.home_dir / "demo-worker.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "explainctl", "worker", "--loglevel", "INFO"],
-            env={**os.environ, **env},
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        worker = embedded.spawn_worker(env, log, ["--loglevel", "INFO"])
     try:
         items = (InputItem(uri) for uri in example_images())
         submitted = client.submit(items, spec, params, chunk_size=len(example_images()))

@@ -25,8 +25,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import IO
 
 import redis
 
@@ -152,25 +154,28 @@ def running_workers(root: Path) -> list[int]:
     return [pid for pid in json.loads(path.read_text()) if _alive(pid)]
 
 
+def spawn_worker(env: dict[str, str], log: IO[bytes], args: Sequence[str] = ()) -> subprocess.Popen:
+    """One `explainctl worker` process with `env` over this one's environment, its output
+    appended to `log`. In a session of its own: it survives the terminal that started it,
+    and its process group (main process and pool child) can be signalled as one."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "explainctl", "worker", *args],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def start_workers(
-    count: int, env: dict[str, str], root: Path, extra_args: list[str] = ()
+    count: int, env: dict[str, str], root: Path, extra_args: Sequence[str] = ()
 ) -> list[int]:
     """Start `explainctl worker` processes in the background; returns their PIDs."""
     root.mkdir(parents=True, exist_ok=True)
-    log = open(root / "workers.log", "ab")  # noqa: SIM115 - inherited by the children
     pids = running_workers(root)
-    command = [sys.executable, "-m", "explainctl", "worker", *extra_args]
-    for _ in range(count):
-        process = subprocess.Popen(
-            command,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # survives the terminal that started it
-        )
-        pids.append(process.pid)
-    log.close()
+    with open(root / "workers.log", "ab") as log:
+        pids += [spawn_worker(env, log, extra_args).pid for _ in range(count)]
     _worker_file(root).write_text(json.dumps(pids))
     return pids
 

@@ -42,6 +42,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from explainctl.config import INDEX_TTL_FACTOR
 from explainctl.contracts import (
     ARTIFACT_FILES,
     ITEM_STATES,
@@ -59,7 +60,6 @@ from explainctl.keys import JOB_PARTS, JOBS_KEY, JobPart, Script, argv_set, job_
 from explainctl.uri import key_uri
 
 _BATCH = 1000
-INDEX_TTL_FACTOR = 12  # a job stays listed this many job TTLs after its records expire
 
 # The scripts (lua/*.lua) and the item states they are given, from their declaration.
 _TRANSITION = Script("transition")
