@@ -39,7 +39,7 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 bench: install
-	PYTHONPATH=. $(BIN)/python benchmarks/engine.py --model tests.models:tiny_classifier --image-size 64 --mask-size 16 --batch-size 16
+	PYTHONPATH=. $(BIN)/python benchmarks/engine.py --model tests.support.models:tiny_classifier --image-size 64 --mask-size 16 --batch-size 16
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -22,9 +22,10 @@ import torch
 from machine import describe  # benchmarks/machine.py, beside this script
 from quality import HALF, SIZE, setup
 
-from explainctl.methods import ExplainParams
-from explainctl_worker import slot
-from explainctl_worker.faithfulness import (
+from explainctl.spec.methods import ExplainParams
+from explainctl_worker.engine import slots
+from explainctl_worker.engine.optim import RowOptimizer
+from explainctl_worker.measures.faithfulness import (
     RISE_BLUR_KERNEL,
     RISE_BLUR_SIGMA,
     area_under_curve,
@@ -33,9 +34,8 @@ from explainctl_worker.faithfulness import (
     step_counts,
     tie_order,
 )
-from explainctl_worker.mask import upsample
-from explainctl_worker.optim import RowOptimizer
-from explainctl_worker.substrate import gaussian_blur
+from explainctl_worker.methods.mask import upsample
+from explainctl_worker.methods.substrate import gaussian_blur
 
 
 def iterates(model, images, targets, params: ExplainParams, every: int) -> dict[int, torch.Tensor]:
@@ -54,8 +54,8 @@ def iterates(model, images, targets, params: ExplainParams, every: int) -> dict[
 
     RowOptimizer.step = step
     try:
-        entries = (slot.Entry(i, images[i], int(targets[i])) for i in range(images.shape[0]))
-        list(slot.run_slots(model, entries, params, slots=images.shape[0], mean=HALF, std=HALF))
+        entries = (slots.Entry(i, images[i], int(targets[i])) for i in range(images.shape[0]))
+        list(slots.run_slots(model, entries, params, slots=images.shape[0], mean=HALF, std=HALF))
     finally:
         RowOptimizer.step = original
     return kept

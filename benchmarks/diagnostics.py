@@ -18,7 +18,7 @@ network), mean = std = 0.5 at 224 px. Photos: the ten of quality.py's bundled an
 scikit-image photos. Each candidate explains each photo's top-1 class through the
 engine's own path (explain_batch with params.metrics: faithfulness and diagnostics as a
 worker computes them); stability is a second run under seed 1, compared with
-explainctl_worker.diagnostics.stability. The contact sheet shows every overlay as the
+explainctl_worker.measures.diagnostics.stability. The contact sheet shows every overlay as the
 worker renders it (per-item scale), a row per photo and a column per candidate.
 """
 
@@ -37,16 +37,16 @@ from PIL import Image, ImageDraw
 from quality import HALF, MORE_SKIMAGE, SIZE, SKIMAGE, load_images, load_model, machine
 from variants import BEFORE, params_only, runner_for
 
-from explainctl.item import ItemResult
-from explainctl.methods import ExplainParams
-from explainctl.trust import NOT_REMOVED_RATIO, UNSTABLE_IOU
-from explainctl_worker import diagnostics
+from explainctl.spec.methods import ExplainParams
+from explainctl.spec.results import ItemResult
+from explainctl.spec.trust import NOT_REMOVED_RATIO, UNSTABLE_IOU
 from explainctl_worker.artifact import OVERLAY_PNG, heatmap_top, render
-from explainctl_worker.engine import explain_batch
+from explainctl_worker.engine.batch import explain_batch
+from explainctl_worker.engine.slots import jitter_rows
 from explainctl_worker.explain import measures_stability
-from explainctl_worker.mask import upsample
+from explainctl_worker.measures import diagnostics
 from explainctl_worker.methods import RUNNERS
-from explainctl_worker.slot import jitter_rows
+from explainctl_worker.methods.mask import upsample
 
 # name -> parameters ("runner": a variant of the method's runner, variants.py); the
 # methods as they are, then the candidates for a default, each on the default of its day.

@@ -15,9 +15,9 @@ import time
 import torch
 from machine import describe  # benchmarks/machine.py, beside this script
 
-from explainctl.contracts import ModelSpec
-from explainctl.methods import ExplainParams
-from explainctl_worker.engine import explain_batch
+from explainctl.spec.contracts import ModelSpec
+from explainctl.spec.methods import ExplainParams
+from explainctl_worker.engine.batch import explain_batch
 from explainctl_worker.model import ModelCache, pick_device
 
 

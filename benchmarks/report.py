@@ -29,11 +29,11 @@ import numpy as np
 from machine import describe  # benchmarks/machine.py, beside this script
 from PIL import Image, ImageFilter
 
-from explainctl.item import ItemRecord
-from explainctl.report import build_report
-from explainctl.sources import read_uri
+from explainctl.io.sources import read_uri
+from explainctl.pages.report import build_report
+from explainctl.spec.results import ItemRecord
 
-EXAMPLES = Path(__file__).parents[1] / "client" / "explainctl" / "examples"
+EXAMPLES = Path(__file__).parents[1] / "src" / "explainctl" / "examples"
 SIZE = (640, 480)
 
 

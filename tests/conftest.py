@@ -77,7 +77,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     import redis
 
-    from tests.services import RedisServer
+    from tests.support.services import RedisServer
 
     given = os.environ.get("EXPLAINCTL_TEST_REDIS_URL")
     if given:
@@ -95,7 +95,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def job_store(redis_url: str):
-    from explainctl.job import JobStore
+    from explainctl.jobs.store import JobStore
 
     return JobStore.connect(redis_url)
 
@@ -120,7 +120,7 @@ def worker_env(redis_url: str, s3_server: str, tmp_path) -> dict[str, str]:
 @pytest.fixture
 def start_workers(worker_env, tmp_path):
     """Call with n to start n real worker processes; all are stopped after the test."""
-    from tests.services import Worker
+    from tests.support.services import Worker
 
     started: list[Worker] = []
 
@@ -150,7 +150,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Print the fault suite's table (and save it where EXPLAINCTL_RELIABILITY_TABLE says)."""
     import os
 
-    from tests import reliability
+    from tests.support import reliability
 
     if reliability.ROWS:
         terminalreporter.write_sep("=", "reliability: 0 lost and 0 duplicated is the target")

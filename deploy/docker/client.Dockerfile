@@ -15,8 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /tmp/explainctl-src
 COPY pyproject.toml README.md ./
-COPY client ./client
-COPY workers ./workers
+COPY src ./src
 
 # A plain install: the [worker] extra (torch, torchvision) stays out, and the build fails if
 # anything pulled torch in anyway.

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.alarm(max(1, int(args.timeout * 3)))
 
     from explainctl.config import Settings
-    from explainctl.errors import ExplainctlError
-    from explainctl.queue import make_app
+    from explainctl.jobs.queue import make_app
+    from explainctl.spec.errors import ExplainctlError
 
     try:
         settings = Settings.load()

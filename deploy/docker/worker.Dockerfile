@@ -26,8 +26,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /tmp/explainctl-src
 COPY pyproject.toml README.md ./
-COPY client ./client
-COPY workers ./workers
+COPY src ./src
 COPY deploy/docker/worker-probe.py /usr/local/bin/explainctl-probe
 
 RUN { pip list --format=freeze | grep -iE '^(torch|torchvision)==' || true; } > /tmp/base-torch.txt \
@@ -42,7 +41,7 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/exp
 # Bake the weights with the worker's own loader, so they land where it will look for them.
 # The worker user owns the cache, so a model that is not baked in can still be downloaded.
 RUN mkdir -p "${TORCH_HOME}" \
- && python -c "import sys; from explainctl.contracts import ModelSpec; from explainctl_worker.model import ModelCache; [ModelCache().get(ModelSpec(name=n.strip()), 'cpu') for n in sys.argv[1].split(',') if n.strip()]" "${MODELS}" \
+ && python -c "import sys; from explainctl.spec.contracts import ModelSpec; from explainctl_worker.model import ModelCache; [ModelCache().get(ModelSpec(name=n.strip()), 'cpu') for n in sys.argv[1].split(',') if n.strip()]" "${MODELS}" \
  && chown -R explainctl:explainctl "${TORCH_HOME}"
 
 # Load the baked models when each worker process starts (comma-separated, as MODELS).

@@ -66,7 +66,7 @@ def cli_options() -> dict[str, frozenset[str]]:
     """Command name -> its option strings, from the Typer app itself ('' is the group)."""
     import typer
 
-    from explainctl.cli import app
+    from explainctl.cli.commands import app
 
     group = typer.main.get_command(app)
 

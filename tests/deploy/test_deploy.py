@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from explainctl.config import Settings
-from tests import cli
 from tests.deploy import checks
 from tests.deploy.checks import (
     COMPOSE_DIR,
@@ -33,6 +32,7 @@ from tests.deploy.checks import (
     SLURM,
     Invocation,
 )
+from tests.support import cli
 
 SETTINGS_VARIABLES = set(Settings().environment())
 DEFAULTS = Settings()

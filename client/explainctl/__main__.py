@@ -1,3 +1,0 @@
-from explainctl.cli import main
-
-main()

@@ -1,0 +1,3 @@
+from explainctl.cli.commands import main
+
+main()

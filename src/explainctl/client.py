@@ -1,0 +1,376 @@
+"""The client library behind the CLI: submit, follow, read, cancel and retry jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+from explainctl.config import Settings
+from explainctl.inputs import InputItem
+from explainctl.io.sources import read_uri
+from explainctl.io.storage import Storage, open_storage
+from explainctl.io.uri import parse_uri
+from explainctl.jobs.manifest import read_manifest, write_job_json, write_manifest
+from explainctl.jobs.queue import make_app, send_chunk, waiting_chunks
+from explainctl.jobs.store import JobStatus, JobStore
+from explainctl.pages.report import Gallery, build_report
+from explainctl.spec.contracts import (
+    ARTIFACT_NAMES,
+    DEFAULT_CHUNK_SIZE,
+    FINISHED_JOB_STATES,
+    ITEM_NAME,
+    REPORT_HTML,
+    ChunkItem,
+    ChunkPayload,
+    JobInfo,
+    JobState,
+    ModelSpec,
+    job_key,
+)
+from explainctl.spec.errors import (
+    ExplainctlError,
+    InvalidInput,
+    ItemError,
+    JobNotFound,
+    ServiceUnavailable,
+)
+from explainctl.spec.ids import check_job_id, new_job_id
+from explainctl.spec.methods import ExplainParams
+from explainctl.spec.results import ItemRecord
+
+ARTIFACT_MAX_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    total: int
+    chunks: int
+    output: str
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    count: int  # queued items cancelled
+    finished: JobState | None = None  # the state of a job that had already finished
+
+
+def _chunks(items: Iterable[ChunkItem], size: int) -> Iterator[list[ChunkItem]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+@dataclass(frozen=True)
+class _Records:
+    """A job's item records, streamed from the start each time they are iterated."""
+
+    client: Client
+    job_id: str
+
+    def __iter__(self) -> Iterator[ItemRecord]:
+        return iter(self.client.results(self.job_id))
+
+
+class Client:
+    """The library behind the CLI's job commands. `settings` name the broker and output;
+    `explainctl.local.embedded.resolve` fills them in for one machine."""
+
+    def __init__(self, settings: Settings):
+        if not settings.broker_url or not settings.output:
+            raise InvalidInput("no broker or output configured (embedded.resolve fills them)")
+        self.settings = settings
+
+    @cached_property
+    def store(self) -> JobStore:
+        store = JobStore.connect(self.settings.broker_url, job_ttl=self.settings.job_ttl)
+        store.ping()
+        return store
+
+    @cached_property
+    def app(self):
+        return make_app(self.settings)
+
+    def storage(self, root: str | None = None) -> Storage:
+        return open_storage(root or self.settings.output)
+
+    # --- submitting -------------------------------------------------------------------
+
+    def submit(
+        self,
+        inputs: Iterable[InputItem],
+        model: ModelSpec,
+        params: ExplainParams,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        labels: tuple[str, ...] | None = None,
+    ) -> Submitted:
+        """Queue a job, streaming: one Redis pipeline and one message per chunk of items.
+        `labels` name the model's classes (explainctl.labels)."""
+        if chunk_size < 1:
+            raise InvalidInput("--chunk-size must be at least 1")
+        iterator = iter(inputs)
+        first = next(iterator, None)
+        if first is None:
+            raise InvalidInput("no images found in the inputs")
+        output = self._absolute_output(self.settings.output)
+        info = JobInfo(
+            job_id=new_job_id(),
+            created=time.time(),
+            model=model,
+            params=params,
+            output=output,
+            queue=self.settings.queue,
+            chunk_size=chunk_size,
+            labels=labels,
+        )
+        try:
+            write_job_json(self.storage(output), info)
+        except ItemError as error:
+            raise ServiceUnavailable(f"cannot write to {output}: {error.message}") from None
+        token = secrets.token_hex(8)
+        self.store.create(info, submitter=token)
+        return self._queue(info, itertools.chain([first], iterator), 0, 0, token)
+
+    def resume(self, job_id: str, inputs: Iterable[InputItem]) -> Submitted:
+        """Finish queueing an interrupted job from the same inputs: chunks recorded but
+        not sent are sent, then the items after the last recorded one are queued. No item
+        is queued twice; inputs that differ from the first submit are refused."""
+        status = self.store.status(check_job_id(job_id))
+        if status.state != "interrupted":
+            raise InvalidInput(f"job {job_id} is {status.state}; only an interrupted job resumes")
+        token = secrets.token_hex(8)
+        if not self.store.claim_submitter(job_id, token):
+            raise InvalidInput(f"job {job_id} is being queued by another submit")
+        info = status.info
+        recorded, chunks, sent = self.store.progress(job_id)
+        size = info.chunk_size
+        for number in range(sent, chunks):
+            items = self.store.chunk_items(
+                job_id, number * size, min((number + 1) * size, recorded)
+            )
+            if items and not self._was_sent(info, number, items):
+                self._send(info, items, number)
+            self.store.mark_sent(job_id, number + 1)
+        iterator = iter(inputs)
+        skipped = list(itertools.islice(iterator, recorded))
+        last = self.store.chunk_items(job_id, recorded - 1, recorded) if recorded else []
+        if len(skipped) < recorded or (last and skipped[-1].uri != last[0].uri):
+            self.store.release_submitter(job_id)
+            raise InvalidInput(
+                f"these inputs are not the ones job {job_id} was submitted with "
+                f"(its item {recorded - 1} differs or is missing)"
+            )
+        return self._queue(info, iterator, recorded, chunks, token)
+
+    def _was_sent(self, info: JobInfo, number: int, items: list[ChunkItem]) -> bool:
+        """Whether chunk `number`, recorded before its submit died, reached the queue:
+        a worker took one of its items, or its message waits in the queue or is reserved."""
+        states = self.store.states(info.job_id, [item.index for item in items])
+        if any(state != "queued" for state in states):
+            return True
+        return any(
+            payload.get("job_id") == info.job_id and payload.get("chunk") == number
+            for payload in waiting_chunks(self.store.redis, info.queue)
+        )
+
+    def _queue(
+        self, info: JobInfo, entries: Iterable[InputItem], first: int, chunks: int, token: str
+    ) -> Submitted:
+        """Record and send the items of `entries`, numbered from `first`, in chunks."""
+        items = (
+            ChunkItem(index=index, uri=entry.uri, target=entry.target)
+            for index, entry in enumerate(entries, start=first)
+        )
+        total = first
+        renewed = time.monotonic()
+        try:
+            for chunk in _chunks(items, info.chunk_size):
+                number = self.store.add_chunk(info.job_id, chunk)
+                if refusal := self._send_or_fail(info, chunk, number):
+                    raise refusal
+                self.store.mark_sent(info.job_id, number + 1)
+                total += len(chunk)
+                chunks += 1
+                if time.monotonic() - renewed > 2:
+                    self.store.renew_submitter(info.job_id, token)
+                    renewed = time.monotonic()
+        except ExplainctlError as error:
+            # What is queued stays queued and can finish; the job just ends where input did.
+            with contextlib.suppress(ServiceUnavailable):
+                if self.store.mark_submitted(info.job_id):  # every item had settled
+                    write_manifest(self.store, self.storage(info.output), info.job_id)
+            message = f"{error} (job {info.job_id} kept the {total} items queued before it)"
+            kind = InvalidInput if isinstance(error, InvalidInput) else ServiceUnavailable
+            raise kind(message) from None
+        if self.store.mark_submitted(info.job_id):
+            write_manifest(self.store, self.storage(info.output), info.job_id)
+        return Submitted(info.job_id, total, chunks, info.output)
+
+    @staticmethod
+    def _absolute_output(output: str) -> str:
+        location = parse_uri(output) if "://" in output else None
+        if location is None or location.scheme == "file":
+            # Workers on this machine may run in another directory: pin the path.
+            return os.path.abspath(location.key if location else output)
+        return output
+
+    def _send_or_fail(
+        self, info: JobInfo, items: list[ChunkItem], chunk: int, unsent: Sequence[ChunkItem] = ()
+    ) -> ServiceUnavailable | None:
+        """Send one chunk. If the broker refuses it, fail its items and `unsent` (recorded
+        items this call will not send either) as not-queued and return the refusal: the
+        job can then end instead of waiting for messages that never come (`retry` queues
+        them again)."""
+        try:
+            self._send(info, items, chunk)
+        except ServiceUnavailable as refusal:
+            failure = {"error_code": "not-queued", "error": "the broker refused it"}
+            changes = [(i.index, "failed", failure) for i in [*items, *unsent]]
+            if self.store.settle(info.job_id, changes):
+                write_manifest(self.store, self.storage(info.output), info.job_id)
+            return refusal
+        return None
+
+    def _send(self, info: JobInfo, items: list[ChunkItem], chunk: int) -> None:
+        payload = ChunkPayload(
+            job_id=info.job_id,
+            chunk=chunk,
+            model=info.model,
+            params=info.params,
+            output=info.output,
+            items=items,
+            sent_at=time.time(),
+        )
+        send_chunk(self.app, payload, info.queue)
+
+    # --- reading ----------------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobStatus:
+        """From the live records, the sealed index entry, or job.json in storage."""
+        try:
+            return self.store.status(check_job_id(job_id))
+        except JobNotFound:
+            job, _ = read_manifest(self.storage(self._output_of(job_id)), job_id)
+            return JobStatus.from_document(job)
+
+    def _output_of(self, job_id: str) -> str:
+        """Where a job's manifest is: its index entry says, else the configured output."""
+        sealed = self.store.sealed(job_id)
+        return sealed.info.output if sealed else self.settings.output
+
+    def watch(self, job_id: str, interval: float = 1.0) -> Iterator[JobStatus]:
+        """Statuses until the job settles; rides out Redis restarts by reconnecting."""
+        check_job_id(job_id)
+        outage_started = None
+        while True:
+            try:
+                status = self.store.status(job_id)
+            except ServiceUnavailable:
+                outage_started = outage_started or time.monotonic()
+                if time.monotonic() - outage_started > 300:
+                    raise ServiceUnavailable("lost Redis for 5 minutes while waiting") from None
+                time.sleep(interval)
+                continue
+            outage_started = None
+            yield status
+            if status.state in FINISHED_JOB_STATES:
+                return
+            time.sleep(interval)
+
+    def results(self, job_id: str) -> Iterator[ItemRecord]:
+        """Item records from Redis, or from the manifest when Redis no longer has the job."""
+        check_job_id(job_id)
+        if not self.store.live(job_id):
+            _, records = read_manifest(self.storage(self._output_of(job_id)), job_id)
+            return records
+        return self.store.items(job_id)
+
+    def jobs(self, limit: int = 20) -> list[JobStatus]:
+        return [self.store.status(job_id) for job_id in self.store.recent(limit)]
+
+    def prune(self) -> dict[str, int]:
+        """Forget expired jobs now and seal finished ones that were never sealed."""
+        return self.store.prune()
+
+    def download(self, job_id: str, directory: str) -> int:
+        """Copy a job's artifacts and manifest into DIRECTORY/<item>/; returns files copied."""
+        check_job_id(job_id)
+        copied = 0
+        for record in self.results(job_id):
+            for filename, uri in record.artifacts.items():
+                # Names may come from a manifest file anyone could edit: nothing may escape DIR.
+                if not (ITEM_NAME.fullmatch(record.item) and filename in ARTIFACT_NAMES):
+                    raise InvalidInput(f"refusing an unsafe artifact name in job {job_id}")
+                target = os.path.join(directory, record.item, filename)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as handle:
+                    handle.write(self._read_artifact(uri))
+                copied += 1
+        return copied
+
+    def _read_artifact(self, uri: str) -> bytes:
+        try:
+            return read_uri(uri, max_bytes=ARTIFACT_MAX_BYTES)
+        except ItemError as error:
+            raise ServiceUnavailable(f"cannot read {uri}: {error.message}") from None
+
+    def report(self, job_id: str, out: str | None = None, gallery: Gallery | None = None) -> str:
+        """Write the job's HTML audit report to `out` (a file), or next to its artifacts;
+        returns where it went. `gallery` chooses the items it shows images of."""
+        check_job_id(job_id)
+        status = self.status(job_id)
+        summary = {**status.as_json(), "info": status.info.model_dump(mode="json")}
+        output = status.info.output
+        page = build_report(
+            summary,
+            _Records(self, job_id),
+            lambda uri: read_uri(uri, max_bytes=ARTIFACT_MAX_BYTES),
+            gallery or Gallery(),
+        ).encode()
+        if out:
+            with open(out, "wb") as handle:
+                handle.write(page)
+            return os.path.abspath(out)
+        try:
+            return self.storage(output).put(job_key(job_id, REPORT_HTML), page, "text/html")
+        except ItemError as error:
+            raise ServiceUnavailable(f"cannot write the report: {error.message}") from None
+
+    # --- changing ---------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> Cancelled:
+        """Stop a job. One that has already finished is left as it is, manifest included."""
+        before = self.store.status(check_job_id(job_id))
+        cancelled = self.store.cancel(job_id)
+        if cancelled is None:
+            return Cancelled(0, finished=self.store.status(job_id).state)
+        if before.state == "interrupted":
+            # Nothing more will be queued: the job may now finish (and expire) as it stands.
+            self.store.mark_submitted(job_id)
+        status = self.store.status(job_id)
+        if status.counts.get("running", 0) == 0:
+            write_manifest(self.store, self.storage(status.info.output), job_id)
+        return Cancelled(cancelled)
+
+    def retry(self, job_id: str, failed_only: bool = False) -> int:
+        """Queue again the items that did not finish (only the failed ones with failed_only)."""
+        info = self.store.info(check_job_id(job_id))
+        states = {"failed"} if failed_only else {"failed", "cancelled"}
+        items = self.store.reopen(job_id, states)
+        size = info.chunk_size
+        for start in range(0, len(items), size):
+            chunk, unsent = items[start : start + size], items[start + size :]
+            number = self.store.new_chunk_number(job_id)
+            if refusal := self._send_or_fail(info, chunk, number, unsent):
+                raise ServiceUnavailable(
+                    f"{refusal}; requeued {start} of its {len(items)} items, "
+                    f"{len(items) - start} failed as not-queued (retry once the broker is back)"
+                )
+        return len(items)

@@ -1,0 +1,203 @@
+"""All configuration in one place: command-line flags over environment variables over defaults.
+
+Each setting is one field of `Settings`, declared with `setting(...)`: its default, doc
+line, environment variable (EXPLAINCTL_<NAME> unless it says otherwise) and CLI flag.
+Loading from the environment, passing settings to child processes (`environment()`), the
+CLI's option help and the README's configuration table (`markdown_table`, checked by a
+test) all read those declarations. Loading settings starts nothing: the embedded Redis is
+started by `explainctl.local.embedded.resolve`, explicitly. S3 uses boto3's own configuration
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE...).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from explainctl.spec.errors import InvalidInput
+
+# A sealed job stays listed (its index entry) this many job TTLs after its records expire.
+INDEX_TTL_FACTOR = 12
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    flag: str | None = None,
+    sep: str = ",",
+    shown: str | None = None,
+) -> Any:
+    """One setting: `doc` is its line in the README; `flag` the CLI option that sets it
+    where a command has one; `sep` splits a list; `shown` the default as people read it."""
+    shown = shown if shown is not None else (str(int(default)) if isinstance(default, bool)
+                                              else str(default))  # fmt: skip
+    metadata = {"doc": doc, "flag": flag, "sep": sep, "shown": shown}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = setting(
+        "", "Redis for the queue and the job records; `redis://:password@host:6379/0`, "
+        "`rediss://` for TLS", flag="--broker", shown="embedded Redis",
+    )  # fmt: skip
+    output: str = setting(
+        "", "`s3://bucket/prefix` or a directory", flag="--output",
+        shown="`$EXPLAINCTL_HOME/output`",
+    )  # fmt: skip
+    queue: str = setting("explain", "queue name; split GPU pools by queue", flag="--queue")
+    chunk_time_limit: int = setting(1800, "hard limit (s) for one chunk on a worker")
+    visibility_timeout: int = setting(
+        2100, "seconds before Redis hands a lost chunk to another worker; must exceed the "
+        "time limit",
+    )  # fmt: skip
+    job_ttl: int = setting(
+        7 * 24 * 3600, "seconds a finished job's records stay in Redis once its manifest is "
+        f"written (it stays listed {INDEX_TTL_FACTOR} times longer); afterwards commands read "
+        "the manifest; 0: forever",
+    )  # fmt: skip
+    max_deliveries: int = setting(3, "attempts per item before it fails as a poison item")
+    lease_seconds: int = setting(
+        60, "a chunk whose worker stopped renewing its lease this long runs again"
+    )
+    broker_stall_seconds: int = setting(
+        300, "a worker that gets no answer from the broker this long exits non-zero, so its "
+        "supervisor starts a fresh one; 0: never",
+    )  # fmt: skip
+    metrics_port: int = setting(
+        0, "Prometheus metrics of a worker process", flag="--metrics-port", shown="off"
+    )
+    home: str = setting(
+        "", "embedded Redis data, default output, local worker logs",
+        shown="`~/.local/share/explainctl`",
+    )  # fmt: skip
+    device: str = setting("auto", "worker device: auto, cpu, cuda", flag="--device")
+    slots: int = setting(
+        0, "items in flight on a worker's device; 0: the chunk's items on a CPU, as many as "
+        "free GPU memory holds (up to the chunk) on CUDA",
+    )  # fmt: skip
+    preload: tuple[str, ...] = setting(
+        (), "models a worker loads at start, comma-separated", flag="--preload", shown=""
+    )
+    allowed_models: tuple[str, ...] = setting(
+        (), "the complete list of model specs a worker accepts (torchvision names, files, "
+        "`module:callable`), `*` for any; unset: torchvision models with their own weights",
+        shown="",
+    )  # fmt: skip
+    max_image_bytes: int = setting(50 * 1024 * 1024, "largest encoded image a worker reads")
+    max_pixels: int = setting(50_000_000, "largest image (width × height) a worker decodes")
+    allowed_roots: tuple[str, ...] = setting(
+        (), "local directories workers may read inputs from (`:`-separated)",
+        sep=os.pathsep, shown="any",
+    )  # fmt: skip
+    allow_http: bool = setting(
+        False, "1 lets workers fetch `http(s)://` inputs, public addresses only"
+    )
+    http_allowed_hosts: tuple[str, ...] = setting(
+        (), "the only hosts http(s) inputs may come from, comma-separated", shown="any"
+    )
+
+    @staticmethod
+    def variable(name: str) -> str:
+        """The environment variable of setting `name`."""
+        return "EXPLAINCTL_" + name.upper()
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
+        """Settings from `env` (default os.environ), overridden by flags that are not None."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            variable = cls.variable(item.name)
+            raw = env.get(variable)
+            if raw is not None and raw.strip() != "":
+                try:
+                    values[item.name] = _parser(item)(raw)
+                except ValueError:
+                    raise InvalidInput(f"{variable}={raw!r} is not valid") from None
+        unknown = set(flags) - {item.name for item in fields(cls)}
+        if unknown:
+            raise TypeError(f"not settings: {', '.join(sorted(unknown))}")
+        values.update({name: value for name, value in flags.items() if value is not None})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if min(self.chunk_time_limit, self.max_deliveries, self.lease_seconds) <= 0:
+            raise InvalidInput("chunk time limit, max deliveries and lease must be positive")
+        if self.job_ttl < 0:
+            raise InvalidInput("EXPLAINCTL_JOB_TTL must be 0 (forever) or more seconds")
+        if self.broker_stall_seconds < 0:
+            raise InvalidInput("EXPLAINCTL_BROKER_STALL_SECONDS must be 0 (never) or more")
+        if self.slots < 0:
+            raise InvalidInput(f"EXPLAINCTL_SLOTS ({self.slots}) must be 0 (auto) or more")
+        # A chunk still running when the visibility timeout passes is handed to a second
+        # worker while the first goes on: the timeout must outlast the longest chunk.
+        if self.visibility_timeout <= self.chunk_time_limit:
+            raise InvalidInput(
+                f"EXPLAINCTL_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed "
+                f"EXPLAINCTL_CHUNK_TIME_LIMIT ({self.chunk_time_limit}s)"
+            )
+        if not self.queue or not all(c.isalnum() or c in "-_." for c in self.queue):
+            raise InvalidInput(f"bad queue name {self.queue!r}")
+
+    @property
+    def home_dir(self) -> Path:
+        if self.home:
+            return Path(self.home).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+            os.path.expanduser("~"), ".local", "share"
+        )
+        return Path(base) / "explainctl"
+
+    def environment(self) -> dict[str, str]:
+        """Every setting as an environment variable, for processes this one starts, so a
+        child sees exactly these settings whatever its parent's environment held."""
+        result = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, tuple):
+                text = item.metadata["sep"].join(value)
+            elif isinstance(value, bool):
+                text = "1" if value else "0"
+            else:
+                text = str(value)
+            result[self.variable(item.name)] = text
+        return result
+
+
+def _parser(item) -> Callable[[str], Any]:
+    kind = type(item.default)
+    if kind is tuple:
+        sep = item.metadata["sep"]
+        return lambda text: tuple(part.strip() for part in text.split(sep) if part.strip())
+    if kind is bool:
+        return _flag
+    return kind
+
+
+def describe(name: str) -> str:
+    """A setting's CLI help: its doc line and variable."""
+    item = next(item for item in fields(Settings) if item.name == name)
+    return f"{item.metadata['doc']} [env {Settings.variable(name)}]"
+
+
+def markdown_table() -> str:
+    """The README's configuration table."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for item in fields(Settings):
+        flag = f" (`{item.metadata['flag']}`)" if item.metadata["flag"] else ""
+        rows.append(
+            f"| `{Settings.variable(item.name)}`{flag} | {item.metadata['shown']} "
+            f"| {item.metadata['doc']} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,99 @@
+"""The one Celery app definition, shared by the client (which sends) and workers (which run).
+
+Every setting that matters for long GPU tasks is here, with its reason; `send_chunk` is
+the queue's boundary, where kombu's and redis's errors become ServiceUnavailable.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+
+import redis
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from explainctl.config import Settings
+from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload
+from explainctl.spec.errors import ServiceUnavailable
+
+
+def waiting_chunks(client: redis.Redis, queue: str) -> Iterator[dict]:
+    """The chunk payloads waiting in `queue` or reserved by a worker (kombu's Redis layout:
+    a list per queue, and the `unacked` hash of reserved messages)."""
+    raw = [*client.lrange(queue, 0, -1), *client.hvals("unacked")]
+    for message in raw:
+        try:
+            envelope = json.loads(message)
+            if isinstance(envelope, list):  # unacked entries: [message, exchange, routing key]
+                envelope = envelope[0]
+            body = json.loads(base64.b64decode(envelope["body"]))
+            yield body[0][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue  # not a chunk message
+
+
+def send_chunk(app: Celery, payload: ChunkPayload | dict, queue: str) -> None:
+    """Queue one chunk, riding out a broker blip of a few seconds: the one way a chunk is
+    queued, by a submit, a retry, or a worker's reaper re-sending a lost chunk (which
+    holds the message as it was received, a dict, and sends it on unchanged)."""
+    message = payload.model_dump(mode="json") if isinstance(payload, ChunkPayload) else payload
+    try:
+        app.send_task(
+            TASK_EXPLAIN_CHUNK,
+            args=[message],
+            queue=queue,
+            retry=True,
+            retry_policy={"max_retries": 5, "interval_start": 0.5, "interval_step": 1},
+        )
+    except (OperationalError, redis.RedisError) as error:
+        job = message.get("job_id") if isinstance(message, dict) else None
+        raise ServiceUnavailable(f"cannot queue job {job}: {error}") from None
+
+
+def make_app(settings: Settings) -> Celery:
+    app = Celery("explainctl", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        # JSON only, both ways: a pickled message is refused, so the broker cannot be used
+        # to run code on workers.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # Job state lives in our own Redis records (explainctl.jobs.store), not in Celery results.
+        task_ignore_result=True,
+        result_backend=None,
+        task_default_queue=settings.queue,
+        task_create_missing_queues=True,
+        # Acknowledge a chunk only once it finished, so a worker that dies mid-chunk leaves
+        # it in the queue for another worker. Items are idempotent (explainctl.jobs.store), so a
+        # second run of a chunk skips what is done.
+        task_acks_late=True,
+        # A pool process killed (OOM, segfault) requeues its chunk at once instead of losing
+        # it; explainctl.jobs.store counts attempts per item so a poison item cannot loop forever.
+        task_reject_on_worker_lost=True,
+        # Take one chunk at a time: with late acks a larger prefetch lets one worker hoard
+        # chunks that idle workers could run.
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.chunk_time_limit,
+        task_soft_time_limit=max(1, settings.chunk_time_limit - 30),
+        # Redis redelivers a message unacknowledged for this long; it must outlast the hard
+        # time limit (Settings.check) or a slow chunk runs twice at once.
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # Bound each blocking read, so a worker notices a dead connection.
+            "socket_timeout": 30,
+            "socket_connect_timeout": 10,
+            "health_check_interval": 25,
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        # A chunk running when the broker connection drops goes on: its results reach the
+        # job records once Redis is back (JobStore retries), and the copy Redis redelivers
+        # later finds its items settled and does nothing.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app

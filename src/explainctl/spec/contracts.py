@@ -1,0 +1,176 @@
+"""Shapes both sides agree on: model specs, task payloads, storage layout, job states.
+
+The client validates with these models before anything runs or is queued; the worker
+reads the same models back. Method parameters are in explainctl.spec.methods.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from explainctl.spec.ids import JOB_ID_PATTERN
+from explainctl.spec.methods import ExplainParams
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Files written for every explained item, in OUT/<item>/ (locally) or <prefix>/<job>/<item>/.
+MASK_NPY = "mask.npy"
+MASK_PNG = "mask.png"
+HEATMAP_PNG = "heatmap.png"
+OVERLAY_PNG = "overlay.png"
+PERTURBED_PNG = "perturbed.png"
+RESULT_JSON = "result.json"
+ARTIFACT_FILES = (MASK_NPY, MASK_PNG, HEATMAP_PNG, OVERLAY_PNG, PERTURBED_PNG, RESULT_JSON)
+# Written beside mask.npy when a method returns several masks (extremal with several
+# areas): (A, h, w) float32, one per area in the order of params.areas.
+MASKS_NPY = "masks.npy"
+# Every name an item's folder may hold: what readers of artifacts accept.
+ARTIFACT_NAMES = frozenset((*ARTIFACT_FILES, MASKS_NPY))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ModelSpec(_Strict):
+    """Which classifier to explain and how its inputs are normalised.
+
+    `name` is a torchvision model name (``vgg19``), a TorchScript file path, or
+    ``module:callable`` returning an ``nn.Module``.
+    """
+
+    name: str = "vgg19"
+    weights: str | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @field_validator("name")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model name must not be empty")
+        return value.strip()
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value):
+        if any(not (math.isfinite(s) and s > 0) for s in value):
+            raise ValueError("std values must be positive")
+        return value
+
+
+class Target(_Strict):
+    """The class to explain: the top-1 class when both fields are empty."""
+
+    index: int | None = Field(None, ge=0)
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> Target:
+        if text is None or text.strip() == "" or text.strip().lower() == "top1":
+            return cls()
+        text = text.strip()
+        if text.lstrip("-").isdigit():
+            return cls(index=int(text))
+        return cls(name=text)
+
+
+# --- The queue: task names and payloads ------------------------------------------------
+
+TASK_EXPLAIN_CHUNK = "explainctl.explain_chunk"
+
+
+class ChunkItem(_Strict):
+    index: int = Field(ge=0)
+    uri: str
+    target: str | None = None
+
+
+class ChunkPayload(_Strict):
+    """One queue message: a chunk of a job's items, which a worker explains in its
+    device's slots (a batch refilled as items finish).
+
+    Holds no credentials: workers reach storage with their own configuration.
+    """
+
+    job_id: str = Field(pattern=f"^{JOB_ID_PATTERN.pattern}$")
+    chunk: int = Field(ge=0)
+    model: ModelSpec
+    params: ExplainParams
+    output: str
+    items: list[ChunkItem]
+    sent_at: float | None = None  # when the client queued it, for the queue-wait metric
+
+
+# --- Storage layout: <output>/<job_id>/... ---------------------------------------------
+
+# Items per chunk (one queue message) unless `submit --chunk-size` says otherwise.
+DEFAULT_CHUNK_SIZE = 16
+
+JOB_JSON = "job.json"
+ITEMS_JSONL = "items.jsonl"
+REPORT_HTML = "report.html"
+
+
+# What item_name gives: a reader checks names from a manifest anyone could edit against it.
+ITEM_NAME = re.compile(r"\d{6,}-[A-Za-z0-9_-]+")
+
+
+def item_name(index: int, uri: str) -> str:
+    """Folder of an item among its job's artifacts: `000042-cat`, unique and path-safe."""
+    tail = uri.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    stem = tail.rsplit(".", 1)[0] if "." in tail else tail
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:60].strip("_")
+    return f"{index:06d}-{safe or 'image'}"
+
+
+def artifact_key(job_id: str, item: str, filename: str, attempt: int | None = None) -> str:
+    """Where an item's file goes. A worker writes under the attempt it runs
+    (`<job>/<item>/attempt-<n>/`), so two copies of a chunk never overwrite each other
+    and the record, which names the attempt that settled the item, vouches for exactly
+    the files that attempt wrote."""
+    if attempt is None:
+        return f"{job_id}/{item}/{filename}"
+    return f"{job_id}/{item}/attempt-{attempt}/{filename}"
+
+
+def job_key(job_id: str, filename: str) -> str:
+    return f"{job_id}/{filename}"
+
+
+# --- Job records -----------------------------------------------------------------------
+
+ItemState = Literal["queued", "running", "done", "failed", "cancelled"]
+ITEM_STATES: tuple[str, ...] = get_args(ItemState)
+TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})  # an item never leaves these
+# interrupted: its submit stopped (killed) before queueing every item; `submit --resume`.
+JobState = Literal[
+    "submitting",
+    "interrupted",
+    "queued",
+    "running",
+    "completed",
+    "completed_with_failures",
+    "cancelled",
+]
+FINISHED_JOB_STATES = frozenset({"completed", "completed_with_failures", "cancelled"})
+
+
+class JobInfo(_Strict):
+    """What a job was asked to do; fixed at submission (job.json holds it with the status)."""
+
+    job_id: str
+    created: float
+    model: ModelSpec
+    params: ExplainParams
+    output: str
+    queue: str
+    chunk_size: int
+    # Class names for the model's outputs (--labels, explainctl.labels): in place of the
+    # model's own, by workers (targets by name, target_name) and so in every record.
+    labels: tuple[str, ...] | None = None

@@ -1,0 +1,105 @@
+"""The worker's Celery app: `celery -A explainctl_worker.app worker -Q explain`.
+
+Configuration comes from the environment (explainctl.config), so `explainctl worker` and a
+plain `celery` command behave the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from celery.signals import task_received, worker_process_init, worker_ready
+from pydantic import ValidationError
+
+from explainctl.config import Settings
+from explainctl.jobs.queue import make_app
+from explainctl.jobs.store import JobStore
+from explainctl.local import embedded
+from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload, ModelSpec
+from explainctl_worker.service import lease, metrics, watchdog
+from explainctl_worker.service.chunk import WorkerContext, run_chunk
+
+log = logging.getLogger("explainctl.worker")
+# A worker started with no broker configured joins this machine's embedded Redis.
+settings = embedded.resolve(Settings.load())
+app = make_app(settings)
+
+_context: WorkerContext | None = None
+_context_lock = threading.Lock()
+
+
+def context() -> WorkerContext:
+    """This pool process's context, made on first use (after the fork, never before)."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            _context = WorkerContext.from_settings(settings)
+        return _context
+
+
+_reservations: lease.Reservations | None = None
+
+
+@worker_ready.connect
+def _start_watchdog(**_) -> None:
+    # In the main process, which holds the broker connection the pool children feed from.
+    global _reservations
+    watchdog.watch(settings.broker_url, settings.broker_stall_seconds)
+    _reservations = lease.Reservations(JobStore.connect(settings.broker_url).redis,
+                                       settings.lease_seconds)  # fmt: skip
+
+
+@task_received.connect
+def _reserve(request, **_) -> None:
+    """In the main process, on receipt: the chunk is ours until its pool process starts it."""
+    if _reservations is None or request.name != TASK_EXPLAIN_CHUNK or not request.args:
+        return
+    queue = lease.delivered_queue(request, settings.queue)
+    try:
+        _reservations.take(request.id, request.args[0], queue)
+    except Exception as error:  # a reservation helps recovery; it must never drop a chunk
+        log.warning("cannot reserve chunk %s: %s", request.id, error)
+
+
+@worker_process_init.connect
+def _start_reaper(**_) -> None:
+    lease.start_reaper(context().store.redis, app, settings.lease_seconds)
+    metrics.serve(settings.metrics_port)
+
+
+@worker_process_init.connect
+def _preload(**_) -> None:
+    # Loading a model can take minutes; the signal handler must return within seconds, so
+    # the load runs in a thread and the first chunk waits on the cache's lock if needed.
+    def load() -> None:
+        for name in settings.preload:
+            try:
+                context().models.get(ModelSpec(name=name), context().torch_device())
+                log.info("preloaded model %s", name)
+            except Exception as error:  # a failed preload must not kill the worker
+                log.error("cannot preload %s: %s", name, error)
+
+    if settings.preload:
+        threading.Thread(target=load, name="preload", daemon=True).start()
+
+
+@app.task(name=TASK_EXPLAIN_CHUNK, bind=True)
+def explain_chunk_task(self, payload: dict) -> None:
+    # Started: the reservation taken on receipt gives way to the run's own lease below.
+    lease.release(context().store.redis, lease.reservation_key(self.request.id))
+    try:
+        chunk = ChunkPayload.model_validate(payload)
+    except ValidationError as error:
+        # Nothing in it can be trusted, not even the job ID: log it and drop it.
+        log.error("dropping a malformed chunk message: %s", str(error).splitlines()[0])
+        return
+    started = time.time()
+    queue = lease.delivered_queue(self.request, settings.queue)  # where a re-send goes
+    with lease.hold(context().store.redis, chunk, queue, settings.lease_seconds) as mine:
+        if not mine:
+            log.info("job %s chunk %d runs elsewhere under a live lease", chunk.job_id, chunk.chunk)
+            return
+        run_chunk(chunk, context())
+    metrics.record_chunk(chunk.sent_at, started, context().device)

@@ -1,0 +1,436 @@
+"""From items (sources and targets) to artifacts: decode ahead, optimise in slots, render.
+
+Used by `explainctl explain` on local files and by the queue task on a chunk. A bad item
+becomes a failed outcome with a code; it never stops the others.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import explainctl
+from explainctl.io.sources import SourcePolicy, read_source
+from explainctl.spec.contracts import ARTIFACT_FILES, MASKS_NPY, Target
+from explainctl.spec.errors import ExplainctlError, ItemError
+from explainctl.spec.methods import ExplainParams
+from explainctl.spec.results import ItemResult
+from explainctl_worker.artifact import heatmap_top, render
+from explainctl_worker.decode import DecodeLimits, decode_image
+from explainctl_worker.engine.slots import Entry, Explanation, choose_slots, run_slots
+from explainctl_worker.measures import diagnostics
+from explainctl_worker.methods import RUNNERS
+from explainctl_worker.model import LoadedModel, resolve_target
+
+
+@dataclass
+class ItemInput:
+    name: str  # the item's folder name among the job's artifacts
+    source: str  # where it came from (path or URI), recorded in result.json
+    load: Callable[[], bytes]  # reads the encoded image; may raise ItemError
+    target: Target = field(default_factory=Target)
+
+
+@dataclass
+class ItemOutcome:
+    name: str
+    source: str
+    result: ItemResult | None = None
+    files: dict[str, bytes] | None = None
+    artifacts: dict[str, str] | None = None  # filename -> URI, once stored
+    error_code: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    return {
+        "explainctl": explainctl.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def num_classes(loaded: LoadedModel, image_size: int) -> int:
+    """Output width of the model, found once by a forward pass on a blank image."""
+    cache = loaded.__dict__.setdefault("_num_classes", {})
+    if image_size not in cache:
+        with torch.no_grad():
+            blank = torch.zeros(1, 3, image_size, image_size, device=loaded.device)
+            cache[image_size] = int(loaded.module(blank).shape[1])
+    return cache[image_size]
+
+
+def _prepare(item: ItemInput, loaded: LoadedModel, params: ExplainParams, limits: DecodeLimits):
+    image = decode_image(item.load(), limits)
+    try:
+        target = resolve_target(
+            item.target, loaded.categories, num_classes(loaded, params.image_size)
+        )
+    except ExplainctlError as error:
+        raise ItemError("bad-target", str(error)) from None
+    return image, -1 if target is None else target
+
+
+def _to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    resized = image.resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+@dataclass
+class Timings:
+    """Where a run of `explain_items` spent its wall time, in seconds.
+
+    The device is idle while the loop waits for a decoded item or for the last renders;
+    decode, render and deliver run in background threads beside the optimisation.
+    """
+
+    wall: float = 0.0
+    waiting: float = 0.0  # the optimisation loop blocked on decoding, or on the last renders
+    decode: float = 0.0  # summed over items: read + decode + resize
+    render: float = 0.0  # summed over items: artifacts drawn and encoded
+    deliver: float = 0.0  # summed over items: stored or written
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def idle_fraction(self) -> float:
+        return self.waiting / self.wall if self.wall else 0.0
+
+    def count(self, name: str, seconds: float) -> None:
+        """Add to one of the sums, from any thread."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + seconds)
+
+
+# Threads beside the optimisation: reading and decoding ahead, rendering and storing.
+# Two each keep a slow read or upload from stalling the others, without taking the cores
+# the device loop needs on a CPU worker.
+HOST_THREADS = 2
+
+
+class _Inline:
+    """An executor that runs each call at once, in the caller's thread: host work without
+    overlap (host_threads=0), the baseline the overlap is measured against."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as error:  # handed to the caller by future.result()
+            future.set_exception(error)
+        return future
+
+
+def _executor(threads: int, name: str):
+    return ThreadPoolExecutor(threads, thread_name_prefix=name) if threads else _Inline()
+
+
+def explain_items(
+    items: Sequence[ItemInput],
+    loaded: LoadedModel,
+    params: ExplainParams,
+    limits: DecodeLimits | None = None,
+    *,
+    slots: int | None = None,
+    deliver: Callable[[ItemOutcome], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+    timings: Timings | None = None,
+    host_threads: int = HOST_THREADS,
+) -> list[ItemOutcome]:
+    """Explain `items` through `slots` slots (default: slot.choose_slots); outcomes come
+    back in the order of `items`.
+
+    Items are read and decoded ahead in background threads while the device optimises;
+    each finished item is rendered, then handed to `deliver` (store it, write it), in
+    background threads too. `deliver` may set the outcome's error: the item has failed.
+    progress: item-iterations done since its last call. host_threads: threads for each of
+    decoding and rendering; 0 runs both in line with the loop (no overlap).
+    """
+    limits = limits or DecodeLimits()
+    if not items:
+        return []
+    slots = min(slots, len(items)) if slots else None
+    slots = slots or choose_slots(loaded.module, params, loaded.device, len(items))
+    outcomes = [ItemOutcome(item.name, item.source) for item in items]
+    spent = timings or Timings()
+    started = time.perf_counter()
+    images: dict[int, Image.Image] = {}
+
+    def decode(position: int):
+        began = time.perf_counter()
+        try:
+            image, target = _prepare(items[position], loaded, params, limits)
+            return position, image, target, _to_tensor(image, params.image_size)
+        except ItemError as error:
+            outcomes[position].error_code, outcomes[position].error = error.code, error.message
+            return position, None, None, None
+        finally:
+            spent.count("decode", time.perf_counter() - began)
+
+    def submit(executor, fn, *args) -> Future:
+        # In line (host_threads=0) the work itself runs here, and the device waits for it.
+        began = time.perf_counter()
+        future = executor.submit(fn, *args)
+        spent.waiting += time.perf_counter() - began
+        return future
+
+    twins = {i for i, item in enumerate(items) if measures_stability(params, item.name)}
+    if twins and progress:
+        # The progress total counts each item's budget once; twins make the same work twice.
+        progress = _scaled(progress, len(items), len(items) + len(twins))
+
+    def entries(decoder) -> Iterator[Entry]:
+        # Keep up to `slots` items decoded ahead of the loop: a refill never waits for a read.
+        ahead = deque(submit(decoder, decode, i) for i in range(min(slots, len(items))))
+        following = len(ahead)
+        while ahead:
+            began = time.perf_counter()
+            position, image, target, tensor = ahead.popleft().result()
+            spent.waiting += time.perf_counter() - began
+            if following < len(items):
+                ahead.append(submit(decoder, decode, following))
+                following += 1
+            if image is not None:
+                images[position] = image
+                yield Entry((position, 0), tensor, target)
+                if position in twins:
+                    yield Entry((position, 1), tensor, target, seed=twin_seed(params.seed))
+            elif progress:
+                progress(params.iterations)  # a failed item is done with: credit its budget
+
+    def finish(position: int, explanation: Explanation) -> None:
+        began = time.perf_counter()
+        outcome = outcomes[position]
+        _render(outcome, images.pop(position), explanation, loaded, params, version_info)
+        rendered = time.perf_counter()
+        spent.count("render", rendered - began)
+        if deliver and outcome.ok:
+            deliver(outcome)
+            spent.count("deliver", time.perf_counter() - rendered)
+
+    version_info = versions()
+    num_classes(loaded, params.image_size)  # once, before the decode threads need it
+    with (
+        _executor(host_threads, "decode") as decoder,
+        _executor(host_threads, "render") as renderer,
+    ):
+        stream = run_slots(
+            loaded.module,
+            entries(decoder),
+            params,
+            slots=slots,
+            mean=loaded.spec.mean,
+            std=loaded.spec.std,
+            device=loaded.device,
+            progress=progress,
+        )
+        pending = [
+            submit(renderer, finish, position, explanation)
+            for position, explanation in _with_twins(stream, twins)
+        ]
+        began = time.perf_counter()
+        for future in pending:
+            future.result()
+        spent.waiting += time.perf_counter() - began
+    spent.wall += time.perf_counter() - started
+    return outcomes
+
+
+def measures_stability(params: ExplainParams, name: str) -> bool:
+    """Whether item `name` is optimised twice: every item with params.stability, else a
+    share params.stability_sample of them chosen by a hash of the name (so a rerun measures
+    the same items). A method that draws nothing at random would repeat itself exactly:
+    none of its items is measured."""
+    if params.noise_std == 0 and params.jitter == 0:
+        return False
+    if params.stability:
+        return True
+    return zlib.crc32(name.encode()) < params.stability_sample * 2**32
+
+
+def twin_seed(seed: int) -> int:
+    """The second seed of a stability measurement."""
+    return (seed + 1) % 2**63
+
+
+def _scaled(progress: Callable[[int], None], total: int, work: int) -> Callable[[int], None]:
+    owed = 0.0
+
+    def report(done: int) -> None:
+        nonlocal owed
+        owed += done * total / work
+        whole = int(owed)
+        owed -= whole
+        if whole:
+            progress(whole)
+
+    return report
+
+
+def _with_twins(
+    stream: Iterator[tuple[tuple[int, int], Explanation]], twins: set[int]
+) -> Iterator[tuple[int, Explanation]]:
+    """(position, explanation) per item from the slots' ((position, copy), explanation):
+    an item with a twin comes once both copies are done, carrying their agreement."""
+    waiting: dict[int, tuple[int, Explanation]] = {}
+    for (position, copy), explanation in stream:
+        if position not in twins:
+            yield position, explanation
+            continue
+        if position not in waiting:
+            waiting[position] = (copy, explanation)
+            continue
+        other_copy, other = waiting.pop(position)
+        first, second = (other, explanation) if other_copy == 0 else (explanation, other)
+        iou, rank = diagnostics.stability(first.masks_full, second.masks_full)
+        first.scores["stability_iou"], first.scores["stability_rank"] = iou, rank
+        first.scores["seconds"] = first.scores["seconds"] + second.scores["seconds"]
+        yield position, first
+
+
+def _render(
+    outcome: ItemOutcome,
+    image: Image.Image,
+    explanation: Explanation,
+    loaded: LoadedModel,
+    params: ExplainParams,
+    version_info: dict[str, str],
+) -> None:
+    """result.json and the artifacts of one explained item, into `outcome`: its scores as
+    the engine produced them (by their declared names), the class named where the model
+    has categories, and where they came from."""
+    scores = explanation.item_scores()
+    categories, target_index = loaded.categories, scores["target_index"]
+    if scores["target_name"] is None and categories and target_index < len(categories):
+        scores["target_name"] = categories[target_index]
+    scores["seconds"] = round(scores["seconds"], 4)
+    area_masks = None if explanation.area_masks is None else explanation.area_masks[0].numpy()
+
+    # Draw what the model saw where that is more than the stored mask upsampled.
+    full = RUNNERS[params.method].full_resolution_mask
+    mask_full = explanation.masks_full[0, 0].numpy() if full else None
+    mask = explanation.masks[0, 0].numpy()
+    top = heatmap_top(mask if mask_full is None else mask_full, params.heatmap_scale)
+
+    result = ItemResult(
+        **scores,
+        source=outcome.source,
+        item=outcome.name,
+        model=loaded.spec.name,
+        heatmap_max=round(top, 4),
+        image_width=image.width,
+        image_height=image.height,
+        params=params,
+        versions=version_info,
+        artifacts=[*ARTIFACT_FILES, *([MASKS_NPY] if area_masks is not None else [])],
+    )
+    try:
+        outcome.files = render(
+            image,
+            mask,
+            explanation.substrate[0].numpy(),
+            result,
+            params.upsample,
+            mask_full=mask_full,
+            levels=None if explanation.levels is None else explanation.levels[0].numpy(),
+            area_masks=area_masks,
+            top=top,
+        )
+    except (OSError, ValueError, MemoryError) as error:
+        outcome.error_code, outcome.error = "render-error", f"cannot render: {error}"
+        return
+    outcome.result = result
+
+
+def local_item_names(paths: Sequence[str]) -> list[str]:
+    """Folder names for local files: the file stem, made safe and unique (`cat`, `cat-2`)."""
+    names: list[str] = []
+    seen: set[str] = set()
+    for path in paths:
+        stem = Path(path).stem or "image"
+        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip(".") or "image"
+        name, suffix = base, 2
+        while name in seen:
+            name, suffix = f"{base}-{suffix}", suffix + 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _reader(path: str, policy: SourcePolicy) -> Callable[[], bytes]:
+    return lambda: read_source(path, policy)
+
+
+def write_outcome(out_dir: str, outcome: ItemOutcome) -> None:
+    """An explained item's files into OUT/<name>/, replacing any earlier ones."""
+    folder = Path(out_dir) / outcome.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for filename, data in outcome.files.items():
+        (folder / filename).write_bytes(data)
+
+
+def explain_paths(
+    paths: Sequence[str],
+    out_dir: str,
+    loaded: LoadedModel,
+    params: ExplainParams,
+    *,
+    target: Target | None = None,
+    batch_size: int | None = None,
+    limits: DecodeLimits | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    timings: Timings | None = None,
+) -> Iterator[ItemOutcome]:
+    """Explain local image files through `batch_size` slots (default: slot.choose_slots),
+    writing OUT/<name>/ for each; yields outcomes in the order of `paths`.
+
+    on_progress receives the number of image-iterations done since the last call.
+    """
+    limits = limits or DecodeLimits()
+    policy = SourcePolicy(max_bytes=limits.max_bytes)  # the user's own files: no roots
+    names = local_item_names(paths)
+    items = [
+        ItemInput(name, os.path.abspath(path), _reader(path, policy), target or Target())
+        for name, path in zip(names, paths, strict=True)
+    ]
+
+    # Slots are refilled across the whole list; results are yielded a window at a time
+    # so a long list shows outcomes as it goes and holds few decoded images at once.
+    window = max((batch_size or 1) * 8, 64)
+    for start in range(0, len(items), window):
+        part = items[start : start + window]
+        yield from explain_items(
+            part,
+            loaded,
+            params,
+            limits,
+            slots=batch_size,
+            deliver=lambda outcome: write_outcome(out_dir, outcome),
+            progress=on_progress,
+            timings=timings,
+        )

@@ -1,0 +1,271 @@
+"""Running one chunk of a job on a worker: read inputs, explain in slots, store, record.
+
+Safe to run twice for the same chunk (a redelivery after a lost worker): items already
+settled are skipped, and the job store refuses to count an item twice. An item is marked
+done only after all its artifacts are stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from explainctl.config import Settings
+from explainctl.io.fetch import HttpPolicy
+from explainctl.io.sources import SourcePolicy, read_source
+from explainctl.io.storage import Storage, open_storage
+from explainctl.jobs.manifest import write_manifest
+from explainctl.jobs.store import JobStore
+from explainctl.spec.contracts import (
+    RESULT_JSON,
+    TERMINAL_STATES,
+    ChunkItem,
+    ChunkPayload,
+    ModelSpec,
+    Target,
+    artifact_key,
+    item_name,
+)
+from explainctl.spec.errors import ERROR_CODES, ErrorCode, ExplainctlError, ItemError
+from explainctl_worker.artifact import result_json
+from explainctl_worker.decode import DecodeLimits
+from explainctl_worker.explain import ItemInput, ItemOutcome, Timings, explain_items
+from explainctl_worker.model import ModelCache, pick_device
+from explainctl_worker.service import metrics
+
+log = logging.getLogger("explainctl.worker")
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process keeps between chunks: connections, loaded models, limits."""
+
+    settings: Settings
+    store: JobStore
+    models: ModelCache = field(default_factory=ModelCache)
+    device: torch.device | None = None
+    _storages: dict[str, Storage] = field(default_factory=dict)
+    _labels: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerContext:
+        store = JobStore.connect(settings.broker_url, job_ttl=settings.job_ttl)
+        return cls(settings=settings, store=store)
+
+    def torch_device(self) -> torch.device:
+        # Chosen on first use, inside the pool process: CUDA must not start before fork.
+        if self.device is None:
+            self.device = pick_device(self.settings.device)
+        return self.device
+
+    def storage(self, root: str) -> Storage:
+        with self._lock:
+            if root not in self._storages:
+                self._storages[root] = open_storage(root)
+            return self._storages[root]
+
+    def slots(self) -> int | None:
+        """Items in flight on the device: EXPLAINCTL_SLOTS; None (0) lets the engine choose
+        (slot.choose_slots: 4 on a CPU, from free memory on CUDA, at most the chunk)."""
+        return self.settings.slots or None
+
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(
+            max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_pixels
+        )
+
+    def source_policy(self) -> SourcePolicy:
+        """What this worker may read, from its settings."""
+        return SourcePolicy(
+            max_bytes=self.settings.max_image_bytes,
+            allowed_roots=self.settings.allowed_roots or None,
+            http=HttpPolicy(
+                enabled=self.settings.allow_http, allowed_hosts=self.settings.http_allowed_hosts
+            ),
+        )
+
+    def read(self, uri: str) -> bytes:
+        return read_source(uri, self.source_policy())
+
+    def labels(self, job_id: str) -> tuple[str, ...] | None:
+        """The job's class names (--labels), read from its record once per process."""
+        with self._lock:
+            if job_id not in self._labels:
+                if len(self._labels) >= 64:
+                    self._labels.pop(next(iter(self._labels)))
+                self._labels[job_id] = self.store.info(job_id).labels
+            return self._labels[job_id]
+
+    def model_allowed(self, spec: ModelSpec) -> bool:
+        """EXPLAINCTL_ALLOWED_MODELS, when set, is the complete list (`*`: any); unset, a
+        worker runs torchvision's own models with their published weights only."""
+        allowed = self.settings.allowed_models
+        if allowed:
+            return "*" in allowed or spec.name in allowed
+        from torchvision import models
+
+        return spec.name in models.list_models(module=models) and spec.weights is None
+
+
+def _failure(code: ErrorCode, message: str) -> dict:
+    if code not in ERROR_CODES:
+        raise ValueError(f"undeclared item error code {code!r}")
+    return {"error_code": code, "error": message}
+
+
+def _store_artifacts(
+    context: WorkerContext, payload: ChunkPayload, outcome: ItemOutcome, attempt: int
+) -> None:
+    """Upload the item's files under this attempt (in a render thread, beside the
+    optimisation of the others); a storage error fails the item alone."""
+    storage = context.storage(payload.output)
+    outcome.result = outcome.result.model_copy(update={"attempt": attempt})
+    outcome.files[RESULT_JSON] = result_json(outcome.result)
+    artifacts = {}
+    try:
+        for filename, data in outcome.files.items():
+            key = artifact_key(payload.job_id, outcome.name, filename, attempt)
+            content_type = {"png": "image/png", "json": "application/json"}.get(
+                filename.rsplit(".", 1)[-1], "application/octet-stream"
+            )
+            artifacts[filename] = storage.put(key, data, content_type)
+    except ItemError as error:
+        outcome.result, outcome.error_code, outcome.error = None, error.code, error.message
+        return
+    outcome.artifacts = artifacts
+
+
+def _record(outcome: ItemOutcome) -> dict:
+    """The job record's fields of a stored item: the attempt that wrote its artifacts,
+    the artifacts, and every score."""
+    return {
+        "attempt": outcome.result.attempt,
+        "artifacts": outcome.artifacts,
+        **outcome.result.scores(),
+    }
+
+
+def _explain_group(
+    context: WorkerContext, payload: ChunkPayload, group: Sequence[ChunkItem], loaded
+) -> bool:
+    store = context.store
+    attempts = store.begin(payload.job_id, [item.index for item in group])
+    settled: list[tuple[int, str, dict]] = []
+    runnable: list[tuple[ChunkItem, Target]] = []
+    attempt_of: dict[str, int] = {}
+    for item, attempt in zip(group, attempts, strict=True):
+        if attempt is None:
+            continue  # another copy of this chunk settled it meanwhile
+        if attempt > context.settings.max_deliveries:
+            message = f"the worker was lost {attempt - 1} times while explaining this item"
+            settled.append((item.index, "failed", _failure("worker-lost", message)))
+            continue
+        try:
+            runnable.append((item, Target.parse(item.target)))
+            attempt_of[item_name(item.index, item.uri)] = attempt
+        except ValueError:
+            message = f"invalid target {item.target!r}: a class index >= 0, a name, or top1"
+            settled.append((item.index, "failed", _failure("bad-target", message)))
+
+    inputs = [
+        ItemInput(
+            name=item_name(item.index, item.uri),
+            source=item.uri,
+            load=lambda uri=item.uri: context.read(uri),
+            target=target,
+        )
+        for item, target in runnable
+    ]
+    timings = Timings()
+    outcomes = (
+        explain_items(
+            inputs,
+            loaded,
+            payload.params,
+            context.limits(),
+            slots=context.slots(),
+            deliver=lambda outcome: _store_artifacts(
+                context, payload, outcome, attempt_of[outcome.name]
+            ),
+            timings=timings,
+        )
+        if inputs
+        else []
+    )
+    if inputs:
+        metrics.record_idle(timings.idle_fraction)
+    for (item, _), outcome in zip(runnable, outcomes, strict=True):
+        if outcome.ok:
+            settled.append((item.index, "done", _record(outcome)))
+        else:
+            settled.append((item.index, "failed", _failure(outcome.error_code, outcome.error)))
+    # One round trip for the group, after every artifact of it is stored.
+    finished = store.settle(payload.job_id, settled)
+    metrics.record_items(settled)
+    return finished
+
+
+def run_chunk(payload: ChunkPayload, context: WorkerContext) -> None:
+    store = context.store
+    job = payload.job_id
+    if not store.live(job):
+        # A copy delivered after the job's records expired: its manifest holds the job.
+        log.info("job %s chunk %d: the job's records are gone; nothing to do", job, payload.chunk)
+        return
+    deliveries = store.record_delivery(job, payload.chunk)
+    states = store.states(job, [item.index for item in payload.items])
+    pending = [
+        item
+        for item, state in zip(payload.items, states, strict=True)
+        if state is not None and state not in TERMINAL_STATES
+    ]
+    log.info(
+        "job %s chunk %d: %d pending, delivery %d", job, payload.chunk, len(pending), deliveries
+    )
+    if not pending:
+        # A copy of a chunk whose job already finished: the run that finished it may have
+        # died before writing the manifest, so write it again (it is idempotent).
+        if store.status(job).finished_at is not None:
+            write_manifest(store, context.storage(payload.output), job)
+        return
+
+    finished = False
+    if store.is_cancelled(job):
+        finished = store.settle(job, [(item.index, "cancelled", {}) for item in pending])
+    elif not context.model_allowed(payload.model):
+        message = f"this worker does not accept model {payload.model.name!r}"
+        finished = store.settle(
+            job, [(i.index, "failed", _failure("model-not-allowed", message)) for i in pending]
+        )
+    else:
+        try:
+            loaded = context.models.get(payload.model, context.torch_device())
+            loaded = loaded.with_labels(context.labels(job))
+        except ExplainctlError as error:
+            failure = _failure("model-unavailable", str(error))
+            finished = store.settle(job, [(i.index, "failed", failure) for i in pending])
+        else:
+            finished = _run_pending(context, payload, pending, loaded, deliveries)
+    if finished:
+        write_manifest(store, context.storage(payload.output), job)
+
+
+def _run_pending(context, payload, pending, loaded, deliveries) -> bool:
+    # After a lost delivery, run items one at a time: a poison item that kills the worker
+    # then takes only itself down, and reaches the attempt cap alone.
+    groups = [[item] for item in pending] if deliveries > 1 else [pending]
+    finished = False
+    for position, group in enumerate(groups):
+        # The caller checked before the first group; later groups may have been cancelled.
+        if position and context.store.is_cancelled(payload.job_id):
+            rest = [item for g in groups[position:] for item in g]
+            return context.store.settle(
+                payload.job_id, [(item.index, "cancelled", {}) for item in rest]
+            )
+        finished |= _explain_group(context, payload, group, loaded)
+    return finished

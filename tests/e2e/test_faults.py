@@ -1,0 +1,305 @@
+"""Faults injected into real processes: killed and stopped workers, a restarted Redis, an
+unreachable S3, poison items, duplicates and cancellation. Each test adds a row to the
+reliability table (tests/support/reliability.py): the target is 0 lost and 0 duplicated."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+from explainctl.config import Settings
+from explainctl.jobs.keys import LEASES_KEY, job_key
+from explainctl.jobs.queue import make_app, waiting_chunks
+from explainctl.jobs.store import JobStore
+from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK, ChunkItem, ChunkPayload
+from tests.support import cli
+from tests.support.reliability import audit
+from tests.support.services import RedisServer, free_port
+
+pytestmark = pytest.mark.reliability
+
+
+def tiny(iterations: int) -> list[str]:
+    # A fixed budget: faults are injected while chunks are still running, so every item
+    # must run its iterations rather than stop once its mask has converged.
+    return ["--model", "tests.support.models:tiny_classifier", "--image-size", "32", "--mask-size",
+            "4", "--iterations", str(iterations), "--no-early-stop"]  # fmt: skip
+
+
+def images(folder, n: int, start: int = 0):
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(start)
+    paths = []
+    for i in range(start, start + n):
+        path = folder / f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def submit(env, *args) -> str:
+    done = cli.run("submit", *args, "--json", **env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["job_id"]
+
+
+def status(env, job: str) -> dict:
+    done = cli.run("status", job, "--json", **env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def until(predicate, timeout: float = 60, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+    return value
+
+
+def wait(env, job: str, timeout: float = 180) -> dict:
+    done = cli.run("wait", job, "--json", "--interval", "0.2", timeout=timeout, **env)
+    assert done.stdout, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_worker_killed_mid_chunk(tmp_path, start_workers, worker_env):
+    env = {**worker_env, "EXPLAINCTL_LEASE_SECONDS": "4"}
+    images(tmp_path / "in", 4)
+    (victim,) = start_workers(1, **env)
+    job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(1500))
+    until(lambda: status(env, job)["counts"]["running"] > 0)
+    victim.kill()  # SIGKILL to the main process and its pool child: a lost node
+    start_workers(1, **env)
+    final = wait(env, job, timeout=240)
+    assert final["state"] == "completed", final
+    store = JobStore.connect(env["EXPLAINCTL_BROKER_URL"])
+    assert max(r.attempts for r in store.items(job)) == 2  # the lost chunk ran again
+    row = audit(store, job, "worker SIGKILLed mid-chunk")
+    assert (row.done, row.lost, row.duplicated) == (4, 0, 0)
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for child in (int(c) for c in (task / "children").read_text().split()):
+            found += [child, *_descendants(child)]
+    return found
+
+
+def test_worker_killed_with_a_chunk_received_but_not_started(tmp_path, start_workers, worker_env):
+    """Reserved, not running: without a lease on receipt it would wait out the 2,100 s
+    visibility timeout in Redis's unacked hash."""
+    env = {**worker_env, "EXPLAINCTL_LEASE_SECONDS": "4"}
+    images(tmp_path / "in", 2)
+    (victim,) = start_workers(1, **env)
+    (pool,) = _descendants(victim.process.pid)[-1:]  # the Celery pool process, a leaf
+    os.kill(pool, signal.SIGSTOP)  # it cannot start what its main process receives
+    job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(20))
+    client = JobStore.connect(env["EXPLAINCTL_BROKER_URL"]).redis
+    until(lambda: any(k.startswith("reserved:") for k in client.zrange(LEASES_KEY, 0, -1)))
+    assert status(env, job)["counts"]["queued"] == 2  # received, not started
+    victim.kill()
+    started = time.monotonic()
+    start_workers(1, **env)
+    final = wait(env, job, timeout=120)
+    assert final["state"] == "completed" and time.monotonic() - started < 120
+    row = audit(JobStore.connect(env["EXPLAINCTL_BROKER_URL"]), job,
+                "worker SIGKILLed holding a reserved chunk")  # fmt: skip
+    assert (row.done, row.lost, row.duplicated) == (2, 0, 0)
+
+
+def test_worker_sigterm_mid_chunk_is_a_warm_shutdown(tmp_path, start_workers, worker_env):
+    images(tmp_path / "in", 4)
+    (worker,) = start_workers(1)
+    job = submit(worker_env, str(tmp_path / "in"), "--chunk-size", "4", *tiny(4000))
+    until(lambda: status(worker_env, job)["counts"]["running"] > 0)
+    worker.terminate()
+    assert worker.process.wait(120) == 0, worker.log()[-2000:]
+    assert status(worker_env, job)["state"] == "completed"
+    row = audit(JobStore.connect(worker_env["EXPLAINCTL_BROKER_URL"]), job, "worker SIGTERMed")
+    assert (row.done, row.lost, row.duplicated) == (4, 0, 0)
+
+
+def test_redis_restarted_during_a_job(tmp_path, start_workers, worker_env):
+    server = RedisServer(tmp_path / "redis", persistent=True).start()
+    env = {**worker_env, "EXPLAINCTL_BROKER_URL": server.url}
+    try:
+        images(tmp_path / "in", 6)
+        start_workers(1, **env)
+        job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(800))
+        follower = subprocess.Popen(
+            [cli.EXPLAINCTL, "wait", job, "--json", "--interval", "0.2"],
+            env=cli.env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        until(lambda: status(env, job)["counts"]["done"] >= 1)
+        server.stop()
+        time.sleep(3)
+        server.start()
+        out, err = follower.communicate(timeout=180)
+        assert follower.returncode == 0, err[-2000:]
+        assert json.loads(out)["state"] == "completed"
+        row = audit(JobStore.connect(server.url), job, "Redis restarted mid-job")
+        assert (row.done, row.lost, row.duplicated) == (6, 0, 0)
+    finally:
+        server.stop()
+
+
+def test_s3_unreachable_during_uploads(tmp_path, start_workers, worker_env, s3_server):
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    flaky = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    flaky.start()
+    bucket = f"flaky-{uuid.uuid4().hex[:8]}"
+    boto3.session.Session().client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    env = {**worker_env, "AWS_ENDPOINT_URL": endpoint}
+    try:
+        images(tmp_path / "in", 6)
+        start_workers(1, **env)
+        job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", "--output",
+                     f"s3://{bucket}/out", *tiny(600))  # fmt: skip
+        until(lambda: status(env, job)["counts"]["running"] > 0)
+        flaky.stop()
+        done_at_outage = status(env, job)["counts"]["done"]
+        time.sleep(5)
+        # Nothing can be marked done while its artifacts cannot be stored.
+        assert status(env, job)["counts"]["done"] == done_at_outage
+        flaky = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        flaky.start()
+        final = wait(env, job)
+        assert final["state"] == "completed", final
+        row = audit(JobStore.connect(env["EXPLAINCTL_BROKER_URL"]), job, "S3 down 5 s")
+        assert (row.done, row.lost, row.duplicated) == (6, 0, 0)
+    finally:
+        flaky.stop()
+
+
+def test_poison_item_fails_after_the_cap_and_the_rest_completes(
+    tmp_path, start_workers, worker_env
+):
+    folder = tmp_path / "in"
+    images(folder, 5)
+    Image.new("RGB", (24, 24), (255, 0, 255)).save(folder / "img02b-poison.png")
+    env = {**worker_env, "EXPLAINCTL_MAX_DELIVERIES": "2"}
+    (worker,) = start_workers(1, **env)
+    model = ["--model", "tests.support.models:poisoned_classifier", *tiny(20)[2:]]
+    job = submit(env, str(folder), "--chunk-size", "3", *model)
+    final = wait(env, job, timeout=240)
+    assert final["counts"] == {"queued": 0, "running": 0, "done": 5, "failed": 1, "cancelled": 0}
+    store = JobStore.connect(env["EXPLAINCTL_BROKER_URL"])
+    (poison,) = [r for r in store.items(job) if r.state == "failed"]
+    assert poison.uri.endswith("poison.png") and poison.error_code == "worker-lost"
+    assert "lost 2 times" in poison.error
+    row = audit(store, job, "poison item (kills its worker)", expected_failed={poison.index})
+    assert (row.lost, row.duplicated) == (0, 0)
+    # The worker is not stuck: it takes the next job.
+    assert worker.process.poll() is None
+    again = submit(env, str(folder / "img00.png"), *tiny(5))
+    assert wait(env, again)["state"] == "completed"
+
+
+def test_same_job_twice_and_a_chunk_delivered_twice(tmp_path, start_workers, worker_env):
+    images(tmp_path / "in", 4)
+    start_workers(1)
+    first = submit(worker_env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(30))
+    second = submit(worker_env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(30))
+    assert wait(worker_env, first)["state"] == "completed"
+    assert wait(worker_env, second)["state"] == "completed"
+    output = tmp_path / "output"
+    masks = sorted((output / first).glob("*/attempt-*/mask.npy"))
+    assert len(masks) == 4
+    for mask in masks:  # the same inputs and seed give the same artifacts
+        twin = output / second / mask.relative_to(output / first)
+        assert mask.read_bytes() == twin.read_bytes()
+    store = JobStore.connect(worker_env["EXPLAINCTL_BROKER_URL"])
+    audit(store, first, "same job submitted twice (1st)")
+    audit(store, second, "same job submitted twice (2nd)")
+
+    before = {p: p.read_bytes() for p in (output / first).rglob("*.npy")}
+    info = store.info(first)
+    items = [ChunkItem(index=r.index, uri=r.uri) for r in store.items(first)][:2]
+    payload = ChunkPayload(job_id=first, chunk=0, model=info.model, params=info.params,
+                           output=info.output, items=items)  # fmt: skip
+    app = make_app(Settings.load(broker_url=worker_env["EXPLAINCTL_BROKER_URL"]))
+    app.send_task(TASK_EXPLAIN_CHUNK, args=[payload.model_dump(mode="json")],
+                  queue=worker_env["EXPLAINCTL_QUEUE"])  # fmt: skip
+    deliveries = job_key(first, "deliveries")
+    until(lambda: store.redis.hget(deliveries, "0") == "2")
+    time.sleep(0.5)
+    assert {p: p.read_bytes() for p in (output / first).rglob("*.npy")} == before
+    row = audit(store, first, "chunk delivered twice")
+    assert (row.done, row.lost, row.duplicated) == (4, 0, 0)
+
+
+def test_cancel_during_a_running_job(tmp_path, start_workers, worker_env):
+    images(tmp_path / "in", 6)
+    start_workers(1)
+    job = submit(worker_env, str(tmp_path / "in"), "--chunk-size", "1", *tiny(1500))
+    until(lambda: status(worker_env, job)["counts"]["done"] >= 1)
+    assert cli.run("cancel", job, **worker_env).returncode == 0
+    final = wait(worker_env, job)
+    assert final["state"] == "cancelled"
+    done, cancelled = final["counts"]["done"], final["counts"]["cancelled"]
+    assert done + cancelled == 6 and cancelled >= 3
+    time.sleep(3)  # queued chunks reach the worker, which must not run them
+    assert status(worker_env, job)["counts"]["done"] == done
+    row = audit(JobStore.connect(worker_env["EXPLAINCTL_BROKER_URL"]), job,
+                "cancel mid-job", expected_cancelled=cancelled)  # fmt: skip
+    assert (row.lost, row.duplicated) == (0, 0)
+
+
+def test_broker_refusing_a_retry(tmp_path, worker_env):
+    """The broker refuses every chunk a retry sends (a Redis user that may not push to the
+    queue): the reopened items fail `not-queued`, so the job ends instead of waiting for
+    messages that were never sent, and a later retry queues them."""
+    server = RedisServer(tmp_path / "redis").start()
+    env = {**worker_env, "EXPLAINCTL_BROKER_URL": server.url}
+    try:
+        images(tmp_path / "in", 5)
+        job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(5))
+        assert cli.run("cancel", job, **env).stdout.startswith("cancelled 5")
+        admin = JobStore.connect(server.url).redis
+        admin.delete(env["EXPLAINCTL_QUEUE"])  # no worker runs: drop the cancelled chunks
+        admin.acl_setuser("nopush", enabled=True, passwords=["+pw"], keys=["*"],
+                          channels=["*"], commands=["+@all", "-lpush", "-rpush"])  # fmt: skip
+        refusing = server.url.replace("redis://", "redis://nopush:pw@")
+
+        refused = cli.run("retry", job, "--broker", refusing, **env)
+        assert refused.returncode == 6, refused.stderr
+        final = status(env, job)
+        assert (final["state"], final["counts"]["failed"]) == ("completed_with_failures", 5)
+        (line,) = refused.stderr.strip().splitlines()
+        assert "requeued 0 of its 5 items" in line and "5 failed as not-queued" in line, line
+        store = JobStore.connect(server.url)
+        assert {r.error_code for r in store.items(job)} == {"not-queued"}
+        row = audit(store, job, "broker refuses a retry", expected_failed=set(range(5)))
+        assert (row.lost, row.duplicated) == (0, 0)  # the manifest says so too
+
+        # A submit the broker refuses ends at once too, its manifest written.
+        images(tmp_path / "more", 3)
+        refused = cli.run("submit", str(tmp_path / "more"), *tiny(5), "--broker", refusing,
+                          **env)  # fmt: skip
+        assert refused.returncode == 6, refused.stderr
+        (other,) = set(re.findall(r"job ([0-9a-z]{18})", refused.stderr))
+        assert status(env, other)["state"] == "completed_with_failures"
+        row = audit(store, other, "broker refuses a submit", expected_failed={0, 1, 2})
+        assert (row.lost, row.duplicated) == (0, 0)
+
+        # With the broker back, a retry queues each of them once.
+        assert cli.run("retry", job, **env).stdout.startswith("requeued 5")
+        queued = [i["index"] for p in waiting_chunks(admin, env["EXPLAINCTL_QUEUE"])
+                  for i in p["items"]]  # fmt: skip
+        assert sorted(queued) == list(range(5))
+    finally:
+        server.stop()

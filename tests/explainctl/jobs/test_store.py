@@ -1,0 +1,209 @@
+"""The job records against a real Redis."""
+
+import time
+
+import pytest
+
+from explainctl.jobs.keys import job_key
+from explainctl.spec.contracts import TERMINAL_STATES, ChunkItem, JobInfo, ModelSpec
+from explainctl.spec.errors import InvalidInput, JobNotFound
+from explainctl.spec.ids import new_job_id
+from explainctl.spec.methods import ExplainParams
+
+
+def _job(store, n: int, chunk_size: int = 4) -> str:
+    job_id = new_job_id()
+    store.create(
+        JobInfo(
+            job_id=job_id,
+            created=time.time(),
+            model=ModelSpec(),
+            params=ExplainParams(),
+            output="/tmp/out",
+            queue="explain",
+            chunk_size=chunk_size,
+        )
+    )
+    items = [ChunkItem(index=i, uri=f"/images/{i}.png") for i in range(n)]
+    for start in range(0, n, chunk_size):
+        store.add_chunk(job_id, items[start : start + chunk_size])
+    return job_id
+
+
+def test_counts_follow_items_and_the_job_finishes_exactly_once(job_store):
+    job_id = _job(job_store, 6)
+    assert job_store.status(job_id).state == "submitting"
+    assert job_store.mark_submitted(job_id) is False
+    status = job_store.status(job_id)
+    assert (status.state, status.total) == ("queued", 6)
+    assert job_store.begin(job_id, [0, 1, 2]) == [1, 1, 1]
+    assert job_store.status(job_id).counts["running"] == 3
+    assert job_store.settle(job_id, [(0, "done", {"mask_area": 0.1})]) is False
+    assert (
+        job_store.settle(job_id, [(1, "failed", {"error_code": "corrupt", "error": "bad"})])
+        is False
+    )
+    assert job_store.settle(job_id, [(i, "done", {}) for i in (2, 3, 4)]) is False
+    assert job_store.settle(job_id, [(5, "done", {})]) is True  # the change that finishes it
+    status = job_store.status(job_id)
+    assert status.counts == {"queued": 0, "running": 0, "done": 5, "failed": 1, "cancelled": 0}
+    assert status.state == "completed_with_failures"
+    assert status.finished_at is not None
+
+
+def test_a_chunk_delivered_twice_counts_each_item_once(job_store):
+    job_id = _job(job_store, 4)
+    job_store.mark_submitted(job_id)
+    for _ in range(2):  # the same chunk, run twice
+        job_store.begin(job_id, [0, 1, 2, 3])
+        finished = job_store.settle(job_id, [(i, "done", {"seconds": 1.0}) for i in range(4)])
+    assert finished is False  # the second run changed nothing, so it finished nothing
+    status = job_store.status(job_id)
+    assert status.counts["done"] == 4 and sum(status.counts.values()) == 4
+    assert [r.attempts for r in job_store.items(job_id)] == [1, 1, 1, 1]  # not run again
+
+
+def test_final_states_are_final(job_store):
+    job_id = _job(job_store, 1)
+    job_store.settle(job_id, [(0, "failed", {"error_code": "x", "error": "y"})])
+    job_store.settle(job_id, [(0, "done", {})])
+    job_store.begin(job_id, [0])
+    assert [r.state for r in job_store.items(job_id)] == ["failed"]
+
+
+def test_job_finishing_before_submission_ends_is_noticed_by_submission(job_store):
+    job_id = _job(job_store, 2)
+    assert job_store.settle(job_id, [(0, "done", {}), (1, "done", {})]) is False
+    assert job_store.mark_submitted(job_id) is True
+    assert job_store.status(job_id).state == "completed"
+
+
+def test_items_come_back_in_order_with_their_results(job_store):
+    job_id = _job(job_store, 2500, chunk_size=500)
+    job_store.settle(job_id, [(1234, "done", {"mask_area": 0.25, "artifacts": {"a": "s3://b/k"}})])
+    records = list(job_store.items(job_id))
+    assert [r.index for r in records] == list(range(2500))
+    # Artifact URIs are derived from the job's output, not stored.
+    derived = {"a": f"/tmp/out/{job_id}/001234-1234/a"}
+    assert records[1234].mask_area == 0.25 and records[1234].artifacts == derived
+    assert records[7].item == "000007-7"
+    assert [r.index for r in job_store.items(job_id, {"done"})] == [1234]
+
+
+def test_cancel_and_reopen(job_store):
+    job_id = _job(job_store, 5)
+    job_store.mark_submitted(job_id)
+    job_store.begin(job_id, [0])
+    job_store.settle(job_id, [(1, "failed", {"error_code": "corrupt", "error": "bad"})])
+    assert job_store.cancel(job_id) == 3  # items 2, 3, 4 were queued
+    assert job_store.is_cancelled(job_id)
+    assert job_store.status(job_id).state == "running"  # item 0 still runs
+    job_store.settle(job_id, [(0, "done", {})])
+    assert job_store.status(job_id).state == "cancelled"
+    reopened = job_store.reopen(job_id, {"failed"})
+    assert [i.index for i in reopened] == [1]
+    status = job_store.status(job_id)
+    assert status.counts["queued"] == 1 and status.counts["failed"] == 0
+    assert not status.cancelled and status.finished_at is None
+    assert [r.attempts for r in job_store.items(job_id, {"queued"})] == [0]
+
+
+def test_cancelling_a_finished_job_changes_nothing(job_store):
+    job_id = _job(job_store, 2)
+    job_store.mark_submitted(job_id)
+    job_store.settle(job_id, [(0, "done", {}), (1, "failed", {"error_code": "x", "error": "y"})])
+    cancelled = job_store.cancel(job_id)
+    status = job_store.status(job_id)
+    assert (status.state, status.cancelled) == ("completed_with_failures", False)
+    assert cancelled is None  # nothing was cancelled: the job had finished
+
+
+def test_unknown_and_malformed_job_ids(job_store):
+    with pytest.raises(JobNotFound):
+        job_store.status(new_job_id())
+    with pytest.raises(InvalidInput):
+        job_store.status("../../etc")
+
+
+def test_recent_lists_newest_first(job_store):
+    first, second = _job(job_store, 1), _job(job_store, 1)
+    recent = job_store.recent(50)
+    assert recent.index(second) < recent.index(first)
+
+
+def test_a_second_copy_of_a_chunk_skips_settled_items(job_store):
+    job_id = _job(job_store, 3)
+    job_store.mark_submitted(job_id)
+    assert job_store.begin(job_id, [0, 1, 2]) == [1, 1, 1]
+    job_store.settle(job_id, [(0, "done", {})])
+    # The copy sees item 0 settled (None) and counts attempts only for what it runs.
+    assert job_store.begin(job_id, [0, 1, 2]) == [None, 2, 2]
+
+
+def test_cancelling_never_discards_a_started_item(job_store):
+    job_id = _job(job_store, 2)
+    job_store.mark_submitted(job_id)
+    job_store.begin(job_id, [0])
+    job_store.settle(job_id, [(0, "cancelled", {}), (1, "cancelled", {})], mode="queued-only")
+    assert [r.state for r in job_store.items(job_id)] == ["running", "cancelled"]
+
+
+def test_records_store_no_derivable_field_and_read_back_whole(job_store):
+    from explainctl.io.storage import open_storage
+    from explainctl.spec.contracts import ARTIFACT_FILES, artifact_key, item_name
+
+    job_id = _job(job_store, 2)
+    job_store.begin(job_id, [0, 1])
+    storage = open_storage("/tmp/out")
+    name = item_name(0, "/images/0.png")
+    artifacts = {f: storage.uri(artifact_key(job_id, name, f, 1)) for f in ARTIFACT_FILES}
+    scores = {"target_index": 3, "target_name": "cat", "prob_before": 0.9, "prob_after": 0.1,
+              "mask_area": 0.2, "iterations": 40, "stop_reason": "converged", "seconds": 1.5,
+              "method": "original"}  # fmt: skip
+    failure = {"error_code": "corrupt", "error": "bad"}
+    done = {"attempt": 1, "artifacts": artifacts, **scores}
+    job_store.settle(job_id, [(0, "done", done), (1, "failed", failure)])
+    stored = job_store.redis.hget(job_key(job_id, "result"), "0")
+    assert "/tmp/out" not in stored and name not in stored  # derived, not stored
+    assert name not in job_store.redis.hget(job_key(job_id, "items"), "0")
+    done, failed = job_store.items(job_id)
+    assert done.item == name and done.artifacts == artifacts and done.attempt == 1
+    assert {k: getattr(done, k) for k in scores} == scores
+    assert (failed.error_code, failed.artifacts, failed.mask_area) == ("corrupt", {}, None)
+
+
+def test_records_of_another_layout_still_read(job_store):
+    job_id = _job(job_store, 2)
+    # A worker of another version, whose scores have a field this one lacks.
+    job_store.redis.hset(job_key(job_id, "meta"), "layout:zz", "mask_area,future_score,prob_after")
+    job_store.redis.hset(job_key(job_id, "result"), "1", '{"a": 2, "l": "zz", "s": [0.4, 7, 0.2]}')
+    mine, other = job_store.items(job_id)
+    assert mine.state == "queued" and mine.mask_area is None
+    assert (other.mask_area, other.prob_after, other.attempt) == (0.4, 0.2, 2)
+    assert other.artifacts["mask.png"] == f"/tmp/out/{job_id}/000001-1/attempt-2/mask.png"
+
+
+def test_the_scripts_are_given_the_declared_terminal_states(job_store):
+    given = []
+
+    def recording(bound):
+        def call(keys, args, client=None):
+            given.append(args)
+            return bound(keys=keys, args=args, client=client)
+
+        return call
+
+    job_store._transition = recording(job_store._transition)
+    job_store._submitted = recording(job_store._submitted)
+    job_id = _job(job_store, 3)
+    job_store.begin(job_id, [0, 1])
+    job_store.settle(job_id, [(0, "done", {}), (1, "failed", {"error_code": "x", "error": "y"})])
+    job_store.settle(job_id, [(2, "cancelled", {})], mode="queued-only")
+    assert job_store.mark_submitted(job_id) is True
+    assert [r.index for r in job_store.reopen(job_id, {"failed", "cancelled"})] == [1, 2]
+    assert len(given) == 2 + 2 + 1 + 1 + 2
+    for args in given:
+        assert set(args["terminal"].split(",")) == TERMINAL_STATES
+    retry = [args for args in given if args.get("mode") == "retry"]
+    assert {s for args in retry for s in args["reopenable"].split(",")} < TERMINAL_STATES
+    assert "done" not in retry[0]["reopenable"].split(",")

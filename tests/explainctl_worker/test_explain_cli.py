@@ -1,0 +1,103 @@
+"""`explainctl explain` end to end, through the real console script."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from explainctl.spec.contracts import ARTIFACT_FILES
+from explainctl.spec.results import ItemResult
+from tests.support import cli
+from tests.support.models import evidence_image
+
+SMALL = [
+    "--model",
+    "tests.support.models:evidence_detector",
+    "--mean",
+    "0.5,0.5,0.5",
+    "--std",
+    "0.5,0.5,0.5",
+    "--image-size",
+    "64",
+    "--mask-size",
+    "16",
+    "--iterations",
+    "60",
+]
+
+
+def _images(tmp_path):
+    good_png = tmp_path / "evidence.png"
+    Image.fromarray(evidence_image()).save(good_png)
+    good_jpg = tmp_path / "sub" / "evidence.jpg"  # same stem: gets its own folder
+    good_jpg.parent.mkdir()
+    Image.fromarray(evidence_image()).save(good_jpg, quality=100)
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("this is not a picture")
+    return good_png, good_jpg, broken
+
+
+def test_explain_writes_artifacts_and_reports_failures(tmp_path):
+    good_png, good_jpg, broken = _images(tmp_path)
+    out = tmp_path / "out"
+    done = cli.run(
+        "explain",
+        str(good_png),
+        str(good_jpg),
+        str(broken),
+        "--out",
+        str(out),
+        "--json",
+        "--batch-size",
+        "2",
+        *SMALL,
+    )
+    assert done.returncode == 1, done.stderr  # one image failed, the others finished
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["state"] for line in lines] == ["done", "done", "failed"]
+    assert lines[2]["error_code"] == "unsupported-format"
+    assert "Traceback" not in done.stderr
+    for name, size in (("evidence", (64, 64)), ("evidence-2", (64, 64))):
+        folder = out / name
+        assert sorted(p.name for p in folder.iterdir()) == sorted(ARTIFACT_FILES)
+        result = ItemResult.model_validate_json((folder / "result.json").read_text())
+        assert result.target_index == 0 and result.prob_after < result.prob_before
+        assert Image.open(folder / "overlay.png").size == size
+        assert np.load(folder / "mask.npy").shape == (16, 16)
+    assert not (out / "broken").exists()
+
+
+def test_explain_summary_lines_without_json(tmp_path):
+    good_png, _, _ = _images(tmp_path)
+    done = cli.run("explain", str(good_png), "--out", str(tmp_path / "o"), *SMALL)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok evidence: class 0")
+
+
+def test_labels_name_a_custom_models_classes(tmp_path):
+    good_png, _, _ = _images(tmp_path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("evidence box\nplain texture\n")
+    out = tmp_path / "o"
+    done = cli.run("explain", str(good_png), "--out", str(out), "--labels", str(labels),
+                   "--target", "Plain Texture", *SMALL)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok evidence: class 1 plain texture"), done.stdout
+    result = ItemResult.model_validate_json((out / "evidence" / "result.json").read_text())
+    assert (result.target_index, result.target_name) == (1, "plain texture")
+
+
+def test_bad_parameters_are_one_line_errors(tmp_path):
+    good_png, _, _ = _images(tmp_path)
+    for extra, code, fragment in (
+        (["--iterations", "-5"], 2, "iterations"),
+        (["--param", "lr=nan"], 2, "finite"),
+        (["--param", "bogus=1"], 2, "unknown parameter"),
+        (["--model", "no_such_model"], 3, "unknown model"),
+        (["--model", "resnet18", "--weights", "/missing.pth"], 3, "not found"),
+        (["--labels", "/missing-labels.txt"], 2, "cannot read the labels file"),
+    ):
+        done = cli.run("explain", str(good_png), "--out", str(tmp_path / "o"), *SMALL, *extra)
+        assert done.returncode == code, (extra, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], (extra, done.stderr)
