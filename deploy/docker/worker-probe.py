@@ -36,7 +36,7 @@ STOPPING_FILE = "/tmp/explainctl-stopping"
 def node_patterns(gpus: str | None, host: str, name: str | None = None) -> list[re.Pattern]:
     """What the node names `explainctl worker [--gpus GPUS] [--name NAME]` gives its
     processes on `host` look like, one pattern per process."""
-    from explainctl_worker import launcher  # imports no torch
+    from explainctl.local import launcher  # imports no torch
 
     indices = launcher.parse_gpus(gpus)
     if name:

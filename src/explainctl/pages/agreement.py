@@ -18,8 +18,7 @@ import math
 
 import numpy as np
 
-# The "most salient tenth" of compactness and of the stability IoU, on both sides.
-TOP_SHARE = 0.1
+from explainctl.spec.trust import TOP_SHARE
 
 
 def top_iou(a: np.ndarray, b: np.ndarray, share: float = TOP_SHARE) -> float:

@@ -12,9 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# The "most salient tenth" that compactness and the stability IoU measure, on both sides.
+TOP_SHARE = 0.1
 # p after / p before at or above this, with the class unchanged: the evidence stayed.
 NOT_REMOVED_RATIO = 0.1
-# compactness (share of the saliency in the most salient 10 %) below this: spread out.
+# compactness (share of the saliency in the most salient TOP_SHARE) below this: spread out.
 DIFFUSE_COMPACTNESS = 0.5
 # stability_iou (agreement under a second seed) below this: the mask is not reproducible.
 UNSTABLE_IOU = 0.5

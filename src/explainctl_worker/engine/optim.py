@@ -10,11 +10,9 @@ row has had before this one.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Kind = Literal["adam", "adam-row", "sgd"]
+from explainctl_worker.methods.common import Kind
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8

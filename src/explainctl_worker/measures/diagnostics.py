@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from explainctl.pages.agreement import TOP_SHARE
+from explainctl.spec.trust import TOP_SHARE
 
 # A saliency total below this (per pixel) means nothing was deleted: compactness is
 # undefined there and reported as NaN (None in result.json), not as a flattering number.

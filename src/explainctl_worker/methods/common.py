@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from explainctl.spec.methods import ExplainParams
-from explainctl_worker.engine.optim import Kind
 
 # Progress is reported, convergence decided and slots refilled every this many
 # iterations of an item; these are the only points where the loop waits for the device.
@@ -114,6 +113,11 @@ class Rows:
     def extend_with(self, **tensors: torch.Tensor) -> Rows:
         """These rows with more tensors of the same rows."""
         return Rows({**self.tensors, **tensors})
+
+
+# The optimisers a Runner may ask for (engine/optim.py implements them): Adam, Adam with
+# one second moment per row, SGD with momentum.
+Kind = Literal["adam", "adam-row", "sgd"]
 
 
 @dataclass(frozen=True)

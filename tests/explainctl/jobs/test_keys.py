@@ -11,7 +11,7 @@ from explainctl.jobs import keys
 from explainctl.spec.contracts import TERMINAL_STATES
 
 ROOT = Path(__file__).resolve().parents[3]
-SCRIPTS = sorted(p.name.removesuffix(".lua") for p in (resources.files("explainctl") / "lua")
+SCRIPTS = sorted(p.name.removesuffix(".lua") for p in (resources.files("explainctl.jobs") / "lua")
                  .iterdir() if p.name.endswith(".lua"))  # fmt: skip
 
 

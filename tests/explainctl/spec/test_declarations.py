@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import typer.main
 
-from explainctl.cli.commands import app, docs
+from explainctl.cli import docs
+from explainctl.cli.commands import app
 from explainctl.cli.options import build_params
 from explainctl.config import Settings
 from explainctl.pages.compare import Side
