@@ -179,7 +179,7 @@ def child_engine(image_dir: str, out_dir: str, runs: int) -> None:
 
     from explainctl.spec.contracts import ModelSpec
     from explainctl.spec.methods import ExplainParams
-    from explainctl_worker.explain import explain_paths
+    from explainctl_worker.local_files import explain_paths
     from explainctl_worker.model import ModelCache
 
     paths = sorted(str(p) for p in Path(image_dir).glob("*.png"))

@@ -49,7 +49,8 @@ from variants import BEFORE, params_only, runner_for
 from explainctl.spec.contracts import ModelSpec, Target
 from explainctl.spec.methods import ExplainParams
 from explainctl_worker.engine.slots import Entry, run_slots
-from explainctl_worker.explain import ItemInput, Timings, explain_items, write_outcome
+from explainctl_worker.explain import ItemInput, Timings, explain_items
+from explainctl_worker.local_files import write_outcome
 from explainctl_worker.measures.faithfulness import evaluate
 from explainctl_worker.methods.common import normalise
 from explainctl_worker.methods.mask import tv_term, upsample

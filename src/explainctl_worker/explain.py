@@ -1,12 +1,11 @@
 """From items (sources and targets) to artifacts: decode ahead, optimise in slots, render.
 
-Used by `explainctl explain` on local files and by the queue task on a chunk. A bad item
-becomes a failed outcome with a code; it never stops the others.
+Used by the queue task on a chunk and by `explainctl explain` on local files (local_files.py).
+A bad item becomes a failed outcome with a code; it never stops the others.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import threading
 import time
@@ -15,14 +14,12 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 import explainctl
-from explainctl.io.sources import SourcePolicy, read_source
 from explainctl.spec.contracts import ARTIFACT_FILES, MASKS_NPY, Target
 from explainctl.spec.errors import ExplainctlError, ItemError
 from explainctl.spec.methods import ExplainParams
@@ -162,14 +159,28 @@ def explain_items(
     timings: Timings | None = None,
     host_threads: int = HOST_THREADS,
 ) -> list[ItemOutcome]:
-    """Explain `items` through `slots` slots (default: slot.choose_slots); outcomes come
-    back in the order of `items`.
+    """Explain `items`: read and decode ahead in background threads while the device
+    optimises in slots, then render each finished item and hand it to `deliver`, in
+    background threads too.
 
-    Items are read and decoded ahead in background threads while the device optimises;
-    each finished item is rendered, then handed to `deliver` (store it, write it), in
-    background threads too. `deliver` may set the outcome's error: the item has failed.
-    progress: item-iterations done since its last call. host_threads: threads for each of
-    decoding and rendering; 0 runs both in line with the loop (no overlap).
+    Args:
+        items: each a name, a URI, a reader of its bytes and its target class.
+        loaded: the model, its device, normalisation and class names.
+        params: the method and its parameters; images are resized to params.image_size
+            square, (1, 3, S, S) in [0, 1] per item before the slots.
+        limits: bounds on one image's bytes and pixels (default: the settings' defaults).
+        slots: items in flight on the device (default: slots.choose_slots).
+        deliver: stores or writes an outcome; it may set the outcome's error, and the item
+            has then failed.
+        progress: receives the item-iterations done since its last call.
+        timings: where the wall time of each stage is added up (benchmarks).
+        host_threads: threads for each of decoding and rendering; 0 runs both in line
+            with the loop (no overlap).
+
+    Returns:
+        One ItemOutcome per item, in the order of `items`: its result (every declared
+        score) and files, or its error code and one-line message. A bad item never stops
+        the others.
     """
     limits = limits or DecodeLimits()
     if not items:
@@ -365,72 +376,3 @@ def _render(
         outcome.error_code, outcome.error = "render-error", f"cannot render: {error}"
         return
     outcome.result = result
-
-
-def local_item_names(paths: Sequence[str]) -> list[str]:
-    """Folder names for local files: the file stem, made safe and unique (`cat`, `cat-2`)."""
-    names: list[str] = []
-    seen: set[str] = set()
-    for path in paths:
-        stem = Path(path).stem or "image"
-        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip(".") or "image"
-        name, suffix = base, 2
-        while name in seen:
-            name, suffix = f"{base}-{suffix}", suffix + 1
-        seen.add(name)
-        names.append(name)
-    return names
-
-
-def _reader(path: str, policy: SourcePolicy) -> Callable[[], bytes]:
-    return lambda: read_source(path, policy)
-
-
-def write_outcome(out_dir: str, outcome: ItemOutcome) -> None:
-    """An explained item's files into OUT/<name>/, replacing any earlier ones."""
-    folder = Path(out_dir) / outcome.name
-    folder.mkdir(parents=True, exist_ok=True)
-    for filename, data in outcome.files.items():
-        (folder / filename).write_bytes(data)
-
-
-def explain_paths(
-    paths: Sequence[str],
-    out_dir: str,
-    loaded: LoadedModel,
-    params: ExplainParams,
-    *,
-    target: Target | None = None,
-    batch_size: int | None = None,
-    limits: DecodeLimits | None = None,
-    on_progress: Callable[[int], None] | None = None,
-    timings: Timings | None = None,
-) -> Iterator[ItemOutcome]:
-    """Explain local image files through `batch_size` slots (default: slot.choose_slots),
-    writing OUT/<name>/ for each; yields outcomes in the order of `paths`.
-
-    on_progress receives the number of image-iterations done since the last call.
-    """
-    limits = limits or DecodeLimits()
-    policy = SourcePolicy(max_bytes=limits.max_bytes)  # the user's own files: no roots
-    names = local_item_names(paths)
-    items = [
-        ItemInput(name, os.path.abspath(path), _reader(path, policy), target or Target())
-        for name, path in zip(names, paths, strict=True)
-    ]
-
-    # Slots are refilled across the whole list; results are yielded a window at a time
-    # so a long list shows outcomes as it goes and holds few decoded images at once.
-    window = max((batch_size or 1) * 8, 64)
-    for start in range(0, len(items), window):
-        part = items[start : start + window]
-        yield from explain_items(
-            part,
-            loaded,
-            params,
-            limits,
-            slots=batch_size,
-            deliver=lambda outcome: write_outcome(out_dir, outcome),
-            progress=on_progress,
-            timings=timings,
-        )

@@ -83,12 +83,12 @@ def _target(text: str | None) -> Target:
 
 def _worker_side():
     try:
-        from explainctl_worker import explain, model
+        from explainctl_worker import local_files, model
     except ImportError as error:
         raise MissingDependency(
             f"this command needs the worker extra (pip install 'explainctl[worker]'): {error}"
         ) from None
-    return explain, model
+    return local_files, model
 
 
 def _progress() -> Progress:
@@ -132,13 +132,13 @@ def explain(
     spec = build_model_spec(model, weights, mean, std)
     wanted = _target(target)
     names = read_labels(labels)
-    explain_mod, model_mod = _worker_side()
+    local_files, model_mod = _worker_side()
     loaded = model_mod.ModelCache().get(spec, model_mod.pick_device(device)).with_labels(names)
 
     failed = 0
     with _progress() as bar:
         task = bar.add_task("explaining", total=len(images) * params.iterations)
-        outcomes = explain_mod.explain_paths(
+        outcomes = local_files.explain_paths(
             images,
             out,
             loaded,
@@ -539,7 +539,8 @@ def compare(
 ) -> None:
     """Compare two jobs item by item (paired by URI): classes, probabilities, mask areas
     and mask agreement, as a self-contained HTML page."""
-    from explainctl.pages.compare import compare_jobs, write_page
+    from explainctl.pages.compare import write_page
+    from explainctl.pages.comparison import compare_jobs
 
     if as_json and out:
         raise InvalidInput("--json prints the pairs and --out writes the page: give one")

@@ -39,7 +39,7 @@ def score(
 ):
     """A result field: `label` is its name for people, `fmt` its number format,
     `sort` whether results and the report can be ordered by it, `compare` whether
-    `explainctl compare` holds it for each side of a pair (explainctl.pages.compare.Side)."""
+    `explainctl compare` holds it for each side of a pair (explainctl.pages.comparison.Side)."""
     extra = {"label": label, "fmt": fmt, "sort": sort, "compare": compare}
     return Field(default, description=help, json_schema_extra=extra)
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from explainctl.pages.agreement import mask_agreement, resize_bilinear
-from explainctl.pages.compare import Comparison, JobView, Pair, build_page, pair_records
+from explainctl.pages.compare import build_page
+from explainctl.pages.comparison import Comparison, JobView, Pair, pair_records
 from explainctl.spec.errors import ItemError
 from explainctl.spec.results import ItemRecord
 from tests.support import browser

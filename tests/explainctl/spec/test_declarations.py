@@ -13,7 +13,7 @@ from explainctl.cli import docs
 from explainctl.cli.commands import app
 from explainctl.cli.options import build_params
 from explainctl.config import Settings
-from explainctl.pages.compare import Side
+from explainctl.pages.comparison import Side
 from explainctl.spec.errors import ERROR_CODES, ItemError
 from explainctl.spec.methods import (
     METHOD_NAMES,

@@ -9,7 +9,7 @@ from explainctl.spec.contracts import ModelSpec
 from explainctl.spec.methods import ExplainParams
 from explainctl_worker.engine import precision
 from explainctl_worker.engine.batch import explain_batch
-from explainctl_worker.explain import explain_paths
+from explainctl_worker.local_files import explain_paths
 from explainctl_worker.model import LoadedModel
 from tests.support.models import tiny_classifier
 

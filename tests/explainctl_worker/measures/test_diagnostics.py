@@ -12,7 +12,8 @@ from PIL import Image
 from explainctl.spec.contracts import ModelSpec
 from explainctl.spec.methods import ExplainParams
 from explainctl_worker.engine.batch import explain_batch
-from explainctl_worker.explain import explain_paths, measures_stability
+from explainctl_worker.explain import measures_stability
+from explainctl_worker.local_files import explain_paths
 from explainctl_worker.measures import diagnostics
 from explainctl_worker.methods.substrate import blur_pyramid, pyramid_blend
 from explainctl_worker.model import LoadedModel

@@ -12,7 +12,7 @@ from explainctl.spec.contracts import ARTIFACT_FILES, ModelSpec
 from explainctl.spec.methods import ExplainParams
 from explainctl.spec.results import ItemResult
 from explainctl_worker.engine.batch import explain_batch
-from explainctl_worker.explain import explain_paths
+from explainctl_worker.local_files import explain_paths
 from explainctl_worker.methods import RUNNERS
 from explainctl_worker.methods.decisive import ORDER_BAND
 from explainctl_worker.model import LoadedModel

@@ -1,0 +1,84 @@
+"""`explainctl explain`: local image files explained on this machine, into OUT/<name>/,
+through the same pipeline as a queued chunk (explain.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from explainctl.io.sources import SourcePolicy, read_source
+from explainctl.spec.contracts import Target
+from explainctl.spec.methods import ExplainParams
+from explainctl_worker.decode import DecodeLimits
+from explainctl_worker.explain import ItemInput, ItemOutcome, Timings, explain_items
+from explainctl_worker.model import LoadedModel
+
+
+def local_item_names(paths: Sequence[str]) -> list[str]:
+    """Folder names for local files: the file stem, made safe and unique (`cat`, `cat-2`)."""
+    names: list[str] = []
+    seen: set[str] = set()
+    for path in paths:
+        stem = Path(path).stem or "image"
+        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip(".") or "image"
+        name, suffix = base, 2
+        while name in seen:
+            name, suffix = f"{base}-{suffix}", suffix + 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _reader(path: str, policy: SourcePolicy) -> Callable[[], bytes]:
+    return lambda: read_source(path, policy)
+
+
+def write_outcome(out_dir: str, outcome: ItemOutcome) -> None:
+    """An explained item's files into OUT/<name>/, replacing any earlier ones."""
+    folder = Path(out_dir) / outcome.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for filename, data in outcome.files.items():
+        (folder / filename).write_bytes(data)
+
+
+def explain_paths(
+    paths: Sequence[str],
+    out_dir: str,
+    loaded: LoadedModel,
+    params: ExplainParams,
+    *,
+    target: Target | None = None,
+    batch_size: int | None = None,
+    limits: DecodeLimits | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    timings: Timings | None = None,
+) -> Iterator[ItemOutcome]:
+    """Explain local image files through `batch_size` slots (default: slot.choose_slots),
+    writing OUT/<name>/ for each; yields outcomes in the order of `paths`.
+
+    on_progress receives the number of image-iterations done since the last call.
+    """
+    limits = limits or DecodeLimits()
+    policy = SourcePolicy(max_bytes=limits.max_bytes)  # the user's own files: no roots
+    names = local_item_names(paths)
+    items = [
+        ItemInput(name, os.path.abspath(path), _reader(path, policy), target or Target())
+        for name, path in zip(names, paths, strict=True)
+    ]
+
+    # Slots are refilled across the whole list; results are yielded a window at a time
+    # so a long list shows outcomes as it goes and holds few decoded images at once.
+    window = max((batch_size or 1) * 8, 64)
+    for start in range(0, len(items), window):
+        part = items[start : start + window]
+        yield from explain_items(
+            part,
+            loaded,
+            params,
+            limits,
+            slots=batch_size,
+            deliver=lambda outcome: write_outcome(out_dir, outcome),
+            progress=on_progress,
+            timings=timings,
+        )
