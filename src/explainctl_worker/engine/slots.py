@@ -237,6 +237,79 @@ class _Scores(nn.Module):
             return self.model(x).float()
 
 
+class InFlight:
+    """The items in the slots and their rows' state, kept in step: `admit` appends items
+    and their rows to every per-item list and per-row tensor at once, `keep` drops the
+    others from all of them (the optimiser's and the stop rule's state included).
+
+    Per row, R = items * per_item, on the device: p (R, ...) the parameter, p_sum its sum
+    over the iterates (for `finish`), steps (R,) its update count, held_at (R,) the step at
+    which its class first sat under its bar (inf: not yet; a decisive schedule starts
+    there), rows the method's own tensors. Per item: key, ItemRandom, steps done (on the
+    host, so scheduling needs no sync), wall time spent, every jitter shift of its budget
+    (items, iterations, draws, 2), and the Problem.
+    """
+
+    def __init__(self, params: ExplainParams, device: torch.device, optimizer, convergence):
+        self.params, self.device = params, device
+        self.optimizer, self.convergence = optimizer, convergence
+        self.per_item = RUNNERS[params.method].rows_per_item(params)
+        self.keys: list[Any] = []
+        self.randoms: list[ItemRandom] = []
+        self.done_steps: list[int] = []
+        self.spent: list[float] = []
+        self.problem: Problem | None = None
+        self.p = self.p_sum = self.steps = self.held_at = torch.empty(0, device=device)
+        self.rows = Rows()
+        draws = jitter_draws(params)
+        self.shift_table = torch.empty(0, params.iterations, draws, 2, dtype=torch.long,
+                                       device=device)  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def admit(self, entries: list[Entry], new: Problem, p0: torch.Tensor, rows: Rows) -> None:
+        """Items `entries`, prepared as `new`, start from p0 with the method's `rows`."""
+        first = self.problem is None
+        self.p = p0 if first else torch.cat([self.p, p0])
+        zeros = torch.zeros_like(p0)
+        self.p_sum = zeros if first else torch.cat([self.p_sum, zeros])
+        self.rows = self.rows.extend(rows)
+        self.steps = torch.cat([self.steps, torch.zeros(p0.shape[0], device=self.device)])
+        never = torch.full((p0.shape[0],), float("inf"), device=self.device)
+        self.held_at = torch.cat([self.held_at, never])
+        self.optimizer.add_rows(p0)
+        self.convergence.add_rows(p0)
+        self.problem = new if first else self.problem.extend(new)
+        self.keys += [e.key for e in entries]
+        fresh = [ItemRandom(self.params, self.device, e.seed) for e in entries]
+        self.randoms += fresh
+        self.shift_table = torch.cat([self.shift_table, torch.stack([r.shifts for r in fresh])])
+        self.done_steps += [0] * len(entries)
+        self.spent += [0.0] * len(entries)
+
+    def row_index(self, items: list[int]) -> torch.Tensor:
+        """The rows of `items` (item positions), item-major."""
+        return _rows_of(items, self.per_item, self.device)
+
+    def keep(self, items: list[int]) -> None:
+        """Only `items` (item positions, in order) stay in flight."""
+        index = torch.tensor(items, dtype=torch.long, device=self.device)
+        rows = self.row_index(items)
+        self.p, self.rows = self.p.index_select(0, rows), self.rows.select(rows)
+        self.p_sum = self.p_sum.index_select(0, rows)
+        self.steps = self.steps.index_select(0, rows)
+        self.held_at = self.held_at.index_select(0, rows)
+        self.optimizer.keep_rows(rows)
+        self.convergence.keep_rows(rows)
+        self.problem = self.problem.select(index)
+        self.shift_table = self.shift_table.index_select(0, index)
+        self.keys = [self.keys[i] for i in items]
+        self.randoms = [self.randoms[i] for i in items]
+        self.done_steps = [self.done_steps[i] for i in items]
+        self.spent = [self.spent[i] for i in items]
+
+
 def run_slots(
     model: nn.Module,
     entries: Iterable[Entry],
@@ -252,13 +325,22 @@ def run_slots(
     """Explain a stream of items with `slots` items in flight; yields (key, explanation)
     as each item finishes, which is not the order of `entries`.
 
-    progress receives the item-iterations done since its last call (an item that stops
-    early is credited with its whole budget, so the total is items * params.iterations).
-    channels_last: the model's memory format; 1.4x per pass for EfficientNet-Lite0 on a
-    CPU (benchmarks/README.md), and what tensor cores want on a GPU.
+    Args:
+        model: the classifier, (N, C, H, W) normalised images -> (N, K) logits.
+        entries: the items, each an Entry: a key, its image (C, H, W) in [0, 1] at
+            params.image_size, its target class, and optionally its own seed.
+        slots: items optimised together in one batch, refilled as items finish.
+        mean, std: the model's input normalisation, per channel.
+        progress: receives the item-iterations done since its last call (an item that
+            stops early is credited with its whole budget, so the total is
+            items * params.iterations).
+        channels_last: the model's memory format; 1.4x per pass for EfficientNet-Lite0 on
+            a CPU (benchmarks/README.md), and what tensor cores want on a GPU.
+
+    Returns:
+        An iterator of (key, Explanation), N = 1 each, every declared score by name.
     """
     runner = RUNNERS[params.method]
-    per_item = runner.rows_per_item(params)
     if device is None:
         tensors = [*model.parameters(), *model.buffers()]
         device = tensors[0].device if tensors else torch.device("cpu")
@@ -268,50 +350,19 @@ def run_slots(
     source = iter(entries)
     optimizer = RowOptimizer(runner.optimizer, params.lr, params.momentum or 0.0)
     convergence = Decision(params) if runner.stop == "decision" else Convergence(params)
-
-    keys: list[Any] = []
-    randoms: list[ItemRandom] = []
-    done_steps: list[int] = []  # per item, on the host: the loop needs no sync to schedule
-    problem: Problem | None = None
-    p = torch.empty(0, device=device)
-    p_sum = torch.empty(0, device=device)  # per row: the sum of its iterates, for finish
-    rows = Rows()
-    steps = torch.empty(0, device=device)  # per row, on the device, for the loss and Adam
-    # per row: the step count at which its class first sat under its bar (inf: not yet;
-    # only for losses that report it), where a decisive schedule starts
-    held_at = torch.empty(0, device=device)
-    # per item: every jitter shift of its budget, (items, iterations, draws, 2)
-    shift_table = torch.empty(0, params.iterations, jitter_draws(params), 2, dtype=torch.long,
-                              device=device)  # fmt: skip
-    spent: list[float] = []  # per item: its share of each segment's wall time
+    f = InFlight(params, device, optimizer, convergence)
     exhausted = False
 
     while True:
-        if not exhausted and len(keys) < slots:
-            admitted = list(islice(source, slots - len(keys)))
-            exhausted = len(admitted) < slots - len(keys)
+        if not exhausted and len(f) < slots:
+            admitted = list(islice(source, slots - len(f)))
+            exhausted = len(admitted) < slots - len(f)
             if admitted:
                 images = torch.stack([e.image for e in admitted]).to(device)
                 targets = torch.tensor([e.target for e in admitted], dtype=torch.long)
                 new = prepare(scores, images, mean, std, targets)
-                p0, new_rows = runner.start(new, params)
-                p = p0 if problem is None else torch.cat([p, p0])
-                fresh_sum = torch.zeros_like(p0)
-                p_sum = fresh_sum if problem is None else torch.cat([p_sum, fresh_sum])
-                rows = rows.extend(new_rows)
-                steps = torch.cat([steps, torch.zeros(p0.shape[0], device=device)])
-                never = torch.full((p0.shape[0],), float("inf"), device=device)
-                held_at = torch.cat([held_at, never])
-                optimizer.add_rows(p0)
-                convergence.add_rows(p0)
-                problem = new if problem is None else problem.extend(new)
-                keys += [e.key for e in admitted]
-                fresh = [ItemRandom(params, device, e.seed) for e in admitted]
-                randoms += fresh
-                shift_table = torch.cat([shift_table, torch.stack([r.shifts for r in fresh])])
-                done_steps += [0] * len(admitted)
-                spent += [0.0] * len(admitted)
-        if not keys:
+                f.admit(admitted, new, *runner.start(new, params))
+        if not f:
             return
 
         # Run every item to its next checkpoint (or its budget, if that comes first). With
@@ -319,48 +370,49 @@ def run_slots(
         # out of phase with the others and segments get shorter; every item still passes
         # each of its own multiples of 5.
         segment = min(
-            min(CHECKPOINT_EVERY - s % CHECKPOINT_EVERY, params.iterations - s) for s in done_steps
+            min(CHECKPOINT_EVERY - s % CHECKPOINT_EVERY, params.iterations - s)
+            for s in f.done_steps
         )
-        shape = tuple(problem.x.shape[1:])
+        shape = tuple(f.problem.x.shape[1:])
         started = time.perf_counter()
         for _ in range(segment):
-            leaf = p.detach().requires_grad_(True)
+            leaf = f.p.detach().requires_grad_(True)
             shifts = None
             if params.jitter:
-                item_steps = steps.view(-1, per_item)[:, 0].long()
-                shifts = shift_table[torch.arange(len(keys), device=device), item_steps]
-            perturb = _perturber(randoms, shifts, params, per_item, shape)
+                item_steps = f.steps.view(-1, f.per_item)[:, 0].long()
+                shifts = f.shift_table[torch.arange(len(f), device=device), item_steps]
+            perturb = _perturber(f.randoms, shifts, params, f.per_item, shape)
             with torch.enable_grad():
-                loss, held = runner.loss(scores, leaf, rows, steps, params, perturb)
+                loss, held = runner.loss(scores, leaf, f.rows, f.steps, params, perturb)
                 (grad,) = torch.autograd.grad(loss.sum(), leaf)
             with torch.no_grad():
-                optimizer.step(p, grad, steps, runner.lr_scale(steps, held_at, params))
-                p.clamp_(0, 1)
-                p_sum += p
-                steps += 1
+                optimizer.step(f.p, grad, f.steps, runner.lr_scale(f.steps, f.held_at, params))
+                f.p.clamp_(0, 1)
+                f.p_sum += f.p
+                f.steps += 1
                 if held is not None:
-                    held_at = torch.where(held & held_at.isinf(), steps, held_at)
-            convergence.observe(p, held)
-        done_steps = [s + segment for s in done_steps]
-        credited = segment * len(keys)
+                    f.held_at = torch.where(held & f.held_at.isinf(), f.steps, f.held_at)
+            convergence.observe(f.p, held)
+        f.done_steps = [s + segment for s in f.done_steps]
+        credited = segment * len(f)
 
-        converged = convergence.check(p, done_steps, per_item, held_at)
+        converged = convergence.check(f.p, f.done_steps, f.per_item, f.held_at)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a checkpoint: the segment's time is complete
-        share = (time.perf_counter() - started) / len(keys)
-        spent = [t + share for t in spent]
+        share = (time.perf_counter() - started) / len(f)
+        f.spent = [t + share for t in f.spent]
+        done_steps = f.done_steps
         finished = [i for i, s in enumerate(done_steps) if s >= params.iterations or converged[i]]
         if finished:
             credited += sum(params.iterations - done_steps[i] for i in finished)
-            index = torch.tensor(finished, device=device)
-            row_index = _rows_of(finished, per_item, device)
-            done = problem.select(index)
+            row_index = f.row_index(finished)
+            done = f.problem.select(torch.tensor(finished, device=device))
             started = time.perf_counter()
             with torch.no_grad():
-                taken = steps.index_select(0, row_index).clamp_min(1)
-                p_mean = p_sum.index_select(0, row_index) / taken.view(-1, *[1] * (p.dim() - 1))
-                done_rows = rows.select(row_index).extend_with(p_mean=p_mean)
-                result = runner.finish(done, p.index_select(0, row_index), done_rows, params)
+                taken = f.steps.index_select(0, row_index).clamp_min(1)
+                p_mean = f.p_sum.index_select(0, row_index) / taken.view(-1, *[1] * (f.p.dim() - 1))
+                done_rows = f.rows.select(row_index).extend_with(p_mean=p_mean)
+                result = runner.finish(done, f.p.index_select(0, row_index), done_rows, params)
                 explained = _explanations(
                     done,
                     result,
@@ -370,24 +422,10 @@ def run_slots(
                 )
             share = (time.perf_counter() - started) / len(finished)
             for position, i in enumerate(finished):
-                explained[position].scores["seconds"] += spent[i] + share
-            keep = [i for i in range(len(keys)) if i not in set(finished)]
-            keep_index = torch.tensor(keep, dtype=torch.long, device=device)
-            keep_rows = _rows_of(keep, per_item, device)
-            p, rows = p.index_select(0, keep_rows), rows.select(keep_rows)
-            p_sum = p_sum.index_select(0, keep_rows)
-            steps = steps.index_select(0, keep_rows)
-            held_at = held_at.index_select(0, keep_rows)
-            optimizer.keep_rows(keep_rows)
-            convergence.keep_rows(keep_rows)
-            problem = problem.select(keep_index)
-            shift_table = shift_table.index_select(0, keep_index)
-            for position, i in enumerate(finished):
-                yield keys[i], explained[position]
-            keys = [keys[i] for i in keep]
-            randoms = [randoms[i] for i in keep]
-            done_steps = [done_steps[i] for i in keep]
-            spent = [spent[i] for i in keep]
+                explained[position].scores["seconds"] += f.spent[i] + share
+            keys = [f.keys[i] for i in finished]
+            f.keep([i for i in range(len(f)) if i not in set(finished)])
+            yield from zip(keys, explained, strict=True)
         if progress:
             progress(credited)
 
