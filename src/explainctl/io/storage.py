@@ -31,25 +31,40 @@ from explainctl.spec.errors import InvalidInput, ItemError
 
 @runtime_checkable
 class Storage(Protocol):
-    """Artifacts under one root; keys are "/"-separated and relative to it."""
+    """Artifacts under one root; keys are "/"-separated and relative to it. A new backend
+    is a class with these methods and a scheme in `open_storage`; its foreign errors are
+    translated into domain errors (explainctl.spec.errors) once, as files.os_errors and
+    s3.s3_errors do for the two here.
+    """
 
     root: str
 
-    def put(self, key: str, data: bytes, content_type: str | None = None) -> str: ...
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        """Write `data` at `key` whole or not at all; returns its URI."""
+        ...
 
-    def put_stream(
-        self, key: str, chunks: Iterable[bytes], content_type: str | None = None
-    ) -> str: ...
+    def put_stream(self, key: str, chunks: Iterable[bytes], content_type: str | None = None) -> str:
+        """Write the concatenated `chunks` at `key` without holding them all; returns its
+        URI."""
+        ...
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str) -> bytes:
+        """The bytes at `key`."""
+        ...
 
-    def lines(self, key: str) -> Iterator[bytes]: ...
+    def lines(self, key: str) -> Iterator[bytes]:
+        """The lines at `key`, streamed, each with its newline."""
+        ...
 
     def exists(self, key: str) -> bool: ...
 
-    def list(self, prefix: str = "") -> Iterator[str]: ...
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Every key under `prefix`, relative to the root."""
+        ...
 
-    def uri(self, key: str) -> str: ...
+    def uri(self, key: str) -> str:
+        """Where `key` lives, as readers name it (`s3://...` or an absolute path)."""
+        ...
 
 
 class LocalStorage:
