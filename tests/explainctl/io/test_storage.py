@@ -335,7 +335,10 @@ def set_moto_auth(endpoint: str, count: str) -> None:
         # urllib's default form content type would make the server parse the body away.
         headers={"Content-Type": "text/plain"},
     )
-    with urllib.request.urlopen(request, timeout=5):
+    # Its own opener, with no proxy: urlopen's shared one keeps whatever proxy variables
+    # it first saw, and a test of offline model downloads sets them to a dead port.
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(request, timeout=5):
         pass
 
 
