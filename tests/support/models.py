@@ -52,6 +52,15 @@ def evidence_image() -> np.ndarray:
     return image
 
 
+def evidence_batch() -> torch.Tensor:
+    """evidence_image as the engine takes it: (1, 3, SIZE, SIZE) float in [0, 1]."""
+    return torch.from_numpy(evidence_image()).permute(2, 0, 1).float().div(255)[None]
+
+
+# The evidence detector's normalisation: pixels in [0, 1] to [-1, 1].
+HALF = (0.5, 0.5, 0.5)
+
+
 class TinyClassifier(nn.Module):
     """A seeded random 10-class CNN: cheap, deterministic, with a real conv/BN/pool stack."""
 

@@ -10,17 +10,12 @@ from explainctl_worker.methods.common import CHECKPOINT_EVERY
 from tests.support.models import (
     DISTRACTOR_BOX,
     EVIDENCE_BOX,
+    HALF,
     SIZE,
+    evidence_batch,
     evidence_detector,
-    evidence_image,
     tiny_classifier,
 )
-
-HALF = (0.5, 0.5, 0.5)
-
-
-def _evidence_batch() -> torch.Tensor:
-    return torch.from_numpy(evidence_image()).permute(2, 0, 1).float().div(255)[None]
 
 
 def _deleted(mask_up: torch.Tensor, box) -> float:
@@ -32,7 +27,7 @@ def test_mask_deletes_the_evidence_and_keeps_the_distractor():
     params = ExplainParams(
         precision="fp32", method="original", iterations=150, mask_size=16, image_size=SIZE
     )
-    result = explain_batch(evidence_detector(), _evidence_batch(), params, mean=HALF, std=HALF)
+    result = explain_batch(evidence_detector(), evidence_batch(), params, mean=HALF, std=HALF)
     assert result.scores["target_index"].tolist() == [0]
     assert result.scores["prob_before"][0] > 0.99
     assert result.scores["prob_after"][0] < 0.1

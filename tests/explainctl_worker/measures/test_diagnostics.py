@@ -17,9 +17,14 @@ from explainctl_worker.local_files import explain_paths
 from explainctl_worker.measures import diagnostics
 from explainctl_worker.methods.substrate import blur_pyramid, pyramid_blend
 from explainctl_worker.model import LoadedModel
-from tests.support.models import EVIDENCE_BOX, SIZE, evidence_detector, evidence_image
-
-HALF = (0.5, 0.5, 0.5)
+from tests.support.models import (
+    EVIDENCE_BOX,
+    HALF,
+    SIZE,
+    evidence_batch,
+    evidence_detector,
+    evidence_image,
+)
 
 
 def _box_saliency(box, size: int = 40) -> torch.Tensor:
@@ -66,10 +71,6 @@ def test_rank_correlation_gives_ties_their_average_rank():
     assert diagnostics.rank_correlation(x, y).item() == pytest.approx(expected, abs=1e-6)
 
 
-def _evidence() -> torch.Tensor:
-    return torch.from_numpy(evidence_image()).permute(2, 0, 1).float().div(255)[None]
-
-
 def _diagnose(model, images, masks_full, levels):
     """Diagnostics of a given full-resolution mask under the paper's pyramid."""
     x = (images - 0.5) / 0.5
@@ -84,7 +85,7 @@ def _diagnose(model, images, masks_full, levels):
 
 
 def test_a_mask_on_the_evidence_is_compact_and_a_uniform_mild_blur_is_not():
-    model, images = evidence_detector(), _evidence()
+    model, images = evidence_detector(), evidence_batch()
     levels = blur_pyramid(images, 10.0, 8)
     on_evidence = 1 - _box_saliency(EVIDENCE_BOX, SIZE)  # the evidence box fully blurred
     mild = torch.full((1, 1, SIZE, SIZE), 0.75)  # a quarter of the blur, everywhere
@@ -101,7 +102,7 @@ def test_a_mask_on_the_evidence_is_compact_and_a_uniform_mild_blur_is_not():
 
 def test_the_original_methods_mask_on_known_evidence_is_decisive_and_one_region():
     params = ExplainParams(method="original", iterations=150, mask_size=16, image_size=SIZE)
-    result = explain_batch(evidence_detector(), _evidence(), params, mean=HALF, std=HALF)
+    result = explain_batch(evidence_detector(), evidence_batch(), params, mean=HALF, std=HALF)
     assert result.scores["prob_ratio"][0] < 0.1 and bool(result.scores["class_changed"][0])
     assert int(result.scores["regions"][0]) == 1
     # Twice uniform (0.1), and no more: its deletion spills well past the box (issue 13).

@@ -19,17 +19,13 @@ from explainctl_worker.model import LoadedModel
 from tests.support.models import (
     DISTRACTOR_BOX,
     EVIDENCE_BOX,
+    HALF,
     SIZE,
+    evidence_batch,
     evidence_detector,
     evidence_image,
     tiny_classifier,
 )
-
-HALF = (0.5, 0.5, 0.5)
-
-
-def _evidence_batch() -> torch.Tensor:
-    return torch.from_numpy(evidence_image()).permute(2, 0, 1).float().div(255)[None]
 
 
 def _mean_in(mask_full: torch.Tensor, box) -> float:
@@ -45,7 +41,7 @@ def test_paper_mask_deletes_the_evidence_and_keeps_the_distractor():
     params = ExplainParams(
         precision="fp32", method="paper", iterations=100, mask_size=16, image_size=SIZE
     )
-    result = explain_batch(evidence_detector(), _evidence_batch(), params, mean=HALF, std=HALF)
+    result = explain_batch(evidence_detector(), evidence_batch(), params, mean=HALF, std=HALF)
     assert result.scores["method"] == ["paper"]
     assert result.scores["prob_before"][0] > 0.99 and result.scores["prob_after"][0] < 0.05
     kept = result.masks_full[0, 0]
@@ -59,7 +55,7 @@ def test_decisive_mask_is_the_evidence_box_alone_and_takes_the_class_below_its_b
     # The default's own mask grid (28): on a 16-cell grid the box is 4 cells wide, and the
     # smoothness term, as it should, softens a quarter of it at the edges.
     params = ExplainParams(precision="fp32", method="decisive", iterations=150, image_size=SIZE)
-    result = explain_batch(evidence_detector(), _evidence_batch(), params, mean=HALF, std=HALF)
+    result = explain_batch(evidence_detector(), evidence_batch(), params, mean=HALF, std=HALF)
     assert result.scores["prob_ratio"][0] < 0.1 and bool(result.scores["class_changed"][0])
     kept = result.masks_full[0, 0]
     assert 1 - _mean_in(kept, EVIDENCE_BOX) > 0.85  # deleted outright, not blurred a little
@@ -84,7 +80,7 @@ def test_extremal_region_is_the_evidence_box(variant):
     params = ExplainParams(
         precision="fp32", method="extremal", areas=(0.15,), variant=variant, **MILD
     )
-    result = explain_batch(evidence_detector(), _evidence_batch(), params, mean=HALF, std=HALF)
+    result = explain_batch(evidence_detector(), evidence_batch(), params, mean=HALF, std=HALF)
     preserved = 1 - result.masks_full[0, 0]  # stored m = 1 - p
     # The box is 12.5 % of the image; a smooth mask of 15 % covers it with soft edges.
     assert _mean_in(preserved, EVIDENCE_BOX) > 0.6
@@ -101,7 +97,7 @@ def test_extremal_region_is_the_evidence_box(variant):
 
 def test_extremal_returns_one_mask_per_area_and_the_first_is_primary():
     params = ExplainParams(precision="fp32", method="extremal", areas=(0.3, 0.05, 0.15), **MILD)
-    result = explain_batch(evidence_detector(), _evidence_batch(), params, mean=HALF, std=HALF)
+    result = explain_batch(evidence_detector(), evidence_batch(), params, mean=HALF, std=HALF)
     assert result.area_masks.shape == (1, 3, 32, 32)
     assert torch.equal(result.masks[0, 0], result.area_masks[0, 0])
     areas = (1 - result.area_masks[0]).flatten(1).mean(dim=1)
@@ -259,7 +255,7 @@ def test_decisive_stores_an_ordered_mask_whose_deletion_is_the_optimised_one():
         precision="fp32", method="decisive", iterations=20, push_steps=10, image_size=SIZE
     )
     model = evidence_detector()
-    result = explain_batch(model, _evidence_batch(), params, mean=HALF, std=HALF)
+    result = explain_batch(model, evidence_batch(), params, mean=HALF, std=HALF)
     masks = result.masks[0, 0]
     deleted = masks < 0.5
     # Inside each side the values are graded, not tied at 0 and 1.

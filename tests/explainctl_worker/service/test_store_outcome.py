@@ -13,9 +13,7 @@ from explainctl.spec.results import ItemRecord
 from explainctl_worker.explain import ItemInput, explain_items
 from explainctl_worker.model import LoadedModel
 from explainctl_worker.service.chunk import WorkerContext, _record, _store_artifacts
-from tests.support.models import evidence_detector, evidence_image
-
-HALF = (0.5, 0.5, 0.5)
+from tests.support.models import HALF, evidence_detector, evidence_image
 
 
 def _png() -> bytes:
