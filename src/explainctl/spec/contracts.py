@@ -118,7 +118,8 @@ REPORT_HTML = "report.html"
 
 
 # What item_name gives: a reader checks names from a manifest anyone could edit against it.
-ITEM_NAME = re.compile(r"\d{6,}-[A-Za-z0-9_-]+")
+# \w is what item_name keeps (str.isalnum, and _), so `café.jpg` passes and `../` does not.
+ITEM_NAME = re.compile(r"\d{6,}-[\w-]+")
 
 
 def item_name(index: int, uri: str) -> str:

@@ -1,0 +1,21 @@
+"""The storage layout's names: what item_name makes, ITEM_NAME accepts, and nothing else."""
+
+import pytest
+
+from explainctl.spec.contracts import ITEM_NAME, item_name
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["/photos/café.jpg", "s3://b/東京/夜景.png", "/x/Ünïcödé name (2).webp", "/x/.hidden",
+     "https://h/p/a.jpg?sig=1/2", "/x/" + "long" * 30 + ".png", "/x/.."],
+)  # fmt: skip
+def test_every_name_item_name_makes_is_one_a_reader_accepts(uri):
+    name = item_name(7, uri)
+    assert ITEM_NAME.fullmatch(name), name
+    assert "/" not in name and ".." not in name
+
+
+@pytest.mark.parametrize("name", ["000001-../../etc", "000001-a/b", "1-cat", "000001-", ""])
+def test_names_that_could_escape_or_were_never_made_are_refused(name):
+    assert not ITEM_NAME.fullmatch(name)
