@@ -91,6 +91,7 @@ class Client:
     def store(self) -> JobStore:
         store = JobStore.connect(self.settings.broker_url, job_ttl=self.settings.job_ttl)
         store.ping()
+        store.check_server()  # its warnings are the workers' to log: they run for hours
         return store
 
     @cached_property

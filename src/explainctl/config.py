@@ -65,6 +65,10 @@ class Settings:
         "the manifest; 0: forever",
     )  # fmt: skip
     max_deliveries: int = setting(3, "attempts per item before it fails as a poison item")
+    max_hand_backs: int = setting(
+        8, "times workers in turn may hand an item back, their environment failing (a model "
+        "they lack or refuse, storage they cannot write), before it fails with that code",
+    )  # fmt: skip
     lease_seconds: int = setting(
         60, "a chunk whose worker stopped renewing its lease this long runs again"
     )
@@ -138,6 +142,8 @@ class Settings:
             raise InvalidInput("EXPLAINCTL_JOB_TTL must be 0 (forever) or more seconds")
         if self.broker_stall_seconds < 0:
             raise InvalidInput("EXPLAINCTL_BROKER_STALL_SECONDS must be 0 (never) or more")
+        if self.max_hand_backs < 0:
+            raise InvalidInput("EXPLAINCTL_MAX_HAND_BACKS must be 0 (fail at once) or more")
         if self.slots < 0:
             raise InvalidInput(f"EXPLAINCTL_SLOTS ({self.slots}) must be 0 (auto) or more")
         # A chunk still running when the visibility timeout passes is handed to a second

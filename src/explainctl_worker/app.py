@@ -10,16 +10,23 @@ import logging
 import threading
 import time
 
-from celery.signals import task_received, worker_process_init, worker_ready
+from celery.signals import (
+    task_postrun,
+    task_received,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+)
 from pydantic import ValidationError
 
 from explainctl.config import Settings
-from explainctl.jobs.queue import make_app
+from explainctl.jobs.queue import make_app, send_chunk
 from explainctl.jobs.store import JobStore
 from explainctl.local import embedded
 from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload, ModelSpec
+from explainctl.spec.errors import WORKER_STRIKES, ExplainctlError
 from explainctl_worker.service import lease, metrics, watchdog
-from explainctl_worker.service.chunk import WorkerContext, run_chunk
+from explainctl_worker.service.chunk import HandBack, WorkerContext, run_chunk
 
 log = logging.getLogger("explainctl.worker")
 # A worker started with no broker configured joins this machine's embedded Redis.
@@ -40,6 +47,17 @@ def context() -> WorkerContext:
 
 
 _reservations: lease.Reservations | None = None
+strikes = watchdog.Strikes()
+
+
+@worker_init.connect
+def _check_broker(**_) -> None:
+    """In the main process, before it consumes: a Redis that may evict keys is refused."""
+    try:
+        for warning in JobStore.connect(settings.broker_url).check_server():
+            log.warning("%s", warning)
+    except ExplainctlError as error:
+        watchdog.refuse(str(error))
 
 
 @worker_ready.connect
@@ -47,6 +65,7 @@ def _start_watchdog(**_) -> None:
     # In the main process, which holds the broker connection the pool children feed from.
     global _reservations
     watchdog.watch(settings.broker_url, settings.broker_stall_seconds)
+    watchdog.on_leave()
     _reservations = lease.Reservations(JobStore.connect(settings.broker_url).redis,
                                        settings.lease_seconds)  # fmt: skip
 
@@ -101,5 +120,43 @@ def explain_chunk_task(self, payload: dict) -> None:
         if not mine:
             log.info("job %s chunk %d runs elsewhere under a live lease", chunk.job_id, chunk.chunk)
             return
-        run_chunk(chunk, context())
+        try:
+            run_chunk(chunk, context())
+        except HandBack as back:
+            _hand_back(chunk, back, queue)
+            if not back.strike:
+                strikes.clear()
+        else:
+            strikes.clear()
     metrics.record_chunk(chunk.sent_at, started, context().device)
+    if strikes.count:
+        # Slower than a healthy worker, so a broken one cannot drain the queue.
+        time.sleep(strikes.pause())
+
+
+def _hand_back(chunk: ChunkPayload, back: HandBack, queue: str) -> None:
+    """Send the items back for another worker, as a chunk of a new number (a delivery of
+    the old one would read as a lost worker); a strike against this one when its
+    environment failed."""
+    number = context().store.new_chunk_number(chunk.job_id)
+    again = {"items": back.items, "chunk": number}
+    if back.strike:
+        strikes.add()
+        again["handed_back"] = chunk.handed_back + 1
+        log.error(
+            "job %s chunk %d: handing %d items back as chunk %d (%s), strike %d of %d",
+            chunk.job_id, chunk.chunk, len(back.items), number, back, strikes.count,
+            WORKER_STRIKES,
+        )  # fmt: skip
+    else:
+        log.info("job %s chunk %d: handing %d items back as chunk %d (%s)",
+                 chunk.job_id, chunk.chunk, len(back.items), number, back)  # fmt: skip
+    send_chunk(app, chunk.model_copy(update=again), queue)
+
+
+@task_postrun.connect
+def _leave_when_broken(**_) -> None:
+    """In the pool process, once its chunk's lease is released: after WORKER_STRIKES
+    chunks in a row handed back, the whole worker leaves (watchdog.leave)."""
+    if strikes.count >= WORKER_STRIKES:
+        watchdog.leave(f"{strikes.count} chunks in a row failed in this worker's environment")

@@ -21,7 +21,7 @@ from PIL import Image
 
 import explainctl
 from explainctl.spec.contracts import ARTIFACT_FILES, MASKS_NPY, Target
-from explainctl.spec.errors import ExplainctlError, ItemError
+from explainctl.spec.errors import ENVIRONMENT_CODES, ExplainctlError, ItemError
 from explainctl.spec.methods import ExplainParams
 from explainctl.spec.results import ItemResult
 from explainctl_worker.artifact import heatmap_top, render
@@ -49,10 +49,19 @@ class ItemOutcome:
     artifacts: dict[str, str] | None = None  # filename -> URI, once stored
     error_code: str | None = None
     error: str | None = None
+    # The failure was the worker's environment, not the item's (errors.ENVIRONMENT_CODES,
+    # or anything that failed while its artifacts were written).
+    environment: bool = False
+    # Never started: the chunk stopped admitting items (`admit_until`); it goes back.
+    deferred: bool = False
 
     @property
     def ok(self) -> bool:
         return self.result is not None
+
+    @property
+    def environment_failure(self) -> bool:
+        return not self.ok and (self.environment or self.error_code in ENVIRONMENT_CODES)
 
 
 def versions() -> dict[str, str]:
@@ -158,6 +167,7 @@ def explain_items(
     progress: Callable[[int], None] | None = None,
     timings: Timings | None = None,
     host_threads: int = HOST_THREADS,
+    admit_until: float | None = None,
 ) -> list[ItemOutcome]:
     """Explain `items`: read and decode ahead in background threads while the device
     optimises in slots, then render each finished item and hand it to `deliver`, in
@@ -176,6 +186,8 @@ def explain_items(
         timings: where the wall time of each stage is added up (benchmarks).
         host_threads: threads for each of decoding and rendering; 0 runs both in line
             with the loop (no overlap).
+        admit_until: a time.monotonic() after which no further item starts (the first
+            always does, so a chunk always makes progress); those left are `deferred`.
 
     Returns:
         One ItemOutcome per item, in the order of `items`: its result (every declared
@@ -219,7 +231,12 @@ def explain_items(
         # Keep up to `slots` items decoded ahead of the loop: a refill never waits for a read.
         ahead = deque(submit(decoder, decode, i) for i in range(min(slots, len(items))))
         following = len(ahead)
+        started = 0
         while ahead:
+            if started and admit_until is not None and time.monotonic() >= admit_until:
+                for outcome in outcomes[following - len(ahead) :]:
+                    outcome.deferred = True
+                return
             began = time.perf_counter()
             position, image, target, tensor = ahead.popleft().result()
             spent.waiting += time.perf_counter() - began
@@ -228,6 +245,7 @@ def explain_items(
                 following += 1
             if image is not None:
                 images[position] = image
+                started += 1
                 yield Entry((position, 0), tensor, target)
                 if position in twins:
                     yield Entry((position, 1), tensor, target, seed=twin_seed(params.seed))

@@ -242,6 +242,25 @@ def test_same_job_twice_and_a_chunk_delivered_twice(tmp_path, start_workers, wor
     assert (row.done, row.lost, row.duplicated) == (4, 0, 0)
 
 
+def test_a_broken_worker_hands_its_chunks_back_and_leaves(tmp_path, start_workers, worker_env):
+    """A worker whose allow-list drifted (it refuses the job's model) fails no item: it
+    hands each chunk back uncharged, pauses longer each time, and after three chunks in a
+    row its process exits for a fresh one; a healthy worker then explains every item as
+    its first attempt."""
+    images(tmp_path / "in", 6)
+    (broken,) = start_workers(1, EXPLAINCTL_ALLOWED_MODELS="vgg19")
+    job = submit(worker_env, str(tmp_path / "in"), "--chunk-size", "1", *tiny(5))
+    until(lambda: b"leaving: 3 chunks in a row" in broken.log_path.read_bytes(), timeout=90)
+    assert b"(model-not-allowed: this worker does not accept" in broken.log_path.read_bytes()
+    start_workers(1)
+    final = wait(worker_env, job)
+    assert (final["state"], final["counts"]["done"]) == ("completed", 6)
+    store = JobStore.connect(worker_env["EXPLAINCTL_BROKER_URL"])
+    assert {r.attempts for r in store.items(job)} == {1}  # no attempt charged to the refusal
+    row = audit(store, job, "a broken worker (refuses the model) beside a healthy one")
+    assert (row.done, row.lost, row.duplicated) == (6, 0, 0)
+
+
 def test_cancel_during_a_running_job(tmp_path, start_workers, worker_env):
     images(tmp_path / "in", 6)
     start_workers(1)

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import subprocess
 import sys
 import time
 
@@ -201,8 +202,9 @@ def test_a_finished_job_expires_and_every_command_still_answers(
 
 
 def test_worker_refuses_models_it_was_not_allowed(tmp_path, start_workers, worker_env):
+    # No hand-backs allowed: the one worker's refusal is the item's final answer.
     folder = _folder(tmp_path, good=1, broken=0)
-    start_workers(1, EXPLAINCTL_ALLOWED_MODELS="")
+    start_workers(1, EXPLAINCTL_ALLOWED_MODELS="", EXPLAINCTL_MAX_HAND_BACKS="0")
     done = cli.run("submit", str(folder), "--wait", "--json", *TINY, **worker_env)
     job = json.loads(done.stdout)
     assert done.returncode == 1 and job["counts"]["failed"] == 1
@@ -269,3 +271,26 @@ def test_methods_and_metrics_through_the_queue(tmp_path, start_workers, worker_e
     assert "mean deletion AUC" in browser.dump_dom(page, tmp_path / "profile")
     wrong = cli.run("submit", str(folder), "--area", "0.2", *small, **worker_env)
     assert wrong.returncode == 2 and "extremal" in wrong.stderr  # --area needs --method extremal
+
+
+def test_a_redis_that_evicts_keys_is_refused_by_client_and_worker(tmp_path, worker_env):
+    """Under memory pressure such a Redis drops queued chunks and job records silently:
+    the CLI says so in one line, and a worker exits before it takes any chunk."""
+    from tests.support.services import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        redis.Redis.from_url(server.url).config_set("maxmemory-policy", "allkeys-lru")
+        env = {**worker_env, "EXPLAINCTL_BROKER_URL": server.url}
+        refused = cli.run("jobs", **env)
+        assert refused.returncode == 6
+        (line,) = refused.stderr.strip().splitlines()
+        assert "maxmemory-policy allkeys-lru" in line and "noeviction" in line
+        command = [sys.executable, "-m", "celery", "-A", "explainctl_worker.app", "worker",
+                   "--queues", env["EXPLAINCTL_QUEUE"], "--concurrency", "1"]  # fmt: skip
+        worker = subprocess.run(command, env=cli.env(**env), capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+        assert worker.returncode == 78, worker.stderr[-2000:]
+        assert "cannot start: Redis evicts keys" in worker.stderr
+    finally:
+        server.stop()

@@ -243,6 +243,30 @@ class JobStore:
     def ping(self) -> None:
         self.redis.ping()
 
+    def check_server(self) -> list[str]:
+        """Refuse a Redis that may evict keys; return what an operator should hear about.
+
+        Under memory pressure any policy but `noeviction` drops keys (the `volatile-*` ones
+        too: claims and finished jobs carry a TTL), and a missing record reads as settled
+        or lost; `noeviction` refuses writes instead, loudly. Read through INFO, which
+        managed services allow where they disable CONFIG."""
+        policy = self.redis.info("memory").get("maxmemory_policy", "noeviction")
+        if policy != "noeviction":
+            raise ServiceUnavailable(
+                f"Redis evicts keys under memory pressure (maxmemory-policy {policy}), so "
+                "queued chunks and job records could vanish: set maxmemory-policy noeviction"
+            )
+        if self.redis.info("persistence").get("aof_enabled"):
+            return []
+        try:
+            snapshots = self.redis.config_get("save").get("save", "")
+        except redis.ResponseError:  # CONFIG renamed or disabled: cannot tell
+            return []
+        if snapshots:
+            return []
+        return ["Redis persists nothing (no AOF, no snapshots): a restart loses every queued "
+                "chunk and job record"]  # fmt: skip
+
     @staticmethod
     def _key(job_id: str, part: JobPart) -> str:
         return job_key(job_id, part)
@@ -352,6 +376,17 @@ class JobStore:
         for index in indices:
             self._move(pipe, keys, index, "running", mode="normal")
         return [int(reply[2]) if reply[0] == 1 else None for reply in pipe.execute()]
+
+    def release(self, job_id: str, indices: Sequence[int]) -> list[int]:
+        """Put running items back to queued without the attempt their start counted: their
+        worker's environment failed, not they. Returns the indices released (an item
+        another copy of its chunk settled meanwhile stays as it is)."""
+        keys = self._transition_keys(job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for index in indices:
+            self._move(pipe, keys, index, "queued", mode="release")
+        replies = pipe.execute()
+        return [index for index, reply in zip(indices, replies, strict=True) if reply[0] == 1]
 
     def settle(
         self, job_id: str, changes: Iterable[tuple[int, str, dict]], mode: str = "normal"

@@ -105,6 +105,9 @@ class ChunkPayload(_Strict):
     output: str
     items: list[ChunkItem]
     sent_at: float | None = None  # when the client queued it, for the queue-wait metric
+    # How many workers in turn handed these items back, their environment failing
+    # (errors.ENVIRONMENT_CODES); at EXPLAINCTL_MAX_HAND_BACKS they fail with the code.
+    handed_back: int = Field(default=0, ge=0)
 
 
 # --- Storage layout: <output>/<job_id>/... ---------------------------------------------

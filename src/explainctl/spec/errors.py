@@ -32,6 +32,15 @@ ERROR_CODES: dict[str, str] = {
     "worker-lost": "its worker was lost EXPLAINCTL_MAX_DELIVERIES times (a poison item)",
 }
 ErrorCode = Literal[tuple(ERROR_CODES)]  # type: ignore[valid-type]
+# The codes of a worker's environment, not of the item: another worker may well succeed.
+# A worker that meets one (or any failure writing artifacts) hands the items back to the
+# queue without charging an attempt, and leaves after WORKER_STRIKES chunks in a row.
+ENVIRONMENT_CODES: frozenset[str] = frozenset(
+    {"model-not-allowed", "model-unavailable", "storage-error"}
+)
+# Chunks in a row a worker hands back before it leaves, so its supervisor starts a fresh
+# one (EXPLAINCTL_MAX_HAND_BACKS bounds how often the same items go back).
+WORKER_STRIKES = 3
 
 
 class ExplainctlError(Exception):
@@ -83,6 +92,9 @@ class ServiceUnavailable(ExplainctlError):
 
 def markdown_error_codes() -> str:
     """The README's table of item error codes."""
-    rows = ["| error code | meaning |", "|---|---|"]
-    rows += [f"| `{code}` | {meaning} |" for code, meaning in ERROR_CODES.items()]
+    rows = ["| error code | meaning | whose |", "|---|---|---|"]
+    rows += [
+        f"| `{code}` | {meaning} | {'worker' if code in ENVIRONMENT_CODES else 'item'} |"
+        for code, meaning in ERROR_CODES.items()
+    ]
     return "\n".join(rows)

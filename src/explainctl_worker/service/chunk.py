@@ -3,12 +3,22 @@
 Safe to run twice for the same chunk (a redelivery after a lost worker): items already
 settled are skipped, and the job store refuses to count an item twice. An item is marked
 done only after all its artifacts are stored.
+
+A failure of the worker's environment (errors.ENVIRONMENT_CODES: its model, its allow-list,
+its storage; or any failure writing artifacts) is not the item's: the items it touched go
+back to queued with their attempt taken back, and `run_chunk` raises HandBack with them so
+the task sends them to another worker. After EXPLAINCTL_MAX_HAND_BACKS, they fail.
+
+A chunk never outgrows its time limit: past ADMIT_SHARE of EXPLAINCTL_CHUNK_TIME_LIMIT it
+starts no further item, and those left go back the same way, with no strike against the
+worker (it is healthy, the chunk was long).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,7 +40,12 @@ from explainctl.spec.contracts import (
     artifact_key,
     item_name,
 )
-from explainctl.spec.errors import ERROR_CODES, ErrorCode, ExplainctlError, ItemError
+from explainctl.spec.errors import (
+    ERROR_CODES,
+    ErrorCode,
+    ExplainctlError,
+    ItemError,
+)
 from explainctl_worker.artifact import result_json
 from explainctl_worker.decode import DecodeLimits
 from explainctl_worker.explain import ItemInput, ItemOutcome, Timings, explain_items
@@ -38,6 +53,9 @@ from explainctl_worker.model import ModelCache, pick_device
 from explainctl_worker.service import metrics
 
 log = logging.getLogger("explainctl.worker")
+# Share of the chunk's time limit within which items may start: what starts by then has
+# the rest of the limit to finish.
+ADMIT_SHARE = 0.5
 
 
 @dataclass
@@ -112,6 +130,22 @@ class WorkerContext:
         return spec.name in models.list_models(module=models) and spec.weights is None
 
 
+class HandBack(Exception):
+    """`items` are queued again, uncharged, for another worker to take: this worker's
+    environment failed (`code`, a strike against it), or the chunk ran out of time to
+    start them (no code, no strike)."""
+
+    def __init__(self, items: list[ChunkItem], code: ErrorCode | None = None, message: str = ""):
+        super().__init__(
+            f"{code}: {message}" if code else "the chunk's time to start items ran out"
+        )
+        self.items, self.code, self.message = items, code, message
+
+    @property
+    def strike(self) -> bool:
+        return self.code is not None
+
+
 def _failure(code: ErrorCode, message: str) -> dict:
     if code not in ERROR_CODES:
         raise ValueError(f"undeclared item error code {code!r}")
@@ -122,7 +156,8 @@ def _store_artifacts(
     context: WorkerContext, payload: ChunkPayload, outcome: ItemOutcome, attempt: int
 ) -> None:
     """Upload the item's files under this attempt (in a render thread, beside the
-    optimisation of the others); a storage error fails the item alone."""
+    optimisation of the others). A failure here is the worker's storage, whatever its
+    code: the outcome says so (`environment`)."""
     storage = context.storage(payload.output)
     outcome.result = outcome.result.model_copy(update={"attempt": attempt})
     outcome.files[RESULT_JSON] = result_json(outcome.result)
@@ -136,6 +171,7 @@ def _store_artifacts(
             artifacts[filename] = storage.put(key, data, content_type)
     except ItemError as error:
         outcome.result, outcome.error_code, outcome.error = None, error.code, error.message
+        outcome.environment = True
         return
     outcome.artifacts = artifacts
 
@@ -150,9 +186,31 @@ def _record(outcome: ItemOutcome) -> dict:
     }
 
 
+@dataclass
+class _Run:
+    """What running a chunk's groups came to: whether the job finished, and the items
+    handed back (with the first environment failure's code and message)."""
+
+    admit_until: float | None = None  # time.monotonic() after which no item starts
+    finished: bool = False
+    handed: list[ChunkItem] = field(default_factory=list)
+    code: ErrorCode | None = None
+    message: str = ""
+
+    def hand_back(
+        self, items: Sequence[ChunkItem], code: ErrorCode | None = None, message: str = ""
+    ) -> None:
+        self.handed += items
+        if self.code is None and code is not None:
+            self.code, self.message = code, message
+
+    def out_of_time(self) -> bool:
+        return self.admit_until is not None and time.monotonic() >= self.admit_until
+
+
 def _explain_group(
-    context: WorkerContext, payload: ChunkPayload, group: Sequence[ChunkItem], loaded
-) -> bool:
+    context: WorkerContext, payload: ChunkPayload, group: Sequence[ChunkItem], loaded, run: _Run
+) -> None:
     store = context.store
     attempts = store.begin(payload.job_id, [item.index for item in group])
     settled: list[tuple[int, str, dict]] = []
@@ -193,24 +251,42 @@ def _explain_group(
                 context, payload, outcome, attempt_of[outcome.name]
             ),
             timings=timings,
+            admit_until=run.admit_until,
         )
         if inputs
         else []
     )
     if inputs:
         metrics.record_idle(timings.idle_fraction)
+    released: list[tuple[ChunkItem, ItemOutcome]] = []
+    deferred: list[ChunkItem] = []
     for (item, _), outcome in zip(runnable, outcomes, strict=True):
-        if outcome.ok:
+        if outcome.deferred:
+            deferred.append(item)
+        elif outcome.ok:
             settled.append((item.index, "done", _record(outcome)))
+        elif outcome.environment_failure and payload.handed_back < context.settings.max_hand_backs:
+            released.append((item, outcome))
         else:
             settled.append((item.index, "failed", _failure(outcome.error_code, outcome.error)))
     # One round trip for the group, after every artifact of it is stored.
-    finished = store.settle(payload.job_id, settled)
+    run.finished |= store.settle(payload.job_id, settled)
     metrics.record_items(settled)
-    return finished
+    if released:
+        back = set(store.release(payload.job_id, [item.index for item, _ in released]))
+        code, message = released[0][1].error_code, released[0][1].error
+        run.hand_back([item for item, _ in released if item.index in back], code, message)
+    if deferred:
+        back = set(store.release(payload.job_id, [item.index for item in deferred]))
+        run.hand_back([item for item in deferred if item.index in back])
 
 
-def run_chunk(payload: ChunkPayload, context: WorkerContext) -> None:
+def run_chunk(
+    payload: ChunkPayload, context: WorkerContext, admit_until: float | None = None
+) -> None:
+    """Run the chunk's pending items; raises HandBack with the items that must go to
+    another worker. admit_until: the time.monotonic() after which no further item starts
+    (default: ADMIT_SHARE of EXPLAINCTL_CHUNK_TIME_LIMIT from now)."""
     store = context.store
     job = payload.job_id
     if not store.live(job):
@@ -234,38 +310,53 @@ def run_chunk(payload: ChunkPayload, context: WorkerContext) -> None:
             write_manifest(store, context.storage(payload.output), job)
         return
 
-    finished = False
+    if admit_until is None:
+        admit_until = time.monotonic() + ADMIT_SHARE * context.settings.chunk_time_limit
+    run = _Run(admit_until=admit_until)
     if store.is_cancelled(job):
-        finished = store.settle(job, [(item.index, "cancelled", {}) for item in pending])
+        run.finished = store.settle(job, [(item.index, "cancelled", {}) for item in pending])
     elif not context.model_allowed(payload.model):
         message = f"this worker does not accept model {payload.model.name!r}"
-        finished = store.settle(
-            job, [(i.index, "failed", _failure("model-not-allowed", message)) for i in pending]
-        )
+        _environment_failed(context, payload, pending, "model-not-allowed", message, run)
     else:
         try:
             loaded = context.models.get(payload.model, context.torch_device())
             loaded = loaded.with_labels(context.labels(job))
         except ExplainctlError as error:
-            failure = _failure("model-unavailable", str(error))
-            finished = store.settle(job, [(i.index, "failed", failure) for i in pending])
+            _environment_failed(context, payload, pending, "model-unavailable", str(error), run)
         else:
-            finished = _run_pending(context, payload, pending, loaded, deliveries)
-    if finished:
+            _run_pending(context, payload, pending, loaded, deliveries, run)
+    if run.finished:
         write_manifest(store, context.storage(payload.output), job)
+    if run.handed:
+        raise HandBack(run.handed, run.code, run.message)
 
 
-def _run_pending(context, payload, pending, loaded, deliveries) -> bool:
+def _environment_failed(context, payload, pending, code: ErrorCode, message: str, run) -> None:
+    """Before any item started: hand them all back, or fail them once as many workers in
+    turn as EXPLAINCTL_MAX_HAND_BACKS met the same."""
+    if payload.handed_back < context.settings.max_hand_backs:
+        run.hand_back(pending, code, message)
+    else:
+        failure = _failure(code, message)
+        run.finished = context.store.settle(
+            payload.job_id, [(i.index, "failed", failure) for i in pending]
+        )
+
+
+def _run_pending(context, payload, pending, loaded, deliveries, run: _Run) -> None:
     # After a lost delivery, run items one at a time: a poison item that kills the worker
     # then takes only itself down, and reaches the attempt cap alone.
     groups = [[item] for item in pending] if deliveries > 1 else [pending]
-    finished = False
     for position, group in enumerate(groups):
+        if position and run.out_of_time():
+            run.hand_back([item for g in groups[position:] for item in g])
+            return
         # The caller checked before the first group; later groups may have been cancelled.
         if position and context.store.is_cancelled(payload.job_id):
             rest = [item for g in groups[position:] for item in g]
-            return context.store.settle(
+            run.finished |= context.store.settle(
                 payload.job_id, [(item.index, "cancelled", {}) for item in rest]
             )
-        finished |= _explain_group(context, payload, group, loaded)
-    return finished
+            return
+        _explain_group(context, payload, group, loaded, run)

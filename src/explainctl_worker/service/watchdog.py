@@ -1,5 +1,12 @@
-"""The broker watchdog: a worker that cannot reach its broker for too long exits non-zero,
-so its supervisor (the launcher, Kubernetes, Slurm) starts a fresh one.
+"""When a worker should leave: it exits non-zero, so its supervisor (the launcher,
+Kubernetes, Slurm) starts a fresh one. Three reasons, in one place:
+
+- it cannot reach its broker for too long (`watch`, the broker watchdog);
+- its environment failed WORKER_STRIKES chunks in a row (`Strikes`, `leave`): missing
+  weights, a drifted allow-list, storage it cannot write. Its chunks went back to the
+  queue uncharged; a fresh process may fix it (a sticky device error), and if it does not,
+  the supervisor's back-off and restart count make the fault visible;
+- its broker is a Redis that may evict keys (`refuse`, at start).
 
 Celery reconnects on its own after a Redis restart; this is for the connection that
 stalls without an error (a half-open socket, a partition): the main process pings Redis
@@ -23,6 +30,9 @@ import redis
 
 log = logging.getLogger("explainctl.worker")
 STALLED = 75  # EX_TEMPFAIL: try again
+BROKEN = 78  # EX_CONFIG: this worker's configuration or environment is at fault
+# The pause after a handed-back chunk doubles with each strike, from FIRST to at most MAX.
+FIRST_PAUSE, MAX_PAUSE = 2.0, 30.0
 
 
 def _children(pid: int) -> list[int]:
@@ -33,12 +43,55 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _exit_stalled(seconds: float) -> None:
-    log.critical("no answer from the broker for %.0f s: exiting so a fresh worker starts", seconds)
+def _exit(code: int) -> None:
+    """End the main process now, and its pool children with it."""
     for child in _children(os.getpid()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
-    os._exit(STALLED)
+    os._exit(code)
+
+
+def _exit_stalled(seconds: float) -> None:
+    log.critical("no answer from the broker for %.0f s: exiting so a fresh worker starts", seconds)
+    _exit(STALLED)
+
+
+class Strikes:
+    """Chunks in a row a pool process handed back, its environment failing."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self) -> None:
+        self.count += 1
+
+    def clear(self) -> None:
+        self.count = 0
+
+    def pause(self) -> float:
+        return min(MAX_PAUSE, FIRST_PAUSE * 2 ** (self.count - 1))
+
+
+def on_leave() -> None:
+    """In the main process: a pool process that asks to leave (SIGUSR2) ends the worker."""
+
+    def leave_now(_signum, _frame) -> None:
+        log.critical("this worker's environment failed: exiting so a fresh worker starts")
+        _exit(BROKEN)
+
+    signal.signal(signal.SIGUSR2, leave_now)
+
+
+def refuse(reason: str) -> None:
+    """In the main process, before it consumes anything: this worker cannot run here."""
+    log.critical("cannot start: %s", reason)
+    _exit(BROKEN)
+
+
+def leave(reason: str) -> None:
+    """In a pool process, between chunks: ask the main process to end the worker."""
+    log.critical("leaving: %s", reason)
+    os.kill(os.getppid(), signal.SIGUSR2)
 
 
 def watch(

@@ -5,8 +5,9 @@ import time
 import pytest
 
 from explainctl.jobs.keys import job_key
+from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import TERMINAL_STATES, ChunkItem, JobInfo, ModelSpec
-from explainctl.spec.errors import InvalidInput, JobNotFound
+from explainctl.spec.errors import InvalidInput, JobNotFound, ServiceUnavailable
 from explainctl.spec.ids import new_job_id
 from explainctl.spec.methods import ExplainParams
 
@@ -49,6 +50,18 @@ def test_counts_follow_items_and_the_job_finishes_exactly_once(job_store):
     assert status.counts == {"queued": 0, "running": 0, "done": 5, "failed": 1, "cancelled": 0}
     assert status.state == "completed_with_failures"
     assert status.finished_at is not None
+
+
+def test_release_puts_running_items_back_without_their_attempt(job_store):
+    """A worker whose environment failed hands items back uncharged: the next start is
+    attempt 1 again; an item not running is left as it is."""
+    job_id = _job(job_store, 3)
+    assert job_store.begin(job_id, [0, 1]) == [1, 1]
+    job_store.settle(job_id, [(1, "done", {"mask_area": 0.1})])
+    assert job_store.release(job_id, [0, 1, 2]) == [0]
+    assert job_store.states(job_id, [0, 1, 2]) == ["queued", "done", "queued"]
+    assert job_store.status(job_id).counts["running"] == 0
+    assert job_store.begin(job_id, [0]) == [1]
 
 
 def test_a_chunk_delivered_twice_counts_each_item_once(job_store):
@@ -207,3 +220,30 @@ def test_the_scripts_are_given_the_declared_terminal_states(job_store):
     retry = [args for args in given if args.get("mode") == "retry"]
     assert {s for args in retry for s in args["reopenable"].split(",")} < TERMINAL_STATES
     assert "done" not in retry[0]["reopenable"].split(",")
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_check_server_warns_when_redis_persists_nothing(tmp_path, persistent):
+    from tests.support.services import RedisServer
+
+    server = RedisServer(tmp_path / "redis", persistent=persistent).start()
+    try:
+        warnings = JobStore.connect(server.url).check_server()
+    finally:
+        server.stop()
+    assert bool(warnings) is not persistent
+    assert all("persists nothing" in warning for warning in warnings)
+
+
+def test_check_server_refuses_every_evicting_policy(tmp_path):
+    from tests.support.services import RedisServer
+
+    server = RedisServer(tmp_path / "redis", persistent=True).start()
+    try:
+        store = JobStore.connect(server.url)
+        for policy in ("allkeys-lru", "volatile-ttl", "allkeys-random"):
+            store.redis.config_set("maxmemory-policy", policy)
+            with pytest.raises(ServiceUnavailable, match=f"maxmemory-policy {policy}"):
+                store.check_server()
+    finally:
+        server.stop()

@@ -13,7 +13,9 @@
 -- ARGV[3] record      the record to store in result ('' stores none)
 -- ARGV[4] mode        normal: from any state that is not terminal; queued-only: from
 --                     queued only; retry: from a reopenable state, dropping the item's
---                     record and attempts and the job's finished_at
+--                     record and attempts and the job's finished_at; release: from
+--                     running only, taking back the attempt its start counted (a
+--                     worker's environment failed, not the item)
 -- ARGV[5] now         the time to record as finished_at when this change finishes the job
 -- ARGV[6] terminal    the terminal item states, comma-separated (contracts.TERMINAL_STATES)
 -- ARGV[7] reopenable  the states a retry may move an item out of, comma-separated
@@ -44,6 +46,9 @@ if mode == 'retry' then
   redis.call('HDEL', KEYS[4], 'finished_at')
 elseif mode == 'queued-only' then
   if old ~= 'queued' then return {0, 0} end
+elseif mode == 'release' then
+  if old ~= 'running' then return {0, 0} end
+  redis.call('HINCRBY', KEYS[5], index, -1)
 elseif final[old] then
   return {0, 0}
 end
