@@ -153,6 +153,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from tests.support import reliability
 
     if reliability.ROWS:
-        terminalreporter.write_sep("=", "reliability: 0 lost and 0 duplicated is the target")
+        terminalreporter.write_sep("=", "reliability: 0 lost, against the inputs submitted")
         terminalreporter.write_line(reliability.table())
         reliability.write(os.environ.get("EXPLAINCTL_RELIABILITY_TABLE"))

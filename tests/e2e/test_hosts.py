@@ -81,9 +81,9 @@ def _worker(cluster, env, name: str) -> Host:
     return host
 
 
-def _audit(env, job: str, fault: str):
-    row = audit(JobStore.connect(env["EXPLAINCTL_BROKER_URL"]), job, fault)
-    assert (row.lost, row.duplicated, row.disagreeing) == (0, 0, 0), row
+def _audit(env, job: str, fault: str, inputs):
+    row = audit(JobStore.connect(env["EXPLAINCTL_BROKER_URL"]), job, fault, inputs)
+    assert (row.lost, row.disagreeing) == (0, 0), row
     return row
 
 
@@ -98,7 +98,7 @@ def _worker_lost_mid_chunk(cluster, env, tmp_path, fault: str, lose) -> None:
     lose(first)
     final = wait(env, job, timeout=240)
     assert final["state"] == "completed", final
-    assert _audit(env, job, fault).done == 4
+    assert _audit(env, job, fault, tmp_path / "in").done == 4
     # Its chunk ran again elsewhere: two attempts, one record each, and the record names
     # the attempt whose files it vouches for.
     records = list(JobStore.connect(env["EXPLAINCTL_BROKER_URL"]).items(job))
@@ -134,7 +134,7 @@ def _service_unreachable(cluster, env, tmp_path, host: Host, seconds: float, fau
     network.restore(host)
     final = wait(env, job, timeout=300)
     assert final["state"] == "completed", final
-    assert _audit(env, job, fault).done == 4
+    assert _audit(env, job, fault, tmp_path / "in").done == 4
 
 
 def test_the_s3_link_down_for_a_few_seconds(cluster, env, tmp_path):
