@@ -58,11 +58,18 @@ def _agrees(record) -> bool:
 
 
 def submitted(inputs: Iterable[str | Path] | Path) -> list[str]:
-    """The URIs a test submitted: a folder stands for the files in it, as submit lists
-    them (sorted paths); anything else is taken as given."""
+    """The URIs a test submitted, as a job names them: a folder stands for the files in
+    it; a local path or `file://` URI is its absolute, normalised path; any other URI is
+    taken as given."""
     if isinstance(inputs, Path) and inputs.is_dir():
         return sorted(str(path) for path in inputs.iterdir() if path.is_file())
-    return [str(uri) for uri in inputs]
+    uris = []
+    for uri in map(str, inputs):
+        local = uri.removeprefix("file://") if uri.startswith("file://") else None
+        if local is None and "://" not in uri:
+            local = uri
+        uris.append(os.path.normpath(os.path.abspath(local)) if local is not None else uri)
+    return uris
 
 
 def audit(store: JobStore, job_id: str, fault: str, inputs: Iterable[str | Path] | Path,
