@@ -152,7 +152,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
     from tests.support import reliability
 
-    if reliability.ROWS:
+    if reliability.ROWS or reliability.SKIPPED:
         terminalreporter.write_sep("=", "reliability: 0 lost, against the inputs submitted")
         terminalreporter.write_line(reliability.table())
         reliability.write(os.environ.get("EXPLAINCTL_RELIABILITY_TABLE"))

@@ -14,7 +14,7 @@ import pytest
 
 from explainctl.jobs.store import JobStore
 from tests.e2e.test_faults import images, status, submit, tiny, until, wait
-from tests.support import cli
+from tests.support import cli, reliability
 from tests.support.hosts import Host, Network, wait_for_port
 from tests.support.reliability import audit
 from tests.support.services import redis_binary
@@ -22,6 +22,7 @@ from tests.support.services import redis_binary
 pytestmark = pytest.mark.reliability
 
 if (why := Network.available()) is not None:
+    reliability.skipped("several hosts (tests/e2e/test_hosts.py)", why)
     pytest.skip(f"several-hosts suite skipped: {why}", allow_module_level=True)
 
 

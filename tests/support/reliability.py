@@ -24,6 +24,8 @@ from explainctl.spec.contracts import ITEMS_JSONL, RESULT_JSON, job_key
 from explainctl.spec.results import SCORE_FIELDS
 
 ROWS: list[Row] = []
+# Suites that could not run here, with why: the table says so instead of growing shorter.
+SKIPPED: list[tuple[str, str]] = []
 
 
 @dataclass
@@ -106,8 +108,13 @@ def audit(store: JobStore, job_id: str, fault: str, inputs: Iterable[str | Path]
     return row
 
 
+def skipped(suite: str, why: str) -> None:
+    SKIPPED.append((suite, why))
+
+
 def table() -> str:
-    return "\n".join([HEADER, *(row.markdown() for row in ROWS)])
+    missing = [f"| {suite}: **not run** ({why}) |{' – |' * 6}" for suite, why in SKIPPED]
+    return "\n".join([HEADER, *(row.markdown() for row in ROWS), *missing])
 
 
 def write(path: str | None) -> None:
