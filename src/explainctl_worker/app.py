@@ -129,8 +129,9 @@ def explain_chunk_task(self, payload: dict) -> None:
         else:
             strikes.clear()
     metrics.record_chunk(chunk.sent_at, started, context().device)
-    if strikes.count:
-        # Slower than a healthy worker, so a broken one cannot drain the queue.
+    if 0 < strikes.count < WORKER_STRIKES:
+        # Slower than a healthy worker, so a broken one cannot drain the queue (one about
+        # to leave need not wait).
         time.sleep(strikes.pause())
 
 

@@ -262,6 +262,8 @@ def test_a_broken_worker_hands_its_chunks_back_and_leaves(tmp_path, start_worker
     job = submit(worker_env, str(tmp_path / "in"), "--chunk-size", "1", *tiny(5))
     until(lambda: b"leaving: 3 chunks in a row" in broken.log_path.read_bytes(), timeout=90)
     assert b"(model-not-allowed: this worker does not accept" in broken.log_path.read_bytes()
+    broken.terminate()  # its supervisor would start it again: the test has seen enough
+    broken.process.wait(60)
     start_workers(1)
     final = wait(worker_env, job)
     assert (final["state"], final["counts"]["done"]) == ("completed", 6)
