@@ -38,7 +38,7 @@ def send_chunk(app: Celery, payload: ChunkPayload | dict, queue: str) -> None:
     """Queue one chunk, riding out a broker blip of a few seconds: the one way a chunk is
     queued, by a submit, a retry, or a worker's reaper re-sending a lost chunk (which
     holds the message as it was received, a dict, and sends it on unchanged)."""
-    message = payload.model_dump(mode="json") if isinstance(payload, ChunkPayload) else payload
+    message = payload.wire() if isinstance(payload, ChunkPayload) else payload
     try:
         app.send_task(
             TASK_EXPLAIN_CHUNK,

@@ -109,6 +109,11 @@ class ChunkPayload(_Strict):
     # (errors.ENVIRONMENT_CODES); at EXPLAINCTL_MAX_HAND_BACKS they fail with the code.
     handed_back: int = Field(default=0, ge=0)
 
+    def wire(self) -> dict:
+        """The message as JSON. A chunk never handed back leaves `handed_back` out, so
+        workers of the version before it still read every first delivery."""
+        return self.model_dump(mode="json", exclude=None if self.handed_back else {"handed_back"})
+
 
 # --- Storage layout: <output>/<job_id>/... ---------------------------------------------
 

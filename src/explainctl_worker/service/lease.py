@@ -108,7 +108,7 @@ def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float)
     to `queue`: the one it was delivered on (`delivered_queue`). The attempt counts of
     explainctl.jobs.store bound how often."""
     key = _key(payload)
-    body = json.dumps({"queue": queue, "payload": payload.model_dump(mode="json")})
+    body = json.dumps({"queue": queue, "payload": payload.wire()})
     client.set(_payload_key(key), body)
     claim = _RUN.on(client)
     now = _now(client)

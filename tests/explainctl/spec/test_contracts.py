@@ -19,3 +19,16 @@ def test_every_name_item_name_makes_is_one_a_reader_accepts(uri):
 @pytest.mark.parametrize("name", ["000001-../../etc", "000001-a/b", "1-cat", "000001-", ""])
 def test_names_that_could_escape_or_were_never_made_are_refused(name):
     assert not ITEM_NAME.fullmatch(name)
+
+
+def test_a_chunk_never_handed_back_is_the_message_the_previous_version_reads():
+    from explainctl.spec.contracts import ChunkItem, ChunkPayload, ModelSpec
+    from explainctl.spec.methods import ExplainParams
+
+    first = ChunkPayload(job_id="0" * 18, chunk=0, model=ModelSpec(), params=ExplainParams(),
+                         output="/out", items=[ChunkItem(index=0, uri="/a.png")])  # fmt: skip
+    assert "handed_back" not in first.wire()
+    assert ChunkPayload.model_validate(first.wire()) == first
+    again = first.model_copy(update={"handed_back": 2})
+    assert again.wire()["handed_back"] == 2
+    assert ChunkPayload.model_validate(again.wire()) == again
