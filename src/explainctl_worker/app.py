@@ -123,11 +123,10 @@ def explain_chunk_task(self, payload: dict) -> None:
         try:
             run_chunk(chunk, context())
         except HandBack as back:
+            strikes.record(back.strike)
             _hand_back(chunk, back, queue)
-            if not back.strike:
-                strikes.clear()
         else:
-            strikes.clear()
+            strikes.record(False)
     metrics.record_chunk(chunk.sent_at, started, context().device)
     if 0 < strikes.count < WORKER_STRIKES:
         # Slower than a healthy worker, so a broken one cannot drain the queue (one about
@@ -142,7 +141,6 @@ def _hand_back(chunk: ChunkPayload, back: HandBack, queue: str) -> None:
     number = context().store.new_chunk_number(chunk.job_id)
     again = {"items": back.items, "chunk": number}
     if back.strike:
-        strikes.add()
         again["handed_back"] = chunk.handed_back + 1
         log.error(
             "job %s chunk %d: handing %d items back as chunk %d (%s), strike %d of %d",

@@ -258,27 +258,30 @@ def _explain_group(
     )
     if inputs:
         metrics.record_idle(timings.idle_fraction)
-    released: list[tuple[ChunkItem, ItemOutcome]] = []
-    deferred: list[ChunkItem] = []
+    # Back to the queue, uncharged: items never started (deferred), and items whose failure
+    # was this worker's environment (`failure`: the first of them, for the strike).
+    back: list[ChunkItem] = []
+    failure: ItemOutcome | None = None
     for (item, _), outcome in zip(runnable, outcomes, strict=True):
         if outcome.deferred:
-            deferred.append(item)
+            back.append(item)
         elif outcome.ok:
             settled.append((item.index, "done", _record(outcome)))
         elif outcome.environment_failure and payload.handed_back < context.settings.max_hand_backs:
-            released.append((item, outcome))
+            back.append(item)
+            failure = failure or outcome
         else:
             settled.append((item.index, "failed", _failure(outcome.error_code, outcome.error)))
     # One round trip for the group, after every artifact of it is stored.
     run.finished |= store.settle(payload.job_id, settled)
     metrics.record_items(settled)
-    if released:
-        back = set(store.release(payload.job_id, [item.index for item, _ in released]))
-        code, message = released[0][1].error_code, released[0][1].error
-        run.hand_back([item for item, _ in released if item.index in back], code, message)
-    if deferred:
-        back = set(store.release(payload.job_id, [item.index for item in deferred]))
-        run.hand_back([item for item in deferred if item.index in back])
+    if back:
+        released = set(store.release(payload.job_id, [item.index for item in back]))
+        run.hand_back(
+            [item for item in back if item.index in released],
+            failure.error_code if failure else None,
+            failure.error if failure else "",
+        )
 
 
 def run_chunk(

@@ -62,11 +62,9 @@ class Strikes:
     def __init__(self) -> None:
         self.count = 0
 
-    def add(self) -> None:
-        self.count += 1
-
-    def clear(self) -> None:
-        self.count = 0
+    def record(self, struck: bool) -> None:
+        """One more chunk in the row, or the row broken by a chunk that was not."""
+        self.count = self.count + 1 if struck else 0
 
     def pause(self) -> float:
         return min(MAX_PAUSE, FIRST_PAUSE * 2 ** (self.count - 1))
