@@ -4,9 +4,10 @@ settling, writing the manifest and reading results, for jobs of 10^4 to 10^6 ite
     PYTHONPATH=. python benchmarks/scale.py --items 10000 100000 1000000 \
         --json benchmarks/results/scale-cpu.jsonl
 
-No model runs: items are settled through the worker's own code (JobStore.begin/settle with
-the record `chunk._record` builds from a result), so the records are the ones a real job
-leaves. It starts a redis-server of its own (no persistence) for each size, so the memory
+No model runs: items are settled through the worker's own code (JobStore.begin, then
+jobs.records.settle with the record `chunk._record` builds from a result: the scores go to
+one part per chunk in storage, a local directory here), so the records are the ones a real
+job leaves. It starts a redis-server of its own (no persistence) for each size, so the memory
 it reads is the job's alone, and it submits through `Client.submit` with real Celery
 messages (the queue is drained as workers would drain it before memory is read).
 Commands a user runs (`results --json`, `status`) run as child processes; their peak RSS
@@ -93,9 +94,10 @@ def run(n: int, chunk: int, work: Path) -> dict:
     from explainctl.config import Settings
     from explainctl.inputs import InputItem
     from explainctl.io.storage import open_storage
+    from explainctl.jobs import records
     from explainctl.jobs.manifest import write_manifest
     from explainctl.jobs.store import JobStore
-    from explainctl.spec.contracts import ITEMS_JSONL, ModelSpec, artifact_key, job_key
+    from explainctl.spec.contracts import ITEMS_JSONL, PARTS, ModelSpec, artifact_key, job_key
     from explainctl.spec.methods import ExplainParams
     from explainctl_worker.explain import ItemOutcome
     from explainctl_worker.service.chunk import _record
@@ -116,7 +118,7 @@ def run(n: int, chunk: int, work: Path) -> dict:
         storage = open_storage(str(out))
         template = _synthetic_result(0)
         started = time.perf_counter()
-        for first in range(0, n, chunk):
+        for number, first in enumerate(range(0, n, chunk)):
             indices = list(range(first, min(n, first + chunk)))
             store.begin(job.job_id, indices)
             settled = []
@@ -128,7 +130,7 @@ def run(n: int, chunk: int, work: Path) -> dict:
                     for name in template.artifacts
                 }
                 settled.append((i, "done", _record(outcome)))
-            store.settle(job.job_id, settled)
+            records.settle(store, storage, job.job_id, number, settled)
         settle_seconds = time.perf_counter() - started
         settled_bytes = client.info("memory")["used_memory"] - base
         started = time.perf_counter()
@@ -146,6 +148,7 @@ def run(n: int, chunk: int, work: Path) -> dict:
              "sys.argv[3])", url, str(out), job.job_id], env,
         )  # fmt: skip
         manifest_size = (out / job_key(job.job_id, ITEMS_JSONL)).stat().st_size
+        parts = list((out / job.job_id / PARTS).iterdir())
         return {
             "items": n,
             "chunk_size": chunk,
@@ -157,6 +160,8 @@ def run(n: int, chunk: int, work: Path) -> dict:
             "manifest_seconds": round(manifest_seconds, 2),
             "manifest_child": manifest,
             "manifest_mib": round(manifest_size / 2**20, 1),
+            "parts": len(parts),
+            "parts_mib": round(sum(p.stat().st_size for p in parts) / 2**20, 1),
             "results_child": results,
         }
     finally:

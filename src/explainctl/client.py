@@ -18,6 +18,7 @@ from explainctl.io.storage import Storage, open_storage
 from explainctl.io.uri import parse_uri
 from explainctl.jobs.manifest import read_manifest, write_job_json, write_manifest
 from explainctl.jobs.queue import make_app, send_chunk, waiting_chunks
+from explainctl.jobs.records import item_records
 from explainctl.jobs.store import JobStatus, JobStore
 from explainctl.pages.report import Gallery, build_report
 from explainctl.spec.contracts import (
@@ -234,7 +235,7 @@ class Client:
         except ServiceUnavailable as refusal:
             failure = {"error_code": "not-queued", "error": "the broker refused it"}
             changes = [(i.index, "failed", failure) for i in [*items, *unsent]]
-            if self.store.settle(info.job_id, changes):
+            if self.store.settle(info.job_id, changes):  # failures only: nothing to store
                 write_manifest(self.store, self.storage(info.output), info.job_id)
             return refusal
         return None
@@ -291,7 +292,7 @@ class Client:
         if not self.store.live(job_id):
             _, records = read_manifest(self.storage(self._output_of(job_id)), job_id)
             return records
-        return self.store.items(job_id)
+        return item_records(self.store, self.storage(self.store.info(job_id).output), job_id)
 
     def jobs(self, limit: int = 20) -> list[JobStatus]:
         return [self.store.status(job_id) for job_id in self.store.recent(limit)]

@@ -6,6 +6,7 @@ plain `celery` command behave the same.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from explainctl.jobs.queue import make_app, send_chunk
 from explainctl.jobs.store import JobStore
 from explainctl.local import embedded
 from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload, ModelSpec
-from explainctl.spec.errors import WORKER_STRIKES, ExplainctlError
+from explainctl.spec.errors import WORKER_STRIKES, ExplainctlError, ServiceUnavailable
 from explainctl_worker.service import lease, metrics, watchdog
 from explainctl_worker.service.chunk import HandBack, WorkerContext, run_chunk
 
@@ -128,6 +129,8 @@ def explain_chunk_task(self, payload: dict) -> None:
         else:
             strikes.record(False)
     metrics.record_chunk(chunk.sent_at, started, context().device)
+    with contextlib.suppress(ServiceUnavailable):  # a gauge is not worth failing a chunk for
+        metrics.record_redis(context().store.memory())
     if 0 < strikes.count < WORKER_STRIKES:
         # Slower than a healthy worker, so a broken one cannot drain the queue (one about
         # to leave need not wait).

@@ -129,7 +129,7 @@ def test_chaos_soak(tmp_path, start_workers, worker_env, s3_bucket):
         print(f"chaos: completed {recovery:.0f} s after the last fault")
         assert recovery < 240  # liveness: the job does not hang on what the faults left
 
-        attempts = Counter(r.attempts for r in store.items(job))
+        attempts = Counter(r.attempts for r in store.entries(job))
         print(f"chaos: items by attempts {dict(sorted(attempts.items()))}")
         assert max(attempts) >= 2  # faults did cost some items a rerun
         faults = sum(injected.values())

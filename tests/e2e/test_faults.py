@@ -84,7 +84,7 @@ def test_worker_killed_mid_chunk(tmp_path, start_workers, worker_env):
     final = wait(env, job, timeout=240)
     assert final["state"] == "completed", final
     store = JobStore.connect(env["EXPLAINCTL_BROKER_URL"])
-    assert max(r.attempts for r in store.items(job)) == 2  # the lost chunk ran again
+    assert max(r.attempts for r in store.entries(job)) == 2  # the lost chunk ran again
     row = audit(store, job, "worker SIGKILLed mid-chunk", tmp_path / "in")
     assert (row.done, row.lost) == (4, 0)
 
@@ -206,7 +206,7 @@ def test_poison_item_fails_after_the_cap_and_the_rest_completes(
     final = wait(env, job, timeout=240)
     assert final["counts"] == {"queued": 0, "running": 0, "done": 5, "failed": 1, "cancelled": 0}
     store = JobStore.connect(env["EXPLAINCTL_BROKER_URL"])
-    (poison,) = [r for r in store.items(job) if r.state == "failed"]
+    (poison,) = [r for r in store.entries(job) if r.state == "failed"]
     assert poison.uri.endswith("poison.png") and poison.error_code == "worker-lost"
     assert "lost 2 times" in poison.error
     row = audit(
@@ -238,7 +238,7 @@ def test_same_job_twice_and_a_chunk_delivered_twice(tmp_path, start_workers, wor
 
     before = {p: p.read_bytes() for p in (output / first).rglob("*.npy")}
     info = store.info(first)
-    items = [ChunkItem(index=r.index, uri=r.uri) for r in store.items(first)][:2]
+    items = [ChunkItem(index=r.index, uri=r.uri) for r in store.entries(first)][:2]
     payload = ChunkPayload(job_id=first, chunk=0, model=info.model, params=info.params,
                            output=info.output, items=items)  # fmt: skip
     app = make_app(Settings.load(broker_url=worker_env["EXPLAINCTL_BROKER_URL"]))
@@ -268,7 +268,7 @@ def test_a_broken_worker_hands_its_chunks_back_and_leaves(tmp_path, start_worker
     final = wait(worker_env, job)
     assert (final["state"], final["counts"]["done"]) == ("completed", 6)
     store = JobStore.connect(worker_env["EXPLAINCTL_BROKER_URL"])
-    assert {r.attempts for r in store.items(job)} == {1}  # no attempt charged to the refusal
+    assert {r.attempts for r in store.entries(job)} == {1}  # no attempt charged to the refusal
     row = audit(
         store, job, "a broken worker (refuses the model) beside a healthy one", tmp_path / "in"
     )
@@ -283,11 +283,11 @@ def test_cancel_during_a_running_job(tmp_path, start_workers, worker_env):
     assert cli.run("cancel", job, **worker_env).returncode == 0
     store = JobStore.connect(worker_env["EXPLAINCTL_BROKER_URL"])
     # What the cancel found: queued items became cancelled at once; the rest had started.
-    at_cancel = {r.index: r.state for r in store.items(job)}
+    at_cancel = {r.index: r.state for r in store.entries(job)}
     final = wait(worker_env, job)
     assert final["state"] == "cancelled"
     time.sleep(3)  # queued chunks reach the worker, which must not run them
-    settled = {r.index: r.state for r in store.items(job)}
+    settled = {r.index: r.state for r in store.entries(job)}
     expected = {i: "cancelled" if s == "cancelled" else "done" for i, s in at_cancel.items()}
     assert settled == expected  # what was running when cancelled finished done
     cancelled = sum(s == "cancelled" for s in expected.values())
@@ -319,7 +319,7 @@ def test_broker_refusing_a_retry(tmp_path, worker_env):
         (line,) = refused.stderr.strip().splitlines()
         assert "requeued 0 of its 5 items" in line and "5 failed as not-queued" in line, line
         store = JobStore.connect(server.url)
-        assert {r.error_code for r in store.items(job)} == {"not-queued"}
+        assert {r.error_code for r in store.entries(job)} == {"not-queued"}
         row = audit(
             store, job, "broker refuses a retry", tmp_path / "in", expected_failed=set(range(5))
         )

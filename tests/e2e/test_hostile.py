@@ -119,7 +119,7 @@ def test_every_bad_input_fails_alone(tmp_path, s3_bucket, start_workers, worker_
     store = JobStore.connect(worker_env["EXPLAINCTL_BROKER_URL"])
     job = json.loads(done.stdout)["job_id"]
     seen, failed = {}, set()
-    for record in store.items(job):
+    for record in store.entries(job):
         key = "target-5000" if record.target == "5000" else record.uri
         key = key if key in expected else record.uri.rsplit("/", 1)[-1]
         seen[key] = record.error_code

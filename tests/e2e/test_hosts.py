@@ -102,7 +102,7 @@ def _worker_lost_mid_chunk(cluster, env, tmp_path, fault: str, lose) -> None:
     assert _audit(env, job, fault, tmp_path / "in").done == 4
     # Its chunk ran again elsewhere: two attempts, one record each, and the record names
     # the attempt whose files it vouches for.
-    records = list(JobStore.connect(env["EXPLAINCTL_BROKER_URL"]).items(job))
+    records = list(JobStore.connect(env["EXPLAINCTL_BROKER_URL"]).entries(job))
     assert max(r.attempts for r in records) == 2
 
 

@@ -240,6 +240,9 @@ def test_worker_metrics(tmp_path, start_workers, worker_env):
     assert float(samples[failed]) == 1
     assert float(samples["explainctl_queue_wait_seconds_count"]) == 1
     assert float(samples["explainctl_item_seconds_count"]) == 3
+    # Redis memory as the worker read it after its chunk: the job's records are in it.
+    assert float(samples['explainctl_redis_memory_bytes{kind="used"}']) > 0
+    assert 'explainctl_redis_memory_bytes{kind="maxmemory"}' in samples
 
 
 def test_methods_and_metrics_through_the_queue(tmp_path, start_workers, worker_env):

@@ -78,7 +78,7 @@ def test_an_interrupted_submit_is_shown_and_resumed_without_duplicates(tmp_path,
     queued = [i["index"] for p in waiting_chunks(client, env["EXPLAINCTL_QUEUE"])
               if p["job_id"] == job for i in p["items"]]  # fmt: skip
     assert len(queued) == N and set(queued) == set(range(N))  # each item once
-    assert client.hlen(job_key(job, "items")) == N
+    assert client.strlen(job_key(job, "state")) == N  # each item recorded once
     again = cli.run("submit", "--resume", job, f"@{listing}", **env)
     assert again.returncode == 2 and "only an interrupted job" in again.stderr
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from explainctl.io.sources import read_uri
 from explainctl.io.storage import open_storage
+from explainctl.jobs.records import item_records
 from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import ITEMS_JSONL, RESULT_JSON, job_key
 from explainctl.spec.results import SCORE_FIELDS
@@ -79,7 +80,8 @@ def audit(store: JobStore, job_id: str, fault: str, inputs: Iterable[str | Path]
     """Check a settled job against the inputs submitted, its records, its manifest and its
     artifacts."""
     status = store.status(job_id)
-    records = list(store.items(job_id))
+    storage = open_storage(status.info.output)
+    records = list(item_records(store, storage, job_id))
     failed = {r.index for r in records if r.state == "failed"}
     done = [r for r in records if r.state == "done"]
     missing_artifacts = disagreeing = 0
@@ -91,7 +93,7 @@ def audit(store: JobStore, job_id: str, fault: str, inputs: Iterable[str | Path]
             missing_artifacts += 1
             continue
         disagreeing += not _agrees(record)
-    manifest = open_storage(status.info.output).get(job_key(job_id, ITEMS_JSONL)).splitlines()
+    manifest = storage.get(job_key(job_id, ITEMS_JSONL)).splitlines()
     lines = [json.loads(line) for line in manifest if line.strip()]
     indices = [line["index"] for line in lines]
     assert len(indices) == len(set(indices)), f"{fault}: an item is twice in the manifest"

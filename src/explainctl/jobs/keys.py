@@ -28,12 +28,12 @@ JOBS_KEY = f"{NAMESPACE}:jobs"
 LEASES_KEY = f"{NAMESPACE}:leases"
 
 JobPart = Literal[
-    "meta", "items", "state", "result", "attempts", "counts", "deliveries", "submitter", "index"
+    "meta", "items", "state", "errors", "attempts", "counts", "deliveries", "submitter", "index"
 ]
 # The parts that make up a job's live records: they expire together once it is sealed
 # (`submitter` has its own short expiry; `index` outlives them).
 JOB_PARTS: tuple[JobPart, ...] = (
-    "state", "counts", "result", "meta", "attempts", "items", "deliveries"
+    "state", "counts", "errors", "meta", "attempts", "items", "deliveries"
 )  # fmt: skip
 
 

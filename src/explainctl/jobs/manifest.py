@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 
 from explainctl.io.storage import Storage
+from explainctl.jobs.records import item_records
 from explainctl.jobs.store import JobStatus, JobStore
 from explainctl.spec.contracts import ITEMS_JSONL, JOB_JSON, JobInfo, job_key
 from explainctl.spec.errors import ItemError, JobNotFound, ServiceUnavailable
@@ -35,10 +36,12 @@ def _batched(lines: Iterator[str], size: int = 1 << 20) -> Iterator[bytes]:
 
 def write_manifest(store: JobStore, storage: Storage, job_id: str) -> str:
     """job.json with the final status, and one items.jsonl line per item, streamed from
-    Redis to storage in constant memory; returns the URI of items.jsonl."""
+    Redis and the job's parts to storage in constant memory; returns the URI of
+    items.jsonl."""
     store.info(job_id)  # JobNotFound once the records expired: never overwrite the manifest
     status = store.status(job_id)
-    lines = (record.model_dump_json(exclude_none=True) + "\n" for record in store.items(job_id))
+    records = item_records(store, storage, job_id)
+    lines = (record.model_dump_json(exclude_none=True) + "\n" for record in records)
     uri = storage.put_stream(job_key(job_id, ITEMS_JSONL), _batched(lines), "application/x-ndjson")
     write_job_json(storage, status.info, status)
     store.seal(job_id)  # only now may the records expire: the manifest holds the job

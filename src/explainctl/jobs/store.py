@@ -1,12 +1,18 @@
 """Job records in Redis, owned by explainctl (not Celery results or chords).
 
+Redis holds what a live job needs and no more: per item its state, its attempts, its
+input and, once failed, its error. The scores of done items go to storage as they settle,
+one part per chunk attempt (jobs/records.py), so a settled million-item job keeps tens of
+bytes per item here (benchmarks/scale.py measures it).
+
 Keys (explainctl.jobs.keys builds them), all under `explainctl:job:<id>:`
   meta      hash: info (JobInfo JSON), total, chunks, sent, submitted, cancelled,
-            finished_at, layout:<id> (the score names of a result layout)
-  items     hash: index -> [uri] or [uri, target]                 (fixed at submission)
-  state     hash: index -> queued | running | done | failed | cancelled
-  result    hash: index -> the scores as a list in a named layout, or the error
-  attempts  hash: index -> how many times a worker started the item
+            finished_at
+  items     hash: first index of a run of items -> their [uri] or [uri, target], in order
+            (one field per chunk recorded at submission)
+  state     string: byte i is item i's state code (contracts.STATE_CODES)
+  attempts  string: byte i is how many times a worker started item i
+  errors    hash: index -> a failed item's error_code and error
   counts    hash: state -> number of items in it
   deliveries hash: chunk -> how many times a worker received it
   submitter string: the submit that holds the job while it queues (expires unless renewed)
@@ -14,14 +20,13 @@ and `explainctl:jobs`, a sorted set of job IDs by creation time. Once a finished
 manifest is written (`seal`), its keys expire after the job TTL and a small `index` key
 (job.json's content: what was asked and the final status) stays for INDEX_TTL_FACTOR
 times longer, so `jobs` and `status` still answer and `results` finds the manifest in
-storage. Only what cannot be derived is stored: an item's name comes from its index and
-URI (contracts.item_name), its artifacts' URIs from the job's output (uri.key_uri), so a
-million-item job stays small.
+storage.
 
 Every state change goes through one Lua script (lua/transition.lua) that moves the item
 and its counters together, and refuses to leave a final state: a chunk delivered twice
 cannot count an item twice. The same script notices the change that finishes the job,
-exactly once. The scripts are given the terminal states from contracts.TERMINAL_STATES.
+exactly once. The scripts are given the states' codes and the terminal states from
+contracts.STATE_CODES and contracts.TERMINAL_STATES.
 
 This is the Redis boundary: every JobStore method turns a redis error into
 ServiceUnavailable (`redis_errors`), so no caller handles redis's own exceptions.
@@ -29,9 +34,9 @@ ServiceUnavailable (`redis_errors`), so no caller handles redis's own exceptions
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
-import hashlib
 import inspect
 import json
 import time
@@ -43,21 +48,17 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from explainctl.config import INDEX_TTL_FACTOR
-from explainctl.io.uri import key_uri
-from explainctl.jobs.keys import JOB_PARTS, JOBS_KEY, JobPart, Script, argv_set, job_key
+from explainctl.jobs.keys import JOB_PARTS, JOBS_KEY, JobPart, Script, job_key
 from explainctl.spec.contracts import (
-    ARTIFACT_FILES,
     ITEM_STATES,
+    STATE_CODES,
     TERMINAL_STATES,
     ChunkItem,
     JobInfo,
     JobState,
-    artifact_key,
-    item_name,
 )
 from explainctl.spec.errors import JobNotFound, ServiceUnavailable
 from explainctl.spec.ids import check_job_id
-from explainctl.spec.results import SCORE_FIELDS, ItemRecord
 
 _BATCH = 1000
 
@@ -66,8 +67,15 @@ _TRANSITION = Script("transition")
 _SUBMITTED = Script("submitted")
 _SEAL = Script("seal")
 _DELIVERED = Script("delivered")
-_TERMINAL = argv_set(TERMINAL_STATES)
-_REOPENABLE = argv_set(TERMINAL_STATES - {"done"})  # a retry never runs a done item again
+_TERMINAL = ",".join(sorted(TERMINAL_STATES))
+_STATE_OF = {code: state for state, code in STATE_CODES.items()}
+_CODES = {
+    "states": ",".join(ITEM_STATES),
+    "codes": "".join(STATE_CODES[s] for s in ITEM_STATES),
+    "terminal": "".join(sorted(STATE_CODES[s] for s in TERMINAL_STATES)),
+    # a retry never runs a done item again
+    "reopenable": "".join(sorted(STATE_CODES[s] for s in TERMINAL_STATES - {"done"})),
+}
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,23 @@ class JobStatus:
         }
 
 
+@dataclass(frozen=True)
+class Entry:
+    """What Redis holds of one item: its input, state, attempts and, if failed, its error."""
+
+    index: int
+    uri: str
+    target: str | None
+    state: str
+    attempts: int
+    error_code: str | None = None
+    error: str | None = None
+
+    @property
+    def item(self) -> ChunkItem:
+        return ChunkItem(index=self.index, uri=self.uri, target=self.target)
+
+
 def job_state(
     counts: dict[str, int],
     total: int,
@@ -129,54 +154,16 @@ def job_state(
     return "running"
 
 
-# The scores of a done item are stored as a list in SCORE_FIELDS order; the layout's
-# names are kept once per job (meta layout:<id>), so workers of another version, with
-# other fields, still write records this code reads.
-_LAYOUT = ",".join(SCORE_FIELDS)
-_LAYOUT_ID = hashlib.sha1(_LAYOUT.encode()).hexdigest()[:8]
+def _error(fields: dict | None) -> str:
+    """A failed item's error as stored ('' when the change carries none)."""
+    if not fields or "error_code" not in fields:
+        return ""
+    return json.dumps({k: fields[k] for k in ("error_code", "error") if k in fields})
 
 
-def _encode(fields: dict) -> str:
-    """A settled item's record fields as stored: scores as a list, artifact names only
-    when they are not the usual set, errors as they are."""
-    fields = dict(fields)
-    stored: dict = {}
-    if "artifacts" in fields:
-        names = list(fields.pop("artifacts") or ())
-        if names != list(ARTIFACT_FILES):
-            stored["f"] = names
-    if "attempt" in fields:
-        stored["a"] = fields.pop("attempt")
-    if any(name in fields for name in SCORE_FIELDS):
-        stored["l"] = _LAYOUT_ID
-        stored["s"] = [fields.pop(name, None) for name in SCORE_FIELDS]
-    stored.update(fields)
-    return json.dumps(stored, separators=(",", ":"))
-
-
-def _decode(raw: str | None, layouts: dict[str, list[str]], uri_of) -> dict:
-    """ItemRecord fields from a stored record (as _encode wrote it)."""
-    if not raw:
-        return {}
-    stored = json.loads(raw)
-    if "s" not in stored and "f" not in stored:
-        return stored  # an error: its fields as they are
-    fields = {}
-    attempt = stored.pop("a", None)
-    if "s" in stored:
-        names = layouts[stored.pop("l")]
-        known = set(ItemRecord.model_fields)
-        fields = {n: v for n, v in zip(names, stored.pop("s"), strict=False) if n in known}
-        names_of_files = stored.pop("f", ARTIFACT_FILES)
-        fields["artifacts"] = {f: uri_of(f, attempt) for f in names_of_files}
-        fields["attempt"] = attempt
-    fields.update(stored)
-    return fields
-
-
-def _item(stored: list) -> tuple[str, str | None]:
-    """(uri, target) of an items entry: [uri] or [uri, target]."""
-    return stored[0], (stored[1] if len(stored) > 1 else None)
+def _entry_items(raw: str) -> list[tuple[str, str | None]]:
+    """(uri, target) of each item of an `items` field: [[uri], [uri, target], ...]."""
+    return [(stored[0], stored[1] if len(stored) > 1 else None) for stored in json.loads(raw)]
 
 
 @contextlib.contextmanager
@@ -267,6 +254,15 @@ class JobStore:
         return ["Redis persists nothing (no AOF, no snapshots): a restart loses every queued "
                 "chunk and job record"]  # fmt: skip
 
+    def memory(self) -> dict[str, int]:
+        """Redis's memory in bytes: used, peak, and maxmemory (its cap; 0: none)."""
+        info = self.redis.info("memory")
+        return {
+            "used": int(info.get("used_memory", 0)),
+            "peak": int(info.get("used_memory_peak", 0)),
+            "maxmemory": int(info.get("maxmemory", 0)),
+        }
+
     @staticmethod
     def _key(job_id: str, part: JobPart) -> str:
         return job_key(job_id, part)
@@ -276,16 +272,16 @@ class JobStore:
         return {
             "state": self._key(job_id, "state"),
             "counts": self._key(job_id, "counts"),
-            "result": self._key(job_id, "result"),
+            "errors": self._key(job_id, "errors"),
             "meta": self._key(job_id, "meta"),
             "attempts": self._key(job_id, "attempts"),
         }
 
     def _move(self, pipe, keys: dict[str, str], index: int, new: str, mode: str,
-              record: str = "", now: float = 0) -> None:  # fmt: skip
+              error: str = "", now: float = 0) -> None:  # fmt: skip
         """Queue on `pipe` one run of lua/transition.lua (see its header for the replies)."""
-        args = {"index": index, "new": new, "record": record, "mode": mode, "now": now,
-                "terminal": _TERMINAL, "reopenable": _REOPENABLE}  # fmt: skip
+        args = {"index": index, "new": STATE_CODES[new], "error": error, "mode": mode,
+                "now": now, **_CODES}  # fmt: skip
         self._transition(keys=keys, args=args, client=pipe)
 
     # --- submission -------------------------------------------------------------------
@@ -301,16 +297,15 @@ class JobStore:
         pipe.execute()
 
     def add_chunk(self, job_id: str, items: Sequence[ChunkItem]) -> int:
-        """Record items as queued in one round trip; returns the new chunk's number."""
+        """Record items, numbered in a run from the first, as queued in one round trip;
+        returns the new chunk's number."""
+        first = items[0].index
+        if [i.index for i in items] != list(range(first, first + len(items))):
+            raise ValueError("a chunk records a run of consecutive indices")
+        stored = [[i.uri] if i.target is None else [i.uri, i.target] for i in items]
         pipe = self.redis.pipeline()
-        pipe.hset(
-            self._key(job_id, "items"),
-            mapping={
-                str(i.index): json.dumps([i.uri] if i.target is None else [i.uri, i.target])
-                for i in items
-            },
-        )
-        pipe.hset(self._key(job_id, "state"), mapping={str(i.index): "queued" for i in items})
+        pipe.hset(self._key(job_id, "items"), str(first), json.dumps(stored))
+        pipe.setrange(self._key(job_id, "state"), first, STATE_CODES["queued"] * len(items))
         pipe.hincrby(self._key(job_id, "counts"), "queued", len(items))
         pipe.hincrby(self._key(job_id, "meta"), "total", len(items))
         pipe.hincrby(self._key(job_id, "meta"), "chunks", 1)
@@ -341,14 +336,11 @@ class JobStore:
 
     def chunk_items(self, job_id: str, start: int, stop: int) -> list[ChunkItem]:
         """The recorded items with indices in [start, stop)."""
-        indices = [str(i) for i in range(start, stop)]
-        raw = self.redis.hmget(self._key(job_id, "items"), indices) if indices else []
-        found = []
-        for index, value in zip(indices, raw, strict=True):
-            if value is not None:
-                uri, target = _item(json.loads(value))
-                found.append(ChunkItem(index=int(index), uri=uri, target=target))
-        return found
+        runs = _Runs(self.redis, self._key(job_id, "items"))
+        return [
+            ChunkItem(index=index, uri=uri, target=target)
+            for index, (uri, target) in runs.between(start, stop)
+        ]
 
     def new_chunk_number(self, job_id: str) -> int:
         return int(self.redis.hincrby(self._key(job_id, "meta"), "chunks", 1)) - 1
@@ -364,9 +356,10 @@ class JobStore:
     # --- worker side ------------------------------------------------------------------
 
     def states(self, job_id: str, indices: Sequence[int]) -> list[str | None]:
-        if not indices:
-            return []
-        return self.redis.hmget(self._key(job_id, "state"), [str(i) for i in indices])
+        pipe = self.redis.pipeline(transaction=False)
+        for index in indices:
+            pipe.getrange(self._key(job_id, "state"), index, index)
+        return [_STATE_OF.get(code) for code in pipe.execute()] if indices else []
 
     def begin(self, job_id: str, indices: Sequence[int]) -> list[int | None]:
         """Mark items running and count an attempt for each; returns the attempt numbers,
@@ -389,22 +382,24 @@ class JobStore:
         return [index for index, reply in zip(indices, replies, strict=True) if reply[0] == 1]
 
     def settle(
-        self, job_id: str, changes: Iterable[tuple[int, str, dict]], mode: str = "normal"
+        self, job_id: str, changes: Iterable[tuple[int, str, dict | None]], mode: str = "normal"
     ) -> bool:
-        """Move items to final states; True if that finished the job. `queued-only` moves
-        only items still queued (a cancel must not discard work a worker started)."""
+        """Move items to final states, keeping a failed item's `error_code` and `error`;
+        True if that finished the job. A done item's scores are not kept here: settle it
+        through jobs.records, which stores them first. `queued-only` moves only items
+        still queued (a cancel must not discard work a worker started)."""
         keys = self._transition_keys(job_id)
         now = time.time()
         finished = False
         changes = list(changes)
         for start in range(0, len(changes), _BATCH):
             pipe = self.redis.pipeline()
-            pipe.hsetnx(keys["meta"], f"layout:{_LAYOUT_ID}", _LAYOUT)
             for index, state, fields in changes[start : start + _BATCH]:
-                assert state in TERMINAL_STATES
-                record = _encode(fields) if fields else ""
-                self._move(pipe, keys, index, state, mode=mode, record=record, now=now)
-            replies = pipe.execute()[1:]
+                if state not in TERMINAL_STATES:
+                    raise ValueError(f"settle moves items to a final state, not {state!r}")
+                error = _error(fields) if state == "failed" else ""
+                self._move(pipe, keys, index, state, mode=mode, error=error, now=now)
+            replies = pipe.execute()
             finished |= any(reply[0] == 1 and reply[1] for reply in replies)
         return finished
 
@@ -492,39 +487,36 @@ class JobStore:
         )
         return JobStatus(job_id, state, total, counts, submitted, cancelled, finished_at, info)
 
-    def items(self, job_id: str, states: set[str] | None = None) -> Iterator[ItemRecord]:
-        """Every item in index order, fetched a thousand at a time."""
-        meta = self.redis.hgetall(self._key(job_id, "meta"))
-        total = int(meta.get("total") or 0)
-        output = JobInfo.model_validate_json(meta["info"]).output if "info" in meta else ""
-        layouts = {k.removeprefix("layout:"): v.split(",") for k, v in meta.items()
-                   if k.startswith("layout:")}  # fmt: skip
+    def entries(self, job_id: str, states: set[str] | None = None) -> Iterator[Entry]:
+        """Every item Redis holds, in index order, read a thousand at a time (only those
+        in `states` when given)."""
+        total = int(self.redis.hget(self._key(job_id, "meta"), "total") or 0)
+        runs = _Runs(self.redis, self._key(job_id, "items"))
         for start in range(0, total, _BATCH):
-            indices = [str(i) for i in range(start, min(total, start + _BATCH))]
+            stop = min(total, start + _BATCH)
             pipe = self.redis.pipeline()
-            for part in ("items", "state", "result", "attempts"):
-                pipe.hmget(self._key(job_id, part), indices)
-            items, item_states, results, attempts = pipe.execute()
-            for index, raw, state, result, tries in zip(
-                indices, items, item_states, results, attempts, strict=True
-            ):
-                if raw is None or (states and state not in states):
-                    continue
-                uri, target = _item(json.loads(raw))
-                name = item_name(int(index), uri)
-
-                def uri_of(filename: str, attempt: int | None, name: str = name) -> str:
-                    return key_uri(output, artifact_key(job_id, name, filename, attempt))
-
-                yield ItemRecord(
-                    index=int(index),
-                    uri=uri,
-                    target=target,
-                    item=name,
-                    state=state,
-                    attempts=int(tries or 0),
-                    **_decode(result, layouts, uri_of),
-                )
+            pipe.getrange(self._key(job_id, "state"), start, stop - 1)
+            attempts = pipe.bitfield(self._key(job_id, "attempts"))
+            for index in range(start, stop):
+                attempts.get("u8", f"#{index}")
+            attempts.execute()
+            codes, tries = pipe.execute()
+            wanted = {
+                index: _STATE_OF[code]
+                for index, code in enumerate(codes, start=start)
+                if code in _STATE_OF and (not states or _STATE_OF[code] in states)
+            }
+            if not wanted:
+                continue
+            failed = [i for i, state in wanted.items() if state == "failed"]
+            errors = self.redis.hmget(self._key(job_id, "errors"), failed) if failed else []
+            error_of = {i: json.loads(e) for i, e in zip(failed, errors, strict=True) if e}
+            for index, (uri, target) in runs.between(start, stop):
+                if index in wanted:
+                    yield Entry(
+                        index, uri, target, wanted[index], tries[index - start],
+                        **error_of.get(index, {}),
+                    )  # fmt: skip
 
     def cancel(self, job_id: str) -> int | None:
         """Stop the job: queued items become cancelled; returns how many. A job that has
@@ -543,8 +535,8 @@ class JobStore:
 
         if not self.redis.transaction(flag, meta, value_from_callable=True):
             return None
-        queued = [record.index for record in self.items(job_id, {"queued"})]
-        self.settle(job_id, [(index, "cancelled", {}) for index in queued], mode="queued-only")
+        queued = [entry.index for entry in self.entries(job_id, {"queued"})]
+        self.settle(job_id, [(index, "cancelled", None) for index in queued], mode="queued-only")
         return len(queued)
 
     def reopen(self, job_id: str, states: set[str]) -> list[ChunkItem]:
@@ -556,14 +548,14 @@ class JobStore:
         pipe.delete(self._key(job_id, "index"))
         pipe.hdel(self._key(job_id, "meta"), "cancelled")
         pipe.execute()
-        records = list(self.items(job_id, states))
+        entries = list(self.entries(job_id, states))
         keys = self._transition_keys(job_id)
-        for start in range(0, len(records), _BATCH):
+        for start in range(0, len(entries), _BATCH):
             pipe = self.redis.pipeline()
-            for record in records[start : start + _BATCH]:
-                self._move(pipe, keys, record.index, "queued", mode="retry")
+            for entry in entries[start : start + _BATCH]:
+                self._move(pipe, keys, entry.index, "queued", mode="retry")
             pipe.execute()
-        return [ChunkItem(index=r.index, uri=r.uri, target=r.target) for r in records]
+        return [entry.item for entry in entries]
 
     def recent(self, limit: int = 20) -> list[str]:
         """The newest jobs that still have records or an index entry."""
@@ -579,3 +571,30 @@ class JobStore:
             found += [j for j, alive in zip(ids, pipe.execute(), strict=True) if alive]
             start += limit
         return found[:limit]
+
+
+class _Runs:
+    """The `items` hash of a job read by index: its fields are the first indices of runs
+    of consecutive items, so a run is found by bisecting the sorted fields."""
+
+    def __init__(self, client: redis.Redis, key: str):
+        self.redis, self.key = client, key
+        self.firsts = sorted(int(field) for field in client.hkeys(key))
+        self._read: dict[int, list[tuple[str, str | None]]] = {}
+
+    def between(self, start: int, stop: int) -> Iterator[tuple[int, tuple[str, str | None]]]:
+        """(index, (uri, target)) of the recorded items in [start, stop), in order; the
+        runs they lie in are read in one round trip."""
+        position = max(0, bisect.bisect_right(self.firsts, start) - 1)
+        firsts = self.firsts[position : bisect.bisect_left(self.firsts, stop)]
+        # A run reaching past `stop` is kept for the next window, the rest let go.
+        self._read = {first: self._read[first] for first in firsts if first in self._read}
+        missing = [first for first in firsts if first not in self._read]
+        if missing:
+            raw = self.redis.hmget(self.key, [str(first) for first in missing])
+            for first, value in zip(missing, raw, strict=True):
+                self._read[first] = _entry_items(value) if value else []
+        for first in firsts:
+            for index, item in enumerate(self._read[first], start=first):
+                if start <= index < stop:
+                    yield index, item

@@ -152,11 +152,29 @@ def job_key(job_id: str, filename: str) -> str:
     return f"{job_id}/{filename}"
 
 
+def part_key(job_id: str, low: int, high: int, chunk: int, run: str) -> str:
+    """Where one chunk attempt's records of done items go: `<job>/parts/<low>-<high>-...`,
+    named by the lowest and highest index it holds, so a reader streams the job in index
+    order from the listing alone."""
+    return f"{job_id}/{PARTS}/{low:09d}-{high:09d}-{chunk:07d}-{run}.jsonl"
+
+
+def part_span(key: str) -> tuple[int, int]:
+    """(lowest, highest) index of the records in the part at `key` (part_key's name)."""
+    low, high = key.rsplit("/", 1)[-1].split("-")[:2]
+    return int(low), int(high)
+
+
+PARTS = "parts"
+
+
 # --- Job records -----------------------------------------------------------------------
 
 ItemState = Literal["queued", "running", "done", "failed", "cancelled"]
 ITEM_STATES: tuple[str, ...] = get_args(ItemState)
 TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})  # an item never leaves these
+# How Redis stores an item's state: one byte per item, its state's first letter.
+STATE_CODES: dict[str, str] = {state: state[0] for state in ITEM_STATES}
 # interrupted: its submit stopped (killed) before queueing every item; `submit --resume`.
 JobState = Literal[
     "submitting",

@@ -28,6 +28,7 @@ from explainctl.config import Settings
 from explainctl.io.fetch import HttpPolicy
 from explainctl.io.sources import SourcePolicy, read_source
 from explainctl.io.storage import Storage, open_storage
+from explainctl.jobs import records
 from explainctl.jobs.manifest import write_manifest
 from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import (
@@ -261,7 +262,7 @@ def _explain_group(
     # Back to the queue, uncharged: items never started (deferred), and items whose failure
     # was this worker's environment (`failure`: the first of them, for the strike).
     back: list[ChunkItem] = []
-    failure: ItemOutcome | None = None
+    failure: tuple[ErrorCode, str] | None = None
     for (item, _), outcome in zip(runnable, outcomes, strict=True):
         if outcome.deferred:
             back.append(item)
@@ -269,19 +270,26 @@ def _explain_group(
             settled.append((item.index, "done", _record(outcome)))
         elif outcome.environment_failure and payload.handed_back < context.settings.max_hand_backs:
             back.append(item)
-            failure = failure or outcome
+            failure = failure or (outcome.error_code, outcome.error)
         else:
             settled.append((item.index, "failed", _failure(outcome.error_code, outcome.error)))
-    # One round trip for the group, after every artifact of it is stored.
-    run.finished |= store.settle(payload.job_id, settled)
+    # One part and one round trip for the group, after every artifact of it is stored.
+    try:
+        run.finished |= records.settle(
+            store, context.storage(payload.output), payload.job_id, payload.chunk, settled
+        )
+    except ItemError as error:
+        # Storage took the artifacts but not the part: the done items go back like any
+        # storage failure, the failed ones settle (their errors live in Redis).
+        done = {index for index, state, _ in settled if state == "done"}
+        back += [item for item, _ in runnable if item.index in done]
+        settled = [change for change in settled if change[0] not in done]
+        failure = failure or (error.code, error.message)
+        run.finished |= store.settle(payload.job_id, settled)
     metrics.record_items(settled)
     if back:
         released = set(store.release(payload.job_id, [item.index for item in back]))
-        run.hand_back(
-            [item for item in back if item.index in released],
-            failure.error_code if failure else None,
-            failure.error if failure else "",
-        )
+        run.hand_back([item for item in back if item.index in released], *(failure or (None, "")))
 
 
 def run_chunk(
@@ -317,7 +325,7 @@ def run_chunk(
         admit_until = time.monotonic() + ADMIT_SHARE * context.settings.chunk_time_limit
     run = _Run(admit_until=admit_until)
     if store.is_cancelled(job):
-        run.finished = store.settle(job, [(item.index, "cancelled", {}) for item in pending])
+        run.finished = store.settle(job, [(item.index, "cancelled", None) for item in pending])
     elif not context.model_allowed(payload.model):
         message = f"this worker does not accept model {payload.model.name!r}"
         _environment_failed(context, payload, pending, "model-not-allowed", message, run)
@@ -359,7 +367,7 @@ def _run_pending(context, payload, pending, loaded, deliveries, run: _Run) -> No
         if position and context.store.is_cancelled(payload.job_id):
             rest = [item for g in groups[position:] for item in g]
             run.finished |= context.store.settle(
-                payload.job_id, [(item.index, "cancelled", {}) for item in rest]
+                payload.job_id, [(item.index, "cancelled", None) for item in rest]
             )
             return
         _explain_group(context, payload, group, loaded, run)

@@ -39,6 +39,11 @@ QUEUE_WAIT = Histogram(
     buckets=(0.1, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 7200, 14400),
 )
 GPU_MEMORY = Gauge("explainctl_gpu_memory_bytes", "GPU memory held by torch", ["kind"])
+REDIS_MEMORY = Gauge(
+    "explainctl_redis_memory_bytes",
+    "Redis memory as this worker last read it (used, peak; maxmemory: its cap, 0 for none)",
+    ["kind"],
+)
 
 
 def serve(port: int) -> None:
@@ -57,6 +62,11 @@ def record_items(settled: Iterable[tuple[int, str, dict]]) -> None:
 
 def record_idle(ratio: float) -> None:
     DEVICE_IDLE.observe(ratio)
+
+
+def record_redis(memory: dict[str, int]) -> None:
+    for kind, value in memory.items():
+        REDIS_MEMORY.labels(kind=kind).set(value)
 
 
 def record_chunk(sent_at: float | None, started: float, device) -> None:

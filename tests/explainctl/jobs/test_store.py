@@ -6,7 +6,13 @@ import pytest
 
 from explainctl.jobs.keys import job_key
 from explainctl.jobs.store import JobStore
-from explainctl.spec.contracts import TERMINAL_STATES, ChunkItem, JobInfo, ModelSpec
+from explainctl.spec.contracts import (
+    STATE_CODES,
+    TERMINAL_STATES,
+    ChunkItem,
+    JobInfo,
+    ModelSpec,
+)
 from explainctl.spec.errors import InvalidInput, JobNotFound, ServiceUnavailable
 from explainctl.spec.ids import new_job_id
 from explainctl.spec.methods import ExplainParams
@@ -73,7 +79,7 @@ def test_a_chunk_delivered_twice_counts_each_item_once(job_store):
     assert finished is False  # the second run changed nothing, so it finished nothing
     status = job_store.status(job_id)
     assert status.counts["done"] == 4 and sum(status.counts.values()) == 4
-    assert [r.attempts for r in job_store.items(job_id)] == [1, 1, 1, 1]  # not run again
+    assert [r.attempts for r in job_store.entries(job_id)] == [1, 1, 1, 1]  # not run again
 
 
 def test_final_states_are_final(job_store):
@@ -81,7 +87,7 @@ def test_final_states_are_final(job_store):
     job_store.settle(job_id, [(0, "failed", {"error_code": "x", "error": "y"})])
     job_store.settle(job_id, [(0, "done", {})])
     job_store.begin(job_id, [0])
-    assert [r.state for r in job_store.items(job_id)] == ["failed"]
+    assert [r.state for r in job_store.entries(job_id)] == ["failed"]
 
 
 def test_job_finishing_before_submission_ends_is_noticed_by_submission(job_store):
@@ -91,16 +97,33 @@ def test_job_finishing_before_submission_ends_is_noticed_by_submission(job_store
     assert job_store.status(job_id).state == "completed"
 
 
-def test_items_come_back_in_order_with_their_results(job_store):
+def test_entries_come_back_in_order_from_compact_records(job_store):
+    """State and attempts are a byte per item, inputs a field per chunk: Redis holds no
+    per-item hash field but a failed item's error."""
     job_id = _job(job_store, 2500, chunk_size=500)
-    job_store.settle(job_id, [(1234, "done", {"mask_area": 0.25, "artifacts": {"a": "s3://b/k"}})])
-    records = list(job_store.items(job_id))
-    assert [r.index for r in records] == list(range(2500))
-    # Artifact URIs are derived from the job's output, not stored.
-    derived = {"a": f"/tmp/out/{job_id}/001234-1234/a"}
-    assert records[1234].mask_area == 0.25 and records[1234].artifacts == derived
-    assert records[7].item == "000007-7"
-    assert [r.index for r in job_store.items(job_id, {"done"})] == [1234]
+    job_store.begin(job_id, [1234, 2000])
+    failure = {"error_code": "corrupt", "error": "bad"}
+    job_store.settle(job_id, [(1234, "done", {"mask_area": 0.25}), (2000, "failed", failure)])
+    entries = list(job_store.entries(job_id))
+    assert [e.index for e in entries] == list(range(2500))
+    assert (entries[7].uri, entries[7].state, entries[7].attempts) == ("/images/7.png", "queued", 0)
+    assert (entries[1234].state, entries[1234].attempts, entries[1234].error) == ("done", 1, None)
+    assert (entries[2000].error_code, entries[2000].error) == ("corrupt", "bad")
+    assert [e.index for e in job_store.entries(job_id, {"done", "failed"})] == [1234, 2000]
+    redis = job_store.redis
+    assert redis.strlen(job_key(job_id, "state")) == 2500
+    assert redis.hlen(job_key(job_id, "items")) == 5
+    assert redis.hkeys(job_key(job_id, "errors")) == ["2000"]  # the scores are not here
+    assert job_store.chunk_items(job_id, 498, 502)[0].uri == "/images/498.png"
+    assert [i.index for i in job_store.chunk_items(job_id, 498, 502)] == [498, 499, 500, 501]
+
+
+def test_a_chunk_records_consecutive_items_only(job_store):
+    job_id = _job(job_store, 0)
+    with pytest.raises(ValueError):
+        job_store.add_chunk(job_id, [ChunkItem(index=i, uri="/a.png") for i in (0, 2)])
+    with pytest.raises(ValueError):
+        job_store.settle(job_id, [(0, "running", None)])
 
 
 def test_cancel_and_reopen(job_store):
@@ -118,7 +141,7 @@ def test_cancel_and_reopen(job_store):
     status = job_store.status(job_id)
     assert status.counts["queued"] == 1 and status.counts["failed"] == 0
     assert not status.cancelled and status.finished_at is None
-    assert [r.attempts for r in job_store.items(job_id, {"queued"})] == [0]
+    assert [r.attempts for r in job_store.entries(job_id, {"queued"})] == [0]
 
 
 def test_cancelling_a_finished_job_changes_nothing(job_store):
@@ -157,43 +180,8 @@ def test_cancelling_never_discards_a_started_item(job_store):
     job_id = _job(job_store, 2)
     job_store.mark_submitted(job_id)
     job_store.begin(job_id, [0])
-    job_store.settle(job_id, [(0, "cancelled", {}), (1, "cancelled", {})], mode="queued-only")
-    assert [r.state for r in job_store.items(job_id)] == ["running", "cancelled"]
-
-
-def test_records_store_no_derivable_field_and_read_back_whole(job_store):
-    from explainctl.io.storage import open_storage
-    from explainctl.spec.contracts import ARTIFACT_FILES, artifact_key, item_name
-
-    job_id = _job(job_store, 2)
-    job_store.begin(job_id, [0, 1])
-    storage = open_storage("/tmp/out")
-    name = item_name(0, "/images/0.png")
-    artifacts = {f: storage.uri(artifact_key(job_id, name, f, 1)) for f in ARTIFACT_FILES}
-    scores = {"target_index": 3, "target_name": "cat", "prob_before": 0.9, "prob_after": 0.1,
-              "mask_area": 0.2, "iterations": 40, "stop_reason": "converged", "seconds": 1.5,
-              "method": "original"}  # fmt: skip
-    failure = {"error_code": "corrupt", "error": "bad"}
-    done = {"attempt": 1, "artifacts": artifacts, **scores}
-    job_store.settle(job_id, [(0, "done", done), (1, "failed", failure)])
-    stored = job_store.redis.hget(job_key(job_id, "result"), "0")
-    assert "/tmp/out" not in stored and name not in stored  # derived, not stored
-    assert name not in job_store.redis.hget(job_key(job_id, "items"), "0")
-    done, failed = job_store.items(job_id)
-    assert done.item == name and done.artifacts == artifacts and done.attempt == 1
-    assert {k: getattr(done, k) for k in scores} == scores
-    assert (failed.error_code, failed.artifacts, failed.mask_area) == ("corrupt", {}, None)
-
-
-def test_records_of_another_layout_still_read(job_store):
-    job_id = _job(job_store, 2)
-    # A worker of another version, whose scores have a field this one lacks.
-    job_store.redis.hset(job_key(job_id, "meta"), "layout:zz", "mask_area,future_score,prob_after")
-    job_store.redis.hset(job_key(job_id, "result"), "1", '{"a": 2, "l": "zz", "s": [0.4, 7, 0.2]}')
-    mine, other = job_store.items(job_id)
-    assert mine.state == "queued" and mine.mask_area is None
-    assert (other.mask_area, other.prob_after, other.attempt) == (0.4, 0.2, 2)
-    assert other.artifacts["mask.png"] == f"/tmp/out/{job_id}/000001-1/attempt-2/mask.png"
+    job_store.settle(job_id, [(0, "cancelled", None), (1, "cancelled", None)], mode="queued-only")
+    assert [r.state for r in job_store.entries(job_id)] == ["running", "cancelled"]
 
 
 def test_the_scripts_are_given_the_declared_terminal_states(job_store):
@@ -215,11 +203,18 @@ def test_the_scripts_are_given_the_declared_terminal_states(job_store):
     assert job_store.mark_submitted(job_id) is True
     assert [r.index for r in job_store.reopen(job_id, {"failed", "cancelled"})] == [1, 2]
     assert len(given) == 2 + 2 + 1 + 1 + 2
+
+    def named(args: dict, field: str) -> set[str]:
+        if "codes" not in args:  # submitted.lua: the names themselves
+            return set(args[field].split(","))
+        name_of = dict(zip(args["codes"], args["states"].split(","), strict=True))
+        return {name_of[code] for code in args[field]}
+
     for args in given:
-        assert set(args["terminal"].split(",")) == TERMINAL_STATES
+        assert named(args, "terminal") == TERMINAL_STATES
     retry = [args for args in given if args.get("mode") == "retry"]
-    assert {s for args in retry for s in args["reopenable"].split(",")} < TERMINAL_STATES
-    assert "done" not in retry[0]["reopenable"].split(",")
+    assert named(retry[0], "reopenable") == TERMINAL_STATES - {"done"}
+    assert {args["new"] for args in given if "codes" in args} <= set(STATE_CODES.values())
 
 
 @pytest.mark.parametrize("persistent", [False, True])

@@ -32,3 +32,23 @@ def test_a_chunk_never_handed_back_is_the_message_the_previous_version_reads():
     again = first.model_copy(update={"handed_back": 2})
     assert again.wire()["handed_back"] == 2
     assert ChunkPayload.model_validate(again.wire()) == again
+
+
+def test_each_item_state_has_its_own_one_byte_code():
+    from explainctl.spec.contracts import ITEM_STATES, STATE_CODES
+
+    assert set(STATE_CODES) == set(ITEM_STATES)
+    assert len(set(STATE_CODES.values())) == len(ITEM_STATES)
+    assert all(len(code.encode()) == 1 and code != "\0" for code in STATE_CODES.values())
+
+
+def test_a_part_is_named_by_the_indices_it_holds():
+    from explainctl.spec.contracts import part_key, part_span
+
+    key = part_key("01m9675xa1q0cp03k7", 32, 1_000_047, 3, "ab12")
+    assert key == "01m9675xa1q0cp03k7/parts/000000032-001000047-0000003-ab12.jsonl"
+    assert part_span(key) == (32, 1_000_047)
+    # names sort as their lowest index does, up to a billion items
+    assert sorted([part_key("j", 100, 100, 0, "a"), part_key("j", 99, 120, 1, "b")])[0].endswith(
+        "000000099-000000120-0000001-b.jsonl"
+    )

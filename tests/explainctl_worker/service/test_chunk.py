@@ -43,7 +43,7 @@ def test_storage_a_worker_cannot_write_hands_the_items_back_uncharged(job_store,
     with pytest.raises(HandBack) as back:
         run_chunk(payload, _context(job_store))
     assert [item.index for item in back.value.items] == [0, 1]
-    records = list(job_store.items(payload.job_id))
+    records = list(job_store.entries(payload.job_id))
     assert [(r.state, r.attempts) for r in records] == [("queued", 0), ("queued", 0)]
 
 
@@ -52,7 +52,7 @@ def test_once_enough_workers_handed_them_back_the_items_fail(job_store, tmp_path
     last = payload.model_copy(update={"handed_back": 2})
     refusing = Settings(allowed_models=("vgg19",), max_hand_backs=2)
     run_chunk(last, WorkerContext(settings=refusing, store=job_store))
-    records = list(job_store.items(payload.job_id))
+    records = list(job_store.entries(payload.job_id))
     assert {(r.state, r.error_code) for r in records} == {("failed", "model-not-allowed")}
     assert job_store.status(payload.job_id).state == "completed_with_failures"
 
@@ -63,10 +63,10 @@ def test_a_model_the_worker_refuses_is_handed_back_before_anything_starts(job_st
     with pytest.raises(HandBack) as back:
         run_chunk(payload, refusing)
     assert back.value.code == "model-not-allowed" and len(back.value.items) == 2
-    assert {r.attempts for r in job_store.items(payload.job_id)} == {0}
+    assert {r.attempts for r in job_store.entries(payload.job_id)} == {0}
     # A worker that accepts it then explains both, as their first attempt.
     run_chunk(payload.model_copy(update={"handed_back": 1}), _context(job_store))
-    records = list(job_store.items(payload.job_id))
+    records = list(job_store.entries(payload.job_id))
     assert [(r.state, r.attempts) for r in records] == [("done", 1), ("done", 1)]
 
 
@@ -79,11 +79,11 @@ def test_a_chunk_out_of_time_starts_no_more_items_and_hands_the_rest_back(job_st
         run_chunk(payload, one_slot, admit_until=time.monotonic())
     assert not back.value.strike
     assert [item.index for item in back.value.items] == [1, 2, 3]
-    records = list(job_store.items(payload.job_id))
+    records = list(job_store.entries(payload.job_id))
     assert [(r.state, r.attempts) for r in records] == [
         ("done", 1), ("queued", 0), ("queued", 0), ("queued", 0)
     ]  # fmt: skip
     run_chunk(payload.model_copy(update={"items": back.value.items}), one_slot)
-    final = list(job_store.items(payload.job_id))
+    final = list(job_store.entries(payload.job_id))
     assert [(r.state, r.attempts) for r in final] == [("done", 1)] * 4
     assert job_store.status(payload.job_id).state == "completed"

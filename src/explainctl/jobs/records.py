@@ -1,0 +1,143 @@
+"""Item records: Redis's entries joined with the scores that went to storage.
+
+A done item's scores and artifacts are written to the job's output as they settle, one
+part per chunk attempt (`<job>/parts/<low>-<high>-<chunk>-<run>.jsonl`, a JSON line per
+item), before Redis marks the items done: an item is never done without its record, and
+Redis keeps only what a live job needs (jobs/store.py). A part of an attempt that lost the
+race to a second copy of its chunk holds a record Redis never counted; it names complete
+artifacts all the same, and a reader takes, per done item, the record of the highest
+attempt.
+
+Readers stream the job in index order: the listing names each part's lowest and highest
+index, so parts are read (a few at a time, in threads) as the index reaches them, and only
+the records not yet reached are held.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from explainctl.io.storage import Storage
+from explainctl.jobs.store import Entry, JobStore
+from explainctl.spec.contracts import PARTS, item_name, job_key, part_key, part_span
+from explainctl.spec.errors import ItemError, ServiceUnavailable
+from explainctl.spec.results import ItemRecord
+
+log = logging.getLogger("explainctl.records")
+
+# Parts read ahead of the index; enough to hide a remote store's latency.
+_READ_AHEAD = 16
+
+
+def settle(
+    store: JobStore,
+    storage: Storage,
+    job_id: str,
+    chunk: int,
+    changes: Iterable[tuple[int, str, dict | None]],
+) -> bool:
+    """Settle items: (index, state, fields). The fields of done items (attempt,
+    artifacts, scores) are written as one part first, then every item moves in Redis
+    with a failed item's error; True if that finished the job. Raises ItemError when
+    storage refuses the part, and then nothing moved."""
+    changes = list(changes)
+    done = sorted((index, fields) for index, state, fields in changes if state == "done")
+    if done:
+        lines = "".join(json.dumps({"index": i, **(f or {})}) + "\n" for i, f in done)
+        key = part_key(job_id, done[0][0], done[-1][0], chunk, secrets.token_hex(4))
+        storage.put(key, lines.encode(), "application/x-ndjson")
+    return store.settle(job_id, [(i, s, f if s == "failed" else None) for i, s, f in changes])
+
+
+def item_records(
+    store: JobStore, storage: Storage, job_id: str, states: set[str] | None = None
+) -> Iterator[ItemRecord]:
+    """Every item of a live job (those in `states` when given), in index order, with its
+    scores once done."""
+    done = _DoneRecords(storage, job_id)
+    try:
+        for entry in store.entries(job_id, states):
+            fields = done.take(entry.index) if entry.state == "done" else {}
+            yield _record(entry, fields)
+    finally:
+        done.close()
+
+
+def _record(entry: Entry, fields: dict) -> ItemRecord:
+    """The item's record: Redis's entry, over the fields its part holds."""
+    held = {
+        "index": entry.index,
+        "uri": entry.uri,
+        "target": entry.target,
+        "item": item_name(entry.index, entry.uri),
+        "state": entry.state,
+        "attempts": entry.attempts,
+        "error_code": entry.error_code,
+        "error": entry.error,
+    }
+    scores = {k: v for k, v in fields.items() if k in ItemRecord.model_fields}
+    return ItemRecord(**{**scores, **held})
+
+
+class _DoneRecords:
+    """The records in a job's parts, taken in increasing index order."""
+
+    def __init__(self, storage: Storage, job_id: str):
+        self.storage = storage
+        self.job_id = job_id
+        self._parts: deque[str] | None = None  # listed on first use: a reader of failed
+        self._reading: deque[tuple[int, Future]] = deque()  # items never lists them
+        self._held: dict[int, dict] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._missing = 0
+
+    def take(self, index: int) -> dict:
+        if self._parts is None:
+            keys = self.storage.list(job_key(self.job_id, PARTS) + "/")
+            self._parts = deque(sorted(keys, key=part_span))
+            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="parts")
+        self._read_through(index)
+        for stale in [i for i in self._held if i < index]:  # a copy that lost its race
+            del self._held[stale]
+        fields = self._held.pop(index, None)
+        if fields is None:
+            self._missing += 1
+            return {}
+        return fields
+
+    def _read_through(self, index: int) -> None:
+        """Hold every record of the parts that start at or before `index`."""
+        assert self._parts is not None and self._pool is not None
+        while True:
+            while self._parts and len(self._reading) < _READ_AHEAD:
+                key = self._parts.popleft()
+                self._reading.append((part_span(key)[0], self._pool.submit(self.storage.get, key)))
+            if not self._reading or self._reading[0][0] > index:
+                return
+            _, future = self._reading.popleft()
+            try:
+                body = future.result()
+            except ItemError as error:
+                raise ServiceUnavailable(
+                    f"cannot read the records of job {self.job_id}: {error.message}"
+                ) from None
+            for line in body.splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    at = record.pop("index")
+                    kept = self._held.get(at)
+                    if kept is None or (record.get("attempt") or 0) > (kept.get("attempt") or 0):
+                        self._held[at] = record
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._missing:
+            log.warning(
+                "job %s: %d done items have no record in storage", self.job_id, self._missing
+            )
