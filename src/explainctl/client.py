@@ -16,10 +16,12 @@ from explainctl.inputs import InputItem
 from explainctl.io.sources import read_uri
 from explainctl.io.storage import Storage, open_storage
 from explainctl.io.uri import parse_uri
+from explainctl.jobs import leases
 from explainctl.jobs.manifest import read_manifest, write_job_json, write_manifest
-from explainctl.jobs.queue import make_app, send_chunk, waiting_chunks
+from explainctl.jobs.queue import make_app, send_items, waiting_chunks
+from explainctl.jobs.reconcile import GRACE_SECONDS, reconcile
 from explainctl.jobs.records import item_records
-from explainctl.jobs.store import JobStatus, JobStore
+from explainctl.jobs.store import JobStatus, JobStore, redis_errors
 from explainctl.pages.report import Gallery, build_report
 from explainctl.spec.contracts import (
     ARTIFACT_NAMES,
@@ -28,7 +30,6 @@ from explainctl.spec.contracts import (
     ITEM_NAME,
     REPORT_HTML,
     ChunkItem,
-    ChunkPayload,
     JobInfo,
     JobState,
     ModelSpec,
@@ -46,6 +47,8 @@ from explainctl.spec.methods import ExplainParams
 from explainctl.spec.results import ItemRecord
 
 ARTIFACT_MAX_BYTES = 512 * 1024 * 1024
+# How often `wait` reaps lost chunks and looks for lost items: a few looks per grace.
+RECONCILE_SECONDS = GRACE_SECONDS / 4
 
 
 @dataclass(frozen=True)
@@ -241,16 +244,7 @@ class Client:
         return None
 
     def _send(self, info: JobInfo, items: list[ChunkItem], chunk: int) -> None:
-        payload = ChunkPayload(
-            job_id=info.job_id,
-            chunk=chunk,
-            model=info.model,
-            params=info.params,
-            output=info.output,
-            items=items,
-            sent_at=time.time(),
-        )
-        send_chunk(self.app, payload, info.queue)
+        send_items(self.app, info, items, chunk)
 
     # --- reading ----------------------------------------------------------------------
 
@@ -268,9 +262,13 @@ class Client:
         return sealed.info.output if sealed else self.settings.output
 
     def watch(self, job_id: str, interval: float = 1.0) -> Iterator[JobStatus]:
-        """Statuses until the job settles; rides out Redis restarts by reconnecting."""
+        """Statuses until the job settles; rides out Redis restarts by reconnecting. While
+        it waits it also reaps lost chunks and items (jobs.leases, jobs.reconcile), so a
+        job whose last worker died goes back to the queue for the next one."""
         check_job_id(job_id)
         outage_started = None
+        looked = reaped = time.monotonic()
+        seen = False
         while True:
             try:
                 status = self.store.status(job_id)
@@ -280,10 +278,25 @@ class Client:
                     raise ServiceUnavailable("lost Redis for 5 minutes while waiting") from None
                 time.sleep(interval)
                 continue
-            outage_started = None
+            except JobNotFound:
+                if not seen:
+                    raise
+                raise ServiceUnavailable(
+                    f"job {job_id} vanished from Redis before it finished, with no manifest "
+                    "(Redis lost its records: a restart without persistence, or a failover)"
+                ) from None
+            outage_started, seen = None, True
             yield status
             if status.state in FINISHED_JOB_STATES:
                 return
+            if time.monotonic() - reaped >= self.settings.lease_seconds / 2:
+                reaped = time.monotonic()
+                with contextlib.suppress(ServiceUnavailable), redis_errors():
+                    leases.reap(self.store.redis, self.app)
+            if time.monotonic() - looked >= RECONCILE_SECONDS:
+                looked = time.monotonic()
+                with contextlib.suppress(ServiceUnavailable):
+                    reconcile(self.store, self.app, job_id)
             time.sleep(interval)
 
     def results(self, job_id: str) -> Iterator[ItemRecord]:

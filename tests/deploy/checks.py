@@ -604,10 +604,16 @@ def keda_list_names(docs: Iterable[Mapping]) -> list[str]:
 
 
 def check_keda_queue(docs: Iterable[Mapping], queue: str) -> list[str]:
+    """KEDA reads the queue the workers consume and the list of chunk leases, no other."""
+    from explainctl.jobs.keys import BUSY_KEY
+
     names = keda_list_names(docs)
     if not names:
         return ["no ScaledObject with a redis trigger"]
-    return [f"KEDA listName {name!r} is not the queue {queue!r}" for name in names if name != queue]
+    problems = [f"KEDA listName {name!r} is neither the queue {queue!r} nor {BUSY_KEY!r}"
+                for name in names if name not in (queue, BUSY_KEY)]  # fmt: skip
+    problems += [f"KEDA reads no list {name!r}" for name in (queue, BUSY_KEY) if name not in names]
+    return problems
 
 
 def check_grace_period(pod: Mapping, env: Mapping[str, str], default_limit: int) -> list[str]:

@@ -73,19 +73,31 @@ def wait(env, job: str, timeout: float = 180) -> dict:
     return json.loads(done.stdout)
 
 
-def test_worker_killed_mid_chunk(tmp_path, start_workers, worker_env):
+def test_the_only_worker_killed_mid_chunk(tmp_path, start_workers, worker_env):
+    """No worker is left to reap the lost chunk: `wait` sends it again, and the next
+    worker to start finds it in the queue (what a scaled-to-zero cluster relies on)."""
     env = {**worker_env, "EXPLAINCTL_LEASE_SECONDS": "4"}
     images(tmp_path / "in", 4)
     (victim,) = start_workers(1, **env)
     job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(1500))
     until(lambda: status(env, job)["counts"]["running"] > 0)
+    admin = JobStore.connect(env["EXPLAINCTL_BROKER_URL"]).redis
+    queue = env["EXPLAINCTL_QUEUE"]
     victim.kill()  # SIGKILL to the main process and its pool child: a lost node
-    start_workers(1, **env)
-    final = wait(env, job, timeout=240)
+    waiting_before = admin.llen(queue)
+    waiting = cli.start("wait", job, "--json", "--interval", "0.2", **env)
+    try:
+        # No worker is alive: only `wait` can have sent the lost chunk back to the queue.
+        until(lambda: admin.llen(queue) > waiting_before and not admin.zcard(LEASES_KEY))
+        start_workers(1, **env)
+        out, _ = waiting.communicate(timeout=240)
+    finally:
+        waiting.kill()
+    final = json.loads(out)
     assert final["state"] == "completed", final
     store = JobStore.connect(env["EXPLAINCTL_BROKER_URL"])
     assert max(r.attempts for r in store.entries(job)) == 2  # the lost chunk ran again
-    row = audit(store, job, "worker SIGKILLed mid-chunk", tmp_path / "in")
+    row = audit(store, job, "the only worker SIGKILLed mid-chunk", tmp_path / "in")
     assert (row.done, row.lost) == (4, 0)
 
 

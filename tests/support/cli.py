@@ -29,3 +29,14 @@ def run(*args: str, timeout: float = 300, input: str | None = None, **extra: str
         env=env(**extra),
         input=input,
     )
+
+
+def start(*args: str, **extra: str) -> subprocess.Popen:
+    """The command running in the background (stdout and stderr piped, as text)."""
+    return subprocess.Popen(
+        [EXPLAINCTL, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(**extra),
+    )

@@ -2,8 +2,10 @@
 
     explainctl:jobs                    sorted set: job IDs by creation time
     explainctl:job:<id>:<part>         a job's records (jobs/store.py: JOB_PARTS and below)
-    explainctl:leases                  sorted set: chunk leases by expiry (service/lease.py)
+    explainctl:leases                  sorted set: chunk leases by expiry (jobs/leases.py)
     explainctl:lease:<lease>           a lease's payload: the chunk and the queue it came from
+    explainctl:busy                    list: one member per lease (its length: chunks held)
+    explainctl:suspects:<id>           a job's items that looked lost (jobs/reconcile.py)
     explainctl:runner:<id>:<chunk>     which lease runs a chunk now
 
 Kombu's own keys (a list per queue, `unacked`) are not ours and are not here.
@@ -26,6 +28,7 @@ NAMESPACE = "explainctl"
 
 JOBS_KEY = f"{NAMESPACE}:jobs"
 LEASES_KEY = f"{NAMESPACE}:leases"
+BUSY_KEY = f"{NAMESPACE}:busy"
 
 JobPart = Literal[
     "meta", "items", "state", "errors", "attempts", "counts", "deliveries", "submitter", "index"
@@ -59,6 +62,10 @@ def reservation_member(task_id: str) -> str:
 def lease_key(member: str) -> str:
     """Where the payload of the lease `member` is kept."""
     return f"{NAMESPACE}:lease:{member}"
+
+
+def suspects_key(job_id: str) -> str:
+    return f"{NAMESPACE}:suspects:{job_id}"
 
 
 def runner_key(job_id: str, chunk: int) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import zlib
 from collections.abc import Iterator
 
@@ -17,7 +18,7 @@ from kombu.compression import decompress
 from kombu.exceptions import OperationalError
 
 from explainctl.config import Settings
-from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload
+from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK, ChunkItem, ChunkPayload, JobInfo
 from explainctl.spec.errors import ServiceUnavailable
 
 
@@ -59,6 +60,14 @@ def send_chunk(app: Celery, payload: ChunkPayload | dict, queue: str) -> None:
     except (OperationalError, redis.RedisError) as error:
         job = message.get("job_id") if isinstance(message, dict) else None
         raise ServiceUnavailable(f"cannot queue job {job}: {error}") from None
+
+
+def send_items(app: Celery, info: JobInfo, items: list[ChunkItem], chunk: int) -> None:
+    """Queue `items` of a job as its chunk number `chunk`, to the job's queue."""
+    payload = ChunkPayload(job_id=info.job_id, chunk=chunk, model=info.model,
+                           params=info.params, output=info.output, items=items,
+                           sent_at=time.time())  # fmt: skip
+    send_chunk(app, payload, info.queue)
 
 
 def make_app(settings: Settings) -> Celery:

@@ -487,6 +487,31 @@ class JobStore:
         )
         return JobStatus(job_id, state, total, counts, submitted, cancelled, finished_at, info)
 
+    def indices(self, job_id: str, state: str) -> list[int]:
+        """The indices of the items in `state`, from the state string alone (a few
+        round trips for a million items)."""
+        code, found, block = STATE_CODES[state], [], 1 << 18
+        total = int(self.redis.hget(self._key(job_id, "meta"), "total") or 0)
+        for start in range(0, total, block):
+            codes = self.redis.getrange(self._key(job_id, "state"), start, start + block - 1)
+            found += [start + i for i, c in enumerate(codes) if c == code]
+        return found
+
+    def items_at(self, job_id: str, indices: Iterable[int]) -> list[ChunkItem]:
+        """The recorded inputs of the items at `indices`, in index order."""
+        wanted = sorted(set(indices))
+        runs = _Runs(self.redis, self._key(job_id, "items"))
+        found = []
+        for start in range(0, len(wanted), _BATCH):
+            window = wanted[start : start + _BATCH]
+            chosen = set(window)
+            found += [
+                ChunkItem(index=index, uri=uri, target=target)
+                for index, (uri, target) in runs.between(window[0], window[-1] + 1)
+                if index in chosen
+            ]
+        return found
+
     def entries(self, job_id: str, states: set[str] | None = None) -> Iterator[Entry]:
         """Every item Redis holds, in index order, read a thousand at a time (only those
         in `states` when given)."""

@@ -32,6 +32,7 @@ from explainctl.jobs import records
 from explainctl.jobs.manifest import write_manifest
 from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import (
+    ITEMS_JSONL,
     RESULT_JSON,
     TERMINAL_STATES,
     ChunkItem,
@@ -40,6 +41,7 @@ from explainctl.spec.contracts import (
     Target,
     artifact_key,
     item_name,
+    job_key,
 )
 from explainctl.spec.errors import (
     ERROR_CODES,
@@ -302,10 +304,21 @@ def run_chunk(
     job = payload.job_id
     if not store.live(job):
         # A copy delivered after the job's records expired: its manifest holds the job.
-        log.info("job %s chunk %d: the job's records are gone; nothing to do", job, payload.chunk)
+        # Without a manifest, Redis lost the job's records (a restart without persistence,
+        # a failover): nothing here can recover it, but the operator must hear of it.
+        if context.storage(payload.output).exists(job_key(job, ITEMS_JSONL)):
+            log.info("job %s chunk %d: the job's records are gone; nothing to do", job,
+                     payload.chunk)  # fmt: skip
+        else:
+            log.error("job %s chunk %d: the job vanished from Redis before it finished "
+                      "(no manifest): its %d items are lost", job, payload.chunk,
+                      len(payload.items))  # fmt: skip
         return
     deliveries = store.record_delivery(job, payload.chunk)
     states = store.states(job, [item.index for item in payload.items])
+    if unknown := sum(state is None for state in states):
+        log.error("job %s chunk %d: %d of its items are not in the job's records (Redis lost "
+                  "writes)", job, payload.chunk, unknown)  # fmt: skip
     pending = [
         item
         for item, state in zip(payload.items, states, strict=True)

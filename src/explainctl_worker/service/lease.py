@@ -1,14 +1,10 @@
-"""Chunk leases: a lost chunk runs again within seconds, not after the visibility timeout.
+"""Leases a worker holds: a lost chunk runs again within seconds, not after the
+visibility timeout.
 
-While a worker runs a chunk it holds a lease in Redis (`explainctl:leases`, a sorted set
-scored by expiry time; explainctl.jobs.keys names every key) and renews it from a heartbeat
-thread. When the whole worker vanishes (SIGKILL, a lost node or spot instance) the
-renewals stop; every worker's reaper thread looks for expired leases and claims one
-atomically (lua/claim.lua pushes its expiry out by CLAIM_SECONDS, so no other reaper takes
-it), sends the chunk again to the queue it was delivered on (queue.send_chunk, the one
-way a chunk is queued), and only then removes the lease and its payload. A reaper that
-dies between claim and send leaves a lease that expires again and is claimed by another:
-a re-send is never lost, at worst made twice, and items are idempotent.
+While a worker runs a chunk it holds a lease (explainctl.jobs.leases: what Redis keeps of
+it, and the reaper) and renews it from a heartbeat thread. When the whole worker vanishes
+(SIGKILL, a lost node or spot instance) the renewals stop, and a reaper (every worker's
+reaper thread, or a client's `wait`) sends the chunk again.
 
 A chunk a worker has received but not yet started (reserved: waiting for its pool
 process) holds a reservation lease, taken by the worker's main process on receipt and
@@ -22,7 +18,6 @@ its items are settled and the second run does nothing (explainctl.jobs.store kee
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -34,32 +29,19 @@ from typing import Any
 
 import redis
 
-from explainctl.jobs import keys
-from explainctl.jobs.queue import send_chunk
+from explainctl.jobs import keys, leases, reconcile
+from explainctl.jobs.leases import LEASES, redis_now, release
+from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import ChunkPayload
 
-LEASES = keys.LEASES_KEY
-CLAIM_SECONDS = 30.0  # how long a claimed lease is left to its reaper before another may
 log = logging.getLogger("explainctl.worker")
 _RUN = keys.Script("run")
-_CLAIM = keys.Script("claim")
 
 
 def _key(payload: ChunkPayload) -> str:
     # One lease per run, not per chunk: two copies of a chunk (a requeue and a re-send)
     # must not release or renew each other's lease.
     return keys.lease_member(payload.job_id, payload.chunk, uuid.uuid4().hex[:8])
-
-
-def _now(client: redis.Redis) -> float:
-    """Redis's clock, not this host's: every worker compares expiries on the same clock,
-    so clock skew between machines cannot make a healthy chunk look lost."""
-    seconds, micros = client.time()
-    return seconds + micros / 1e6
-
-
-def _payload_key(key: str) -> str:
-    return keys.lease_key(key)
 
 
 def _runner_key(payload: ChunkPayload) -> str:
@@ -108,10 +90,9 @@ def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float)
     to `queue`: the one it was delivered on (`delivered_queue`). The attempt counts of
     explainctl.jobs.store bound how often."""
     key = _key(payload)
-    body = json.dumps({"queue": queue, "payload": payload.wire()})
-    client.set(_payload_key(key), body)
+    leases.put_payload(client, key, queue, payload.wire())
     claim = _RUN.on(client)
-    now = _now(client)
+    now = redis_now(client)
     runner = _runner_key(payload)
     dead = _dead_holder(client, runner)
     mine = claim(
@@ -120,16 +101,17 @@ def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float)
               "dead": dead, "me": _me()},
     )  # fmt: skip
     if not mine:
-        client.delete(_payload_key(key))
+        client.delete(keys.lease_key(key))
         yield False
         return
+    client.rpush(leases.BUSY, key)
     stop = threading.Event()
 
     def renew() -> None:
         while not stop.wait(seconds / 4):
             with contextlib.suppress(redis.RedisError):  # a blip: the next beat retries
                 pipe = client.pipeline()
-                pipe.zadd(LEASES, {key: _now(client) + seconds}, xx=True)
+                pipe.zadd(LEASES, {key: redis_now(client) + seconds}, xx=True)
                 pipe.expire(_runner_key(payload), max(1, int(seconds)))
                 pipe.execute()
 
@@ -141,27 +123,6 @@ def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float)
         stop.set()
         beat.join()
     release(client, key)
-
-
-def reap(client: redis.Redis, app, now: float | None = None, limit: int = 20) -> int:
-    """Send again the chunks whose leases expired; returns how many."""
-    now = now or _now(client)
-    claim = _CLAIM.on(client)
-    expired = client.zrangebyscore(LEASES, "-inf", now, start=0, num=limit)
-    sent = 0
-    for member in expired:
-        key = member.decode() if isinstance(member, bytes) else member
-        args = {"lease": key, "now": now, "expiry": now + CLAIM_SECONDS}
-        if not claim(keys={"leases": LEASES}, args=args):
-            continue  # another worker's reaper claimed it first
-        body = client.get(_payload_key(key))
-        if body is not None:
-            lease = json.loads(body)
-            send_chunk(app, lease["payload"], lease["queue"])
-            log.warning("chunk %s lost its worker; sent it again", key)
-            sent += 1
-        release(client, key)
-    return sent
 
 
 def reservation_key(task_id: str) -> str:
@@ -180,10 +141,10 @@ class Reservations:
 
     def take(self, task_id: str, payload: dict, queue: str) -> None:
         key = reservation_key(task_id)
-        body = json.dumps({"queue": queue, "payload": payload})
         pipe = self.client.pipeline()
-        pipe.set(_payload_key(key), body)
-        pipe.zadd(LEASES, {key: _now(self.client) + self.seconds})
+        leases.put_payload(pipe, key, queue, payload)
+        pipe.zadd(LEASES, {key: redis_now(self.client) + self.seconds})
+        pipe.rpush(leases.BUSY, key)
         pipe.execute()
         with self._lock:
             self._held.add(key)
@@ -196,7 +157,7 @@ class Reservations:
             if not held:
                 continue
             with contextlib.suppress(redis.RedisError):  # a blip: the next beat retries
-                expiry = _now(self.client) + self.seconds
+                expiry = redis_now(self.client) + self.seconds
                 pipe = self.client.pipeline()
                 for key in held:
                     pipe.zadd(LEASES, {key: expiry}, xx=True, ch=True)
@@ -205,20 +166,18 @@ class Reservations:
                     self._held -= {k for k, alive in zip(held, kept, strict=True) if not alive}
 
 
-def release(client: redis.Redis, key: str) -> None:
-    """Remove a lease and its payload."""
-    pipe = client.pipeline()
-    pipe.zrem(LEASES, key)
-    pipe.delete(_payload_key(key))
-    pipe.execute()
+def start_reaper(store: JobStore, app, seconds: float) -> threading.Thread:
+    """Reap expired leases every seconds/2; look for lost items every half grace."""
 
-
-def start_reaper(client: redis.Redis, app, seconds: float) -> threading.Thread:
     def loop() -> None:
+        looked = time.monotonic()
         while True:
             time.sleep(seconds / 2)
             try:
-                reap(client, app)
+                leases.reap(store.redis, app)
+                if time.monotonic() - looked >= reconcile.GRACE_SECONDS / 2:
+                    looked = time.monotonic()
+                    reconcile.reconcile_recent(store, app)
             except Exception as error:  # the reaper must outlive any blip
                 log.warning("lease reaper: %s", error)
 

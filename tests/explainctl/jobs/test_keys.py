@@ -67,6 +67,7 @@ def test_every_script_is_used():
     sources = [
         (ROOT / "src/explainctl/jobs/store.py").read_text(),
         (ROOT / "src/explainctl_worker/service/lease.py").read_text(),
+        (ROOT / "src/explainctl/jobs/leases.py").read_text(),
     ]
     for name in SCRIPTS:
         assert any(f'Script("{name}")' in source for source in sources), name

@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 from explainctl.config import Settings
+from explainctl.jobs import keys, leases
 from explainctl.jobs.keys import lease_key
 from explainctl.jobs.queue import make_app
 from explainctl.spec.contracts import ChunkItem, ChunkPayload, ModelSpec
@@ -23,17 +24,18 @@ def _payload() -> ChunkPayload:
 def setup(job_store, redis_url):
     queue = f"lease-{uuid.uuid4().hex[:8]}"
     client = job_store.redis
-    client.delete(lease.LEASES)
+    client.delete(lease.LEASES, leases.BUSY)
     yield client, make_app(Settings.load(broker_url=redis_url)), queue
-    client.delete(lease.LEASES, queue)
+    client.delete(lease.LEASES, leases.BUSY, queue)
 
 
 def test_a_held_lease_is_not_reaped_and_is_released_after(setup):
     client, app, queue = setup
     with lease.hold(client, _payload(), queue, seconds=30):
         assert client.zcard(lease.LEASES) == 1
-        assert lease.reap(client, app) == 0
-    assert client.zcard(lease.LEASES) == 0
+        assert client.llen(leases.BUSY) == 1  # what the autoscaler counts besides the queue
+        assert leases.reap(client, app) == 0
+    assert client.zcard(lease.LEASES) == 0 and client.llen(leases.BUSY) == 0
 
 
 def test_an_expired_lease_is_sent_again_once(setup):
@@ -42,9 +44,11 @@ def test_an_expired_lease_is_sent_again_once(setup):
     with pytest.raises(RuntimeError), lease.hold(client, payload, queue, seconds=30):
         raise RuntimeError("the worker died")  # the lease stays behind
     assert client.zcard(lease.LEASES) == 1
-    later = lease._now(client) + 60
-    assert lease.reap(client, app, now=later) == 1
-    assert lease.reap(client, app, now=later) == 0  # claimed once only
+    later = leases.redis_now(client) + 60
+    assert client.llen(leases.BUSY) == 1  # a dead worker's lease keeps a worker wanted
+    assert leases.reap(client, app, now=later) == 1
+    assert leases.reap(client, app, now=later) == 0  # claimed once only
+    assert client.llen(leases.BUSY) == 0  # its chunk is in the queue now
     (message,) = client.lrange(queue, 0, -1)
     assert json.loads(message)["headers"]["task"] == "explainctl.explain_chunk"
 
@@ -54,21 +58,21 @@ def test_a_reaper_that_fails_to_send_loses_nothing_and_no_payload_outlives_its_l
     with pytest.raises(RuntimeError), lease.hold(client, _payload(), queue, seconds=30):
         raise RuntimeError("the worker died")
     (key,) = client.zrange(lease.LEASES, 0, -1)
-    later = lease._now(client) + 60
+    later = leases.redis_now(client) + 60
 
     class Broken:
         def send_task(self, *args, **kwargs):
             raise ConnectionError("the broker went away mid-reap")
 
     with pytest.raises(ConnectionError):
-        lease.reap(client, Broken(), now=later)
+        leases.reap(client, Broken(), now=later)
     # Claimed but not sent: it stays, and no reaper takes it again before the claim ends.
     assert client.zcard(lease.LEASES) == 1
-    assert lease.reap(client, app, now=later + 1) == 0
-    assert lease.reap(client, app, now=later + lease.CLAIM_SECONDS + 1) == 1
+    assert leases.reap(client, app, now=later + 1) == 0
+    assert leases.reap(client, app, now=later + leases.CLAIM_SECONDS + 1) == 1
     assert client.lrange(queue, 0, -1)
     assert client.zcard(lease.LEASES) == 0
-    assert not client.exists(lease._payload_key(key.decode() if isinstance(key, bytes) else key))
+    assert not client.exists(keys.lease_key(key.decode() if isinstance(key, bytes) else key))
 
 
 def test_a_second_copy_of_a_running_chunk_stands_aside_while_the_first_lease_lives(setup):
@@ -84,7 +88,7 @@ def test_a_second_copy_of_a_running_chunk_stands_aside_while_the_first_lease_liv
         # The first copy's worker is gone: its lease expired (the reaper re-sends it) and
         # the copy that arrives then runs.
         (key,) = client.zrange(lease.LEASES, 0, -1)
-        client.zadd(lease.LEASES, {key: lease._now(client) - 1})
+        client.zadd(lease.LEASES, {key: leases.redis_now(client) - 1})
         with lease.hold(client, payload, queue, seconds=30) as third:
             assert third is True
     with lease.hold(client, payload, queue, seconds=30) as later:
@@ -135,7 +139,7 @@ def test_a_running_chunk_from_another_queue_is_sent_again_to_that_queue(
     try:
         with pytest.raises(RuntimeError):
             worker.explain_chunk_task.apply(args=[message], routing_key=delivered_on, throw=True)
-        assert lease.reap(client, worker.app, now=lease._now(client) + 60) == 1
+        assert leases.reap(client, worker.app, now=leases.redis_now(client) + 60) == 1
         assert client.llen(configured) == 0
         (sent,) = client.lrange(delivered_on, 0, -1)
         assert json.loads(sent)["headers"]["task"] == "explainctl.explain_chunk"
