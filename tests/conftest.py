@@ -66,6 +66,17 @@ def s3_bucket(s3_server: str) -> str:
     return name
 
 
+@pytest.fixture
+def s3_proxy(s3_server: str):
+    """A fault-injecting proxy in front of the moto server (tests.support.faults); point
+    AWS_ENDPOINT_URL at its `endpoint` to go through it."""
+    from tests.support.faults import S3Proxy
+
+    proxy = S3Proxy(s3_server).start()
+    yield proxy
+    proxy.stop()
+
+
 # --------------------------------------------------------------------------- Redis
 
 

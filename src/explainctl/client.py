@@ -13,6 +13,7 @@ from functools import cached_property
 
 from explainctl.config import Settings
 from explainctl.inputs import InputItem
+from explainctl.io.s3 import S3Settings
 from explainctl.io.sources import read_uri
 from explainctl.io.storage import Storage, open_storage
 from explainctl.io.uri import parse_uri
@@ -103,7 +104,7 @@ class Client:
         return make_app(self.settings)
 
     def storage(self, root: str | None = None) -> Storage:
-        return open_storage(root or self.settings.output)
+        return open_storage(root or self.settings.output, s3_settings=S3Settings.of(self.settings))
 
     # --- submitting -------------------------------------------------------------------
 

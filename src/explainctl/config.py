@@ -6,7 +6,8 @@ Loading from the environment, passing settings to child processes (`environment(
 CLI's option help and the README's configuration table (`markdown_table`, checked by a
 test) all read those declarations. Loading settings starts nothing: the embedded Redis is
 started by `explainctl.local.embedded.resolve`, explicitly. S3 uses boto3's own configuration
-(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE...).
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE...); only how long its calls are repeated
+is set here (explainctl.io.s3.S3Settings.of).
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ class Settings:
     lease_seconds: int = setting(
         60, "a chunk whose worker stopped renewing its lease this long runs again"
     )
+    s3_deadline: int = setting(
+        30, "seconds in a row an S3 call keeps retrying while the endpoint cannot be reached; "
+        "past it a worker hands its items back for another to redo",
+    )  # fmt: skip
+    s3_throttle_deadline: int = setting(
+        180, "seconds in all an S3 call keeps retrying while S3 throttles (503 SlowDown) or "
+        "fails (5xx), backing off; at least EXPLAINCTL_S3_DEADLINE",
+    )  # fmt: skip
     broker_stall_seconds: int = setting(
         300, "a worker that gets no answer from the broker this long exits non-zero, so its "
         "supervisor starts a fresh one; 0: never",
@@ -144,6 +153,11 @@ class Settings:
             raise InvalidInput("EXPLAINCTL_BROKER_STALL_SECONDS must be 0 (never) or more")
         if self.max_hand_backs < 0:
             raise InvalidInput("EXPLAINCTL_MAX_HAND_BACKS must be 0 (fail at once) or more")
+        if self.s3_deadline <= 0 or self.s3_throttle_deadline < self.s3_deadline:
+            raise InvalidInput(
+                f"EXPLAINCTL_S3_DEADLINE ({self.s3_deadline}s) must be positive and "
+                f"EXPLAINCTL_S3_THROTTLE_DEADLINE ({self.s3_throttle_deadline}s) at least as long"
+            )
         if self.slots < 0:
             raise InvalidInput(f"EXPLAINCTL_SLOTS ({self.slots}) must be 0 (auto) or more")
         # A chunk still running when the visibility timeout passes is handed to a second

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from explainctl.io.s3 import make_s3_client, s3_errors
+from explainctl.io.s3 import S3Settings, make_s3_client, retry_s3, s3_errors
 from explainctl.io.sources import DEFAULT_IMAGE_EXTENSIONS, iter_images
 from explainctl.io.uri import Location, parse_uri
 from explainctl.io.uri import one_line as _one_line
@@ -207,7 +207,8 @@ def _s3_list_items(arg: str, location: Location, client: _S3ClientFactory) -> It
 
     try:
         with s3_errors(uri):
-            response = client().get_object(Bucket=bucket, Key=key)
+            response = retry_s3(lambda: client().get_object(Bucket=bucket, Key=key), uri,
+                                S3Settings())  # fmt: skip
             # StreamingBody's own __enter__ hands back the raw urllib3 stream, which lacks
             # iter_lines; closing() keeps the wrapper and still drops the connection on exit.
             with contextlib.closing(response["Body"]) as body:

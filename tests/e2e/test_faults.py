@@ -1,5 +1,5 @@
 """Faults injected into real processes: killed and stopped workers, a restarted Redis, an
-unreachable S3, poison items, duplicates and cancellation. Each test adds a row to the
+unreachable or throttling S3, poison items, duplicates and cancellation. Each test adds a row to the
 reliability table (tests/support/reliability.py): the target is 0 lost, counted against
 the inputs each test submitted."""
 
@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ from explainctl.jobs.queue import make_app, waiting_chunks
 from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK, ChunkItem, ChunkPayload
 from tests.support import cli
+from tests.support.faults import SLOW_DOWN
 from tests.support.reliability import audit
 from tests.support.services import RedisServer, free_port
 
@@ -203,6 +205,66 @@ def test_s3_unreachable_during_uploads(tmp_path, start_workers, worker_env, s3_s
         assert (row.done, row.lost) == (6, 0)
     finally:
         flaky.stop()
+
+
+class HotObjects:
+    """S3 throttling a fifth of the objects written, as a hot partition does: every fifth
+    object a client writes answers 503 SlowDown to each attempt while `on`."""
+
+    def __init__(self) -> None:
+        self.on = True
+        self._hot: dict[str, bool] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, request):
+        if not (self.on and request.write):
+            return None
+        with self._lock:
+            hot = self._hot.setdefault(request.key, len(self._hot) % 5 == 4)
+        return SLOW_DOWN if hot else None
+
+
+# The issue's minute of 503s then two minutes down, scaled down with the deadlines: the
+# throttling outlasts EXPLAINCTL_S3_DEADLINE (so it only passes if throttled writes get the
+# longer EXPLAINCTL_S3_THROTTLE_DEADLINE), the outage does not.
+THROTTLED_FOR, DOWN_FOR = 6.0, 3.0
+S3_DEADLINE, S3_THROTTLE_DEADLINE = 5, 30
+
+
+def test_s3_throttling_then_down_during_a_job(
+    tmp_path, start_workers, worker_env, s3_bucket, s3_proxy
+):
+    """Two workers store a job's artifacts through S3 that throttles, then goes away: their
+    writes wait both out, so no item is handed back for its storage (its GPU work redone),
+    none fails storage-error, none is lost."""
+    env = {**worker_env, "AWS_ENDPOINT_URL": s3_proxy.endpoint,
+           "EXPLAINCTL_S3_DEADLINE": str(S3_DEADLINE),
+           "EXPLAINCTL_S3_THROTTLE_DEADLINE": str(S3_THROTTLE_DEADLINE)}  # fmt: skip
+    hot = s3_proxy.fault = HotObjects()
+    images(tmp_path / "in", 6)
+    workers = start_workers(2, **env)
+    job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", "--output",
+                 f"s3://{s3_bucket}/out", *tiny(100))  # fmt: skip
+    # Each phase lasts its time from the first write it meets, so it falls on the job's
+    # uploads however fast the machine.
+    until(lambda: s3_proxy.counts["answered SlowDown"] > 0)
+    time.sleep(THROTTLED_FOR)
+    hot.on = False
+    assert status(env, job)["state"] != "completed", "a throttled write still holds its item"
+    s3_proxy.down = True
+    until(lambda: s3_proxy.counts["cut"] > 0)
+    time.sleep(DOWN_FOR)
+    s3_proxy.down = False
+    final = wait(env, job)
+    assert final["state"] == "completed", final
+    for worker in workers:  # no item went back to the queue for its storage
+        assert "storage-error" not in worker.log() and "handing" not in worker.log()
+    row = audit(
+        JobStore.connect(env["EXPLAINCTL_BROKER_URL"]), job,
+        f"S3: 503 SlowDown to 1 write in 5 for {THROTTLED_FOR:.0f} s, then down "
+        f"{DOWN_FOR:.0f} s", tmp_path / "in",
+    )  # fmt: skip
+    assert (row.done, row.lost, row.re_executed) == (6, 0, 0)
 
 
 def test_poison_item_fails_after_the_cap_and_the_rest_completes(

@@ -8,13 +8,14 @@ service's text or credentials. Everything explainctl does with S3 goes through h
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -30,18 +31,45 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from explainctl.io.uri import one_line
+from explainctl.io.uri import one_line, s3_uri
 from explainctl.spec.errors import ItemError
 
-# Only failures to reach the endpoint are retried by our own loop: the request never
-# completed, so repeating an idempotent PUT is safe. HTTP-level errors (5xx, throttling)
-# are already retried by botocore's "standard" mode.
+# Our own loop (`retry_s3`) repeats a call that is safe to repeat, on top of botocore's few
+# quick attempts, through two kinds of trouble:
+# - "unreachable": no answer at all. It may be this worker's own network, so it waits
+#   S3Settings.retry_deadline in a row, then the work goes back to the queue for another.
+# - "throttled": S3 answered 503 SlowDown, a throttling code, a 5xx or RequestTimeout. S3 is
+#   there and asks every worker alike for patience, so waiting longer
+#   (S3Settings.throttle_deadline, in all) costs less than redoing the GPU work elsewhere.
 _CONNECTION_ERRORS = (
     EndpointConnectionError,
     ConnectionClosedError,
     ReadTimeoutError,
     ConnectTimeoutError,
 )
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
+_TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+# What surely never took effect, so that even a call that is not idempotent may be repeated:
+# a connection never made, and S3's "slow down" answers (a 500 may have done the work).
+_NEVER_SENT = (EndpointConnectionError, ConnectTimeoutError)
+_REFUSED_STATUSES = frozenset({429, 503})
 _CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
 _DENIED_CODES = frozenset(
@@ -62,22 +90,32 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class S3Settings:
-    """Timeouts and retries for S3. `put_retry_*` drive our own loop around uploads."""
+    """Timeouts and retries for S3: `max_attempts` are botocore's own, per call; `retry_*`
+    and `throttle_deadline` drive our loop around it (`retry_s3`). The deadlines default
+    to EXPLAINCTL_S3_DEADLINE and EXPLAINCTL_S3_THROTTLE_DEADLINE's defaults."""
 
     max_attempts: int = 3
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
-    put_retry_attempts: int = 8
-    put_retry_base_delay: float = 0.5
-    put_retry_max_delay: float = 8.0
-    put_retry_deadline: float = 30.0
+    retry_base_delay: float = 0.5
+    retry_max_delay: float = 8.0
+    retry_deadline: float = 30.0
+    throttle_deadline: float = 180.0
+
+    @classmethod
+    def of(cls, settings: Any) -> S3Settings:
+        """The S3 part of explainctl.config.Settings."""
+        return cls(retry_deadline=settings.s3_deadline,
+                   throttle_deadline=settings.s3_throttle_deadline)  # fmt: skip
 
 
 def make_s3_client(settings: S3Settings | None = None) -> Any:
     """A fresh S3 client; credentials and AWS_ENDPOINT_URL come from boto3's usual chain."""
     settings = settings or S3Settings()
     config = Config(
-        retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+        # "adaptive": besides retrying, a client that was throttled sends fewer requests per
+        # second for a while, which is what a 503 SlowDown asks of it.
+        retries={"max_attempts": settings.max_attempts, "mode": "adaptive"},
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
     )
@@ -126,12 +164,20 @@ def _s3_error(err: Exception, what: str) -> ItemError:
     return ItemError("storage-error", f"{what}: {type(err).__name__}")
 
 
-def s3_keys(client: Any, bucket: str, prefix: str) -> Iterator[str]:
+def s3_keys(
+    client: Any, bucket: str, prefix: str, settings: S3Settings | None = None
+) -> Iterator[str]:
     """Keys under a prefix in key order, one page (<= 1000 keys) fetched at a time."""
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+    settings = settings or S3Settings()
+    where = s3_uri(bucket, prefix)
+    request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    while True:
+        page = retry_s3(lambda: client.list_objects_v2(**request), where, settings)
         for obj in page.get("Contents", ()):
             yield obj["Key"]
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def default_s3_client() -> Any:
@@ -151,26 +197,81 @@ def is_not_found(err: ClientError) -> bool:
     return _s3_error(err, "").code == "not-found"
 
 
-def retry_connection(
-    operation: Callable[[], T], what: str, settings: S3Settings, sleep=time.sleep
+RetryKind = Literal["unreachable", "throttled"]
+
+
+def retry_kind(err: BaseException, idempotent: bool = True) -> RetryKind | None:
+    """Whether repeating the call that raised `err` may help, and which deadline applies;
+    for a call that is not idempotent, only when the failed attempt surely did nothing."""
+    if isinstance(err, _CONNECTION_ERRORS):
+        return "unreachable" if idempotent or isinstance(err, _NEVER_SENT) else None
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if not idempotent:
+            return "throttled" if status in _REFUSED_STATUSES else None
+        if code in _TRANSIENT_CODES or status in _TRANSIENT_STATUSES:
+            return "throttled"
+    return None
+
+
+def retry_s3(
+    operation: Callable[[], T],
+    what: str,
+    settings: S3Settings,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    *,
+    idempotent: bool = True,
 ) -> T:
-    """Run `operation`, retrying while the endpoint cannot be reached at all."""
+    """Run `operation`, an S3 call, repeating it while `retry_kind` says so: until the
+    endpoint has been unreachable `retry_deadline` seconds in a row, or anything retryable
+    has gone on `throttle_deadline` seconds in all; then a `storage-error`. Other errors
+    pass through untouched, for `s3_errors` to translate."""
     s = settings
-    started = time.monotonic()
+    started = clock()
+    unreachable_since: float | None = None  # since S3 last answered, if it has not since
     attempt = 0
     while True:
         attempt += 1
         try:
             return operation()
-        except _CONNECTION_ERRORS as err:
-            remaining = s.put_retry_deadline - (time.monotonic() - started)
-            if attempt >= s.put_retry_attempts or remaining <= 0:
-                raise ItemError(
-                    "storage-error",
-                    f"{one_line(what)}: S3 endpoint unreachable after {attempt} attempts "
-                    f"({type(err).__name__})",
-                ) from err
+        except (ClientError, BotoCoreError) as err:
+            kind = retry_kind(err, idempotent)
+            if kind is None:
+                raise
+            now = clock()
+            if kind == "unreachable":
+                unreachable_since = now if unreachable_since is None else unreachable_since
+                left = s.retry_deadline - (now - unreachable_since)
+            else:
+                unreachable_since = None
+                left = float("inf")
+            left = min(left, max(s.throttle_deadline, s.retry_deadline) - (now - started))
+            if left <= 0:
+                raise _gave_up(err, kind, what, attempt, now - started) from err
             # Exponential backoff with "equal jitter": never shorter than half the step,
             # so a few attempts still span an outage of several seconds.
-            step = min(s.put_retry_max_delay, s.put_retry_base_delay * 2 ** (attempt - 1))
-            sleep(min(remaining, random.uniform(step / 2, step)))
+            step = min(s.retry_max_delay, s.retry_base_delay * 2 ** min(attempt - 1, 30))
+            sleep(min(left, random.uniform(step / 2, step)))
+
+
+def _gave_up(err: Exception, kind: RetryKind, what: str, attempts: int, seconds: float):
+    if kind == "unreachable":
+        why = f"S3 endpoint unreachable ({type(err).__name__})"
+    else:
+        assert isinstance(err, ClientError)
+        error = err.response.get("Error", {})
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        why = f"S3 kept answering {one_line(str(error.get('Code') or status), 60)}"
+    tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+    return ItemError("storage-error", f"{one_line(what)}: {why} after {tries} in {seconds:.0f} s")
+
+
+def multipart_etag(part_etags: list[str]) -> str:
+    """The ETag S3 gives the object a multipart upload of these parts makes: the MD5 of
+    the parts' binary MD5s, then "-" and their count; ValueError for ETags that are not
+    hex. Under SSE-KMS part ETags are not MD5s and the object's will not match this."""
+    digests = b"".join(bytes.fromhex(etag.strip('"')) for etag in part_etags)
+    composite = hashlib.md5(digests, usedforsecurity=False).hexdigest()
+    return f'"{composite}-{len(part_etags)}"'

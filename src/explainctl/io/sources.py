@@ -15,7 +15,14 @@ from botocore.exceptions import ClientError
 
 from explainctl.io.fetch import HttpPolicy, fetch_http
 from explainctl.io.files import os_errors, read_at_most, walk_sorted
-from explainctl.io.s3 import default_s3_client, is_not_found, s3_errors, s3_keys
+from explainctl.io.s3 import (
+    S3Settings,
+    default_s3_client,
+    is_not_found,
+    retry_s3,
+    s3_errors,
+    s3_keys,
+)
 from explainctl.io.uri import Location, is_under, one_line, parse_uri, s3_uri
 from explainctl.spec.errors import InvalidInput, ItemError
 
@@ -81,12 +88,13 @@ def _read_local(path: str, max_bytes: int, allowed_roots: Sequence[str] | None) 
     return data
 
 
-def _read_s3(location: Location, max_bytes: int, client: Any) -> bytes:
+def _read_s3(location: Location, max_bytes: int, client: Any, settings: S3Settings) -> bytes:
     assert location.bucket is not None
     uri = s3_uri(location.bucket, location.key)
     if not location.key or location.key.endswith("/"):
         raise ItemError("is-a-directory", f"{one_line(uri)}: is a prefix, not an object")
-    with s3_errors(uri):
+
+    def read() -> bytes:
         response = client.get_object(Bucket=location.bucket, Key=location.key)
         # Closing the body without draining it drops the connection, so an oversized
         # object costs no more than the bytes already buffered.
@@ -94,7 +102,10 @@ def _read_s3(location: Location, max_bytes: int, client: Any) -> bytes:
             size = response.get("ContentLength")
             if size is not None and size > max_bytes:
                 raise ItemError("too-large", f"{one_line(uri)}: {size} bytes exceeds {max_bytes}")
-            data = read_at_most(body.read, max_bytes + 1)
+            return read_at_most(body.read, max_bytes + 1)
+
+    with s3_errors(uri):
+        data = retry_s3(read, uri, settings)
     if len(data) > max_bytes:
         raise ItemError("too-large", f"{one_line(uri)}: larger than {max_bytes} bytes")
     return data
@@ -106,11 +117,13 @@ def read_uri(
     max_bytes: int,
     allowed_roots: Sequence[str] | None = None,
     s3_client: Any | None = None,
+    s3_settings: S3Settings | None = None,
 ) -> bytes:
     """Read an input from `s3://` or a local path / `file://`, never more than max_bytes.
 
     `allowed_roots` confines local reads to those directories (after resolving symlinks
-    and ".."); S3 reads are governed by IAM instead. `s3_client` defaults to a shared one.
+    and ".."); S3 reads are governed by IAM instead. `s3_client` defaults to a shared one;
+    `s3_settings` (its retry deadlines) to S3Settings().
     """
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
         raise InvalidInput(f"max_bytes must be a non-negative integer, got {max_bytes!r}")
@@ -118,7 +131,8 @@ def read_uri(
     if location.scheme == "http":
         raise ItemError("unsupported-scheme", "http(s) inputs are not read through storage")
     if location.scheme == "s3":
-        return _read_s3(location, max_bytes, s3_client or default_s3_client())
+        client = s3_client or default_s3_client()
+        return _read_s3(location, max_bytes, client, s3_settings or S3Settings())
     return _read_local(location.key, max_bytes, allowed_roots)
 
 
@@ -176,7 +190,8 @@ def _iter_s3_images(location: Location, wanted: tuple[str, ...], client: Any) ->
         if found or prefix == key:
             return
         try:
-            client.head_object(Bucket=bucket, Key=key)
+            retry_s3(lambda: client.head_object(Bucket=bucket, Key=key), s3_uri(bucket, key),
+                     S3Settings())  # fmt: skip
         except ClientError as err:
             if is_not_found(err):
                 return

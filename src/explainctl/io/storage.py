@@ -21,7 +21,8 @@ from explainctl.io.s3 import (
     S3Settings,
     is_not_found,
     make_s3_client,
-    retry_connection,
+    multipart_etag,
+    retry_s3,
     s3_errors,
     s3_keys,
 )
@@ -154,7 +155,10 @@ def _parts(head: bytearray, rest: Iterator[bytes]) -> Iterator[bytes]:
 
 
 class S3Storage:
-    """A bucket and prefix; uploads ride out an endpoint that is briefly unreachable."""
+    """A bucket and prefix. Every call that is safe to repeat (whole-object PUT, a part,
+    completing an upload, GET, HEAD, LIST) rides out a throttling or unreachable S3 up to
+    its settings' deadlines (s3.retry_s3). Starting a multipart upload is not: it is
+    repeated only when S3 surely did not start one."""
 
     def __init__(
         self,
@@ -177,6 +181,9 @@ class S3Storage:
     def _full(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _retry(self, operation: Callable[[], Any], uri: str, idempotent: bool = True) -> Any:
+        return retry_s3(operation, uri, self.settings, self._sleep, idempotent=idempotent)
+
     def uri(self, key: str) -> str:
         return s3_uri(self.bucket, self._full(check_key(key)))
 
@@ -187,14 +194,13 @@ class S3Storage:
         if content_type:
             kwargs["ContentType"] = content_type
         with s3_errors(uri):
-            retry_connection(
-                lambda: self.client.put_object(**kwargs), uri, self.settings, self._sleep
-            )
+            self._retry(lambda: self.client.put_object(**kwargs), uri)
         return uri
 
     def put_stream(self, key: str, chunks: Iterable[bytes], content_type: str | None = None) -> str:
         """Upload `chunks` in constant memory: one PUT when they fit in one part, else a
-        multipart upload of PART_BYTES parts, aborted if anything fails."""
+        multipart upload of PART_BYTES parts, aborted if anything fails (an abort S3 does
+        not take is left to the bucket's lifecycle rule, deploy/README.md)."""
         full = self._full(check_key(key))
         uri = s3_uri(self.bucket, full)
         buffer = bytearray()
@@ -207,50 +213,99 @@ class S3Storage:
             return self.put(key, bytes(buffer), content_type)
         extra = {"ContentType": content_type} if content_type else {}
         with s3_errors(uri):
-            upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=full, **extra)
+            # A repeat after a lost answer would leave an upload nobody completes or aborts
+            # but the lifecycle rule; botocore's own retries may, and the rule covers them.
+            upload = self._retry(
+                lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=full, **extra),
+                uri,
+                idempotent=False,
+            )
         upload_id = upload["UploadId"]
         try:
             parts = []
             for number, body in enumerate(_parts(buffer, stream), start=1):
                 with s3_errors(uri):
-                    done = retry_connection(
+                    done = self._retry(
                         lambda body=body, number=number: self.client.upload_part(
                             Bucket=self.bucket, Key=full, UploadId=upload_id,
                             PartNumber=number, Body=body,
                         ),
-                        uri, self.settings, self._sleep,
+                        uri,
                     )  # fmt: skip
                 parts.append({"ETag": done["ETag"], "PartNumber": number})
             with s3_errors(uri):
-                self.client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=full, UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                )  # fmt: skip
+                self._complete(full, upload_id, parts, uri)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
             raise
         return uri
 
+    def _complete(self, full: str, upload_id: str, parts: list[dict], uri: str) -> None:
+        """Complete the upload, again as long as S3 fails it (a 5xx, or a 200 whose body
+        is an error, which botocore turns into a 500): the upload ID stays valid until it
+        is completed or aborted."""
+        try:
+            self._retry(
+                lambda: self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                ),
+                uri,
+            )  # fmt: skip
+        except ClientError as err:
+            # A completion S3 carried out but whose answer was lost, then repeated, is
+            # answered NoSuchUpload: the object is ours if it has the ETag our parts make.
+            if err.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise
+            if not self._completed(full, parts, uri):
+                raise ItemError(
+                    "storage-error", f"{one_line(uri)}: the multipart upload was gone before "
+                    "it completed",
+                ) from err  # fmt: skip
+
+    def _completed(self, full: str, parts: list[dict], uri: str) -> bool:
+        try:
+            expected = multipart_etag([part["ETag"] for part in parts])
+        except ValueError:
+            return False
+        try:
+            head = self._retry(lambda: self.client.head_object(Bucket=self.bucket, Key=full), uri)
+        except ClientError as err:
+            if is_not_found(err):
+                return False
+            raise
+        return head.get("ETag") == expected
+
     def get(self, key: str) -> bytes:
         full = self._full(check_key(key))
-        with s3_errors(s3_uri(self.bucket, full)):
-            response = self.client.get_object(Bucket=self.bucket, Key=full)
-            with response["Body"] as body:
-                return body.read()
+        uri = s3_uri(self.bucket, full)
+        with s3_errors(uri):
+            # Read whole inside the loop: a body cut off midway is fetched again.
+            return self._retry(lambda: self._read_whole(full), uri)
+
+    def _read_whole(self, full: str) -> bytes:
+        response = self.client.get_object(Bucket=self.bucket, Key=full)
+        with response["Body"] as body:
+            return body.read()
 
     def lines(self, key: str) -> Iterator[bytes]:
         full = self._full(check_key(key))
-        with s3_errors(s3_uri(self.bucket, full)):
-            response = self.client.get_object(Bucket=self.bucket, Key=full)
+        uri = s3_uri(self.bucket, full)
+        with s3_errors(uri):
+            # Only the request is repeated: lines already yielded cannot be taken back.
+            response = self._retry(
+                lambda: self.client.get_object(Bucket=self.bucket, Key=full), uri
+            )
             with contextlib.closing(response["Body"]) as body:
                 yield from body.iter_lines(keepends=True)
 
     def exists(self, key: str) -> bool:
         full = self._full(check_key(key))
-        with s3_errors(s3_uri(self.bucket, full)):
+        uri = s3_uri(self.bucket, full)
+        with s3_errors(uri):
             try:
-                self.client.head_object(Bucket=self.bucket, Key=full)
+                self._retry(lambda: self.client.head_object(Bucket=self.bucket, Key=full), uri)
             except ClientError as err:
                 if is_not_found(err):
                     return False
@@ -264,7 +319,7 @@ class S3Storage:
     def _list(self, prefix: str) -> Iterator[str]:
         base = f"{self.prefix}/" if self.prefix else ""
         with s3_errors(s3_uri(self.bucket, base + prefix)):
-            for key in s3_keys(self.client, self.bucket, base + prefix):
+            for key in s3_keys(self.client, self.bucket, base + prefix, self.settings):
                 yield key[len(base) :]
 
     def __repr__(self) -> str:

@@ -26,6 +26,7 @@ import torch
 
 from explainctl.config import Settings
 from explainctl.io.fetch import HttpPolicy
+from explainctl.io.s3 import S3Settings
 from explainctl.io.sources import SourcePolicy, read_source
 from explainctl.io.storage import Storage, open_storage
 from explainctl.jobs import records
@@ -87,7 +88,7 @@ class WorkerContext:
     def storage(self, root: str) -> Storage:
         with self._lock:
             if root not in self._storages:
-                self._storages[root] = open_storage(root)
+                self._storages[root] = open_storage(root, s3_settings=S3Settings.of(self.settings))
             return self._storages[root]
 
     def slots(self) -> int | None:

@@ -7,7 +7,9 @@ import socket
 import threading
 import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import boto3
 import pytest
@@ -17,6 +19,7 @@ from explainctl.io.sources import iter_images, read_uri
 from explainctl.io.storage import LocalStorage, S3Storage, open_storage
 from explainctl.io.uri import Location, parse_uri, safe_key
 from explainctl.spec.errors import InvalidInput, ItemError
+from tests.support.faults import LOSE_ANSWER, SLOW_DOWN, Answer
 
 # Keeps failures against an unreachable endpoint quick; botocore's own retries are off so
 # only our retry loop is being measured.
@@ -24,10 +27,9 @@ FAST_S3 = S3Settings(
     max_attempts=1,
     connect_timeout=1.0,
     read_timeout=5.0,
-    put_retry_attempts=50,
-    put_retry_base_delay=0.1,
-    put_retry_max_delay=0.5,
-    put_retry_deadline=12.0,
+    retry_base_delay=0.1,
+    retry_max_delay=0.5,
+    retry_deadline=12.0,
 )
 
 
@@ -242,7 +244,9 @@ def test_aws_endpoint_url_comes_from_environment(s3_server, s3_bucket, monkeypat
     redirected = open_storage(f"s3://{s3_bucket}", s3_settings=FAST_S3)
     assert redirected.client.meta.endpoint_url == dead
     with pytest.raises(ItemError) as excinfo:
-        read_uri(f"s3://{s3_bucket}/x", max_bytes=10)
+        read_uri(
+            f"s3://{s3_bucket}/x", max_bytes=10, s3_settings=replace(FAST_S3, retry_deadline=0.5)
+        )
     assert item_error(excinfo).code == "storage-error"
 
 
@@ -455,10 +459,9 @@ def test_put_gives_up_after_deadline(s3_bucket, monkeypatch):
         max_attempts=1,
         connect_timeout=0.5,
         read_timeout=0.5,
-        put_retry_base_delay=0.05,
-        put_retry_max_delay=0.2,
-        put_retry_deadline=1.0,
-        put_retry_attempts=100,
+        retry_base_delay=0.05,
+        retry_max_delay=0.2,
+        retry_deadline=1.0,
     )
     storage = open_storage(f"s3://{s3_bucket}", s3_settings=settings)
     started = time.monotonic()
@@ -515,3 +518,117 @@ def test_a_failed_multipart_upload_is_aborted_and_leaves_nothing(s3_bucket):
     assert not storage.exists("half.bin")
     uploads = s3_client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
     assert [u for u in uploads if u["Key"] == "abort/half.bin"] == []
+
+
+# --------------------------------------------------------------------------- S3 that bends
+
+# botocore's own retries off, so every attempt reaches the proxy and only our loop repeats.
+BENDING_S3 = S3Settings(
+    max_attempts=1,
+    connect_timeout=1.0,
+    read_timeout=5.0,
+    retry_base_delay=0.05,
+    retry_max_delay=0.2,
+    retry_deadline=0.3,
+    throttle_deadline=30.0,
+)
+
+
+def through(proxy, monkeypatch, bucket: str, **settings) -> S3Storage:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    storage = open_storage(f"s3://{bucket}/bend", s3_settings=replace(BENDING_S3, **settings))
+    assert isinstance(storage, S3Storage)
+    return storage
+
+
+def first(n: int, action, where):
+    """A fault: `action` for the first `n` requests `where` picks, then none."""
+    seen = Counter()
+
+    def fault(request):
+        if where(request):
+            seen["n"] += 1
+            return action if seen["n"] <= n else None
+        return None
+
+    return fault
+
+
+def test_writes_and_reads_are_repeated_while_s3_throttles_or_fails(
+    s3_bucket, s3_proxy, monkeypatch
+):
+    storage = through(s3_proxy, monkeypatch, s3_bucket)
+    s3_proxy.fault = first(3, SLOW_DOWN, lambda r: r.write)
+    assert storage.put("a.json", b"{}") == f"s3://{s3_bucket}/bend/a.json"
+    assert s3_proxy.counts["answered SlowDown"] == 3
+    # A client that was throttled slows down for a while (botocore's adaptive mode): the
+    # reads get one of their own so they are quick.
+    storage = through(s3_proxy, monkeypatch, s3_bucket)
+    for answer in (Answer(500, "InternalError"), Answer(503, "ServiceUnavailable")):
+        s3_proxy.fault = first(2, answer, lambda r: not r.write)
+        assert storage.get("a.json") == b"{}"
+        s3_proxy.fault = first(2, answer, lambda r: not r.write)
+        assert storage.exists("a.json")
+        s3_proxy.fault = first(2, answer, lambda r: not r.write)
+        assert list(storage.list()) == ["a.json"]
+        s3_proxy.fault = first(2, answer, lambda r: not r.write)
+        assert list(storage.lines("a.json")) == [b"{}"]
+    assert s3_proxy.counts["answered InternalError"] == 8
+    assert s3_proxy.counts["answered ServiceUnavailable"] == 8
+
+
+def test_throttling_past_its_deadline_is_one_storage_error(s3_bucket, s3_proxy, monkeypatch):
+    storage = through(s3_proxy, monkeypatch, s3_bucket, throttle_deadline=0.5)
+    s3_proxy.fault = lambda request: SLOW_DOWN
+    with pytest.raises(ItemError) as excinfo:
+        storage.put("a.json", b"{}")
+    error = item_error(excinfo)
+    assert error.code == "storage-error"
+    assert error.message.startswith(f"s3://{s3_bucket}/bend/a.json: S3 kept answering SlowDown")
+    assert s3_proxy.counts["answered SlowDown"] >= 2
+
+
+def test_errors_that_are_not_throttling_are_not_repeated(s3_bucket, s3_proxy, monkeypatch):
+    storage = through(s3_proxy, monkeypatch, s3_bucket)
+    s3_proxy.fault = lambda request: Answer(403, "AccessDenied")
+    with pytest.raises(ItemError) as excinfo:
+        storage.put("a.json", b"{}")
+    assert item_error(excinfo).code == "access-denied"
+    assert s3_proxy.counts["answered AccessDenied"] == 1
+
+
+def _completions(request) -> bool:
+    return request.method == "POST" and "uploadId=" in request.query
+
+
+def test_multipart_completion_is_repeated_until_s3_has_completed_it(
+    s3_bucket, s3_proxy, monkeypatch
+):
+    from explainctl.io.storage import PART_BYTES
+
+    storage = through(s3_proxy, monkeypatch, s3_bucket)
+    answers = iter([Answer(500, "InternalError"), Answer(200, "InternalError"), LOSE_ANSWER])
+    # A 5xx; a 200 whose body is an error (S3 may answer so once it started completing);
+    # S3 completes it but the answer is lost, so the repeat finds the upload gone.
+    s3_proxy.fault = lambda request: next(answers, None) if _completions(request) else None
+    total = PART_BYTES + 1234
+    uri = storage.put_stream("big.bin", _blocks(total))
+    assert uri == f"s3://{s3_bucket}/bend/big.bin"
+    assert storage.get("big.bin") == b"".join(_blocks(total))
+    assert s3_proxy.counts["answered InternalError"] == 2
+    assert s3_proxy.counts["lost-answer"] == 1
+    assert s3_client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+def test_a_multipart_upload_that_cannot_complete_is_aborted(s3_bucket, s3_proxy, monkeypatch):
+    from explainctl.io.storage import PART_BYTES
+
+    storage = through(s3_proxy, monkeypatch, s3_bucket, throttle_deadline=1.0)
+    failing = Answer(500, "InternalError")
+    s3_proxy.fault = lambda request: failing if _completions(request) else None
+    with pytest.raises(ItemError) as excinfo:
+        storage.put_stream("big.bin", _blocks(PART_BYTES + 1))
+    assert item_error(excinfo).code == "storage-error"
+    s3_proxy.fault = None
+    assert not storage.exists("big.bin")
+    assert s3_client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
