@@ -24,10 +24,16 @@ from explainctl.config import Settings
 from explainctl.jobs.queue import make_app, send_chunk
 from explainctl.jobs.store import JobStore
 from explainctl.local import embedded
-from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK, ChunkPayload, ModelSpec
+from explainctl.spec.contracts import (
+    PROTOCOL,
+    TASK_EXPLAIN_CHUNK,
+    ChunkPayload,
+    ModelSpec,
+    sent_protocol,
+)
 from explainctl.spec.errors import WORKER_STRIKES, ExplainctlError, ServiceUnavailable
 from explainctl_worker.service import lease, metrics, watchdog
-from explainctl_worker.service.chunk import HandBack, WorkerContext, run_chunk
+from explainctl_worker.service.chunk import HandBack, WorkerContext, refuse_newer, run_chunk
 
 log = logging.getLogger("explainctl.worker")
 # A worker started with no broker configured joins this machine's embedded Redis.
@@ -109,6 +115,9 @@ def _preload(**_) -> None:
 def explain_chunk_task(self, payload: dict) -> None:
     # Started: the reservation taken on receipt gives way to the run's own lease below.
     lease.release(context().store.redis, lease.reservation_key(self.request.id))
+    if (protocol := sent_protocol(payload)) > PROTOCOL:
+        refuse_newer(payload, protocol, context())
+        return
     try:
         chunk = ChunkPayload.model_validate(payload)
     except ValidationError as error:

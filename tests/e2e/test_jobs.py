@@ -297,3 +297,46 @@ def test_a_redis_that_evicts_keys_is_refused_by_client_and_worker(tmp_path, work
         assert "cannot start: Redis evicts keys" in worker.stderr
     finally:
         server.stop()
+
+
+def test_chunks_of_a_newer_protocol_fail_at_once_and_unknown_fields_are_ignored(
+    tmp_path, start_workers, worker_env
+):
+    """A client one version ahead of the worker: a chunk whose protocol is newer fails its
+    items as worker-incompatible in one delivery (not dropped, not looping); a field the
+    worker does not know, in a chunk of its own protocol, is ignored."""
+    from explainctl.config import Settings
+    from explainctl.jobs.queue import make_app, send_chunk
+    from explainctl.jobs.store import JobStore
+    from explainctl.spec.contracts import PROTOCOL, ChunkItem, ChunkPayload, JobInfo, ModelSpec
+    from explainctl.spec.ids import new_job_id
+    from explainctl.spec.methods import ExplainParams
+
+    folder = _folder(tmp_path, good=2, broken=0)
+    store = JobStore.connect(worker_env["EXPLAINCTL_BROKER_URL"])
+    app = make_app(Settings.load(env={}, broker_url=worker_env["EXPLAINCTL_BROKER_URL"]))
+    model = ModelSpec(name="tests.support.models:tiny_classifier")
+    params = ExplainParams(image_size=32, mask_size=4, iterations=3)
+    jobs = {}
+    for name, protocol in (("newer", PROTOCOL + 1), ("same", PROTOCOL)):
+        info = JobInfo(job_id=new_job_id(), created=time.time(), model=model, params=params,
+                       output=worker_env["EXPLAINCTL_OUTPUT"], queue=worker_env["EXPLAINCTL_QUEUE"],
+                       chunk_size=2)  # fmt: skip
+        items = [ChunkItem(index=i, uri=str(p)) for i, p in enumerate(sorted(folder.iterdir()))]
+        store.create(info)
+        store.add_chunk(info.job_id, items)
+        store.mark_submitted(info.job_id)
+        message = ChunkPayload(job_id=info.job_id, chunk=0, model=model, params=params,
+                               output=info.output, items=items).wire()  # fmt: skip
+        send_chunk(app, {**message, "protocol": protocol, "added_later": {"x": 1}}, info.queue)
+        jobs[name] = info.job_id
+    start_workers(1)
+    waited = cli.run("wait", jobs["newer"], "--json", "--interval", "0.2", **worker_env)
+    newer = json.loads(waited.stdout)
+    assert waited.returncode == 1, waited.stderr
+    assert newer["state"] == "completed_with_failures" and newer["counts"]["failed"] == 2
+    entries = list(store.entries(jobs["newer"]))
+    assert {(e.error_code, e.attempts) for e in entries} == {("worker-incompatible", 0)}
+    assert "upgrade the workers" in entries[0].error
+    same = _json(cli.run("wait", jobs["same"], "--json", "--interval", "0.2", **worker_env))
+    assert same["state"] == "completed" and same["counts"]["done"] == 2

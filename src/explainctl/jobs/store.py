@@ -51,6 +51,7 @@ from explainctl.config import INDEX_TTL_FACTOR
 from explainctl.jobs.keys import JOB_PARTS, JOBS_KEY, JobPart, Script, job_key
 from explainctl.spec.contracts import (
     ITEM_STATES,
+    PROTOCOL,
     STATE_CODES,
     TERMINAL_STATES,
     ChunkItem,
@@ -291,7 +292,8 @@ class JobStore:
         meta = self._key(info.job_id, "meta")
         pipe = self.redis.pipeline()
         pipe.set(self._key(info.job_id, "submitter"), submitter, ex=self.SUBMITTER_SECONDS)
-        pipe.hset(meta, mapping={"info": info.model_dump_json(), "total": 0, "chunks": 0})
+        pipe.hset(meta, mapping={"info": info.model_dump_json(), "total": 0, "chunks": 0,
+                                 "protocol": PROTOCOL})  # fmt: skip
         pipe.hset(self._key(info.job_id, "counts"), mapping={s: 0 for s in ITEM_STATES})
         pipe.zadd(JOBS_KEY, {info.job_id: info.created})
         pipe.execute()
@@ -407,6 +409,10 @@ class JobStore:
         """Count a delivery of the chunk; the count expires with the job's records."""
         keys = {"deliveries": self._key(job_id, "deliveries"), "meta": self._key(job_id, "meta")}
         return int(self._delivered(keys=keys, args={"chunk": chunk}))
+
+    def protocol(self, job_id: str) -> int:
+        """The protocol the job's records were written with (1: before records said)."""
+        return int(self.redis.hget(self._key(job_id, "meta"), "protocol") or 1)
 
     def is_cancelled(self, job_id: str) -> bool:
         return self.redis.hget(self._key(job_id, "meta"), "cancelled") == "1"

@@ -84,6 +84,16 @@ class Target(_Strict):
 
 TASK_EXPLAIN_CHUNK = "explainctl.explain_chunk"
 
+# The protocol of chunk messages and job records, raised whenever a reader of the last one
+# would misread the next. A worker runs what was sent with a protocol up to its own; it
+# fails the items of a newer one as worker-incompatible (upgrade it, then `retry`), so
+# they neither vanish nor loop. Whatever a later protocol changes, it keeps what that
+# failure needs: the `state` byte per item, `counts`, `errors` and lua/transition.lua.
+#   1  until 2026-12-06: a hash field per item for state, attempts and scores
+#   2  state and attempts a byte per item, scores in storage (jobs/records.py), protocol
+#      in messages and records; readers ignore fields they do not know
+PROTOCOL = 2
+
 
 class ChunkItem(_Strict):
     index: int = Field(ge=0)
@@ -95,8 +105,12 @@ class ChunkPayload(_Strict):
     """One queue message: a chunk of a job's items, which a worker explains in its
     device's slots (a batch refilled as items finish).
 
-    Holds no credentials: workers reach storage with their own configuration.
+    Holds no credentials: workers reach storage with their own configuration. A field
+    this version does not know is ignored: one that a reader must not ignore comes with
+    a higher `protocol`.
     """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     job_id: str = Field(pattern=f"^{JOB_ID_PATTERN.pattern}$")
     chunk: int = Field(ge=0)
@@ -108,11 +122,17 @@ class ChunkPayload(_Strict):
     # How many workers in turn handed these items back, their environment failing
     # (errors.ENVIRONMENT_CODES); at EXPLAINCTL_MAX_HAND_BACKS they fail with the code.
     handed_back: int = Field(default=0, ge=0)
+    protocol: int = Field(default=PROTOCOL, ge=1)
 
     def wire(self) -> dict:
-        """The message as JSON. A chunk never handed back leaves `handed_back` out, so
-        workers of the version before it still read every first delivery."""
+        """The message as JSON (a chunk never handed back leaves `handed_back` out)."""
         return self.model_dump(mode="json", exclude=None if self.handed_back else {"handed_back"})
+
+
+def sent_protocol(message: object) -> int:
+    """The protocol a raw chunk message was sent with (1: sent before messages said)."""
+    protocol = message.get("protocol", 1) if isinstance(message, dict) else 1
+    return protocol if isinstance(protocol, int) and protocol >= 1 else 1
 
 
 # --- Storage layout: <output>/<job_id>/... ---------------------------------------------
@@ -189,7 +209,10 @@ FINISHED_JOB_STATES = frozenset({"completed", "completed_with_failures", "cancel
 
 
 class JobInfo(_Strict):
-    """What a job was asked to do; fixed at submission (job.json holds it with the status)."""
+    """What a job was asked to do; fixed at submission (job.json holds it with the status).
+    Fields a newer client adds are ignored, as in ChunkPayload."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     job_id: str
     created: float

@@ -30,6 +30,7 @@ ERROR_CODES: dict[str, str] = {
     "render-error": "the artifacts could not be drawn or encoded",
     "not-queued": "recorded, but the broker refused its chunk (`retry` queues it again)",
     "worker-lost": "its worker was lost EXPLAINCTL_MAX_DELIVERIES times (a poison item)",
+    "worker-incompatible": "sent with a newer protocol than its worker's (upgrade, then retry)",
 }
 ErrorCode = Literal[tuple(ERROR_CODES)]  # type: ignore[valid-type]
 # The codes of a worker's environment, not of the item: another worker may well succeed.
@@ -38,6 +39,9 @@ ErrorCode = Literal[tuple(ERROR_CODES)]  # type: ignore[valid-type]
 ENVIRONMENT_CODES: frozenset[str] = frozenset(
     {"model-not-allowed", "model-unavailable", "storage-error"}
 )
+# Every code whose cause is the worker, not the item: its environment, or its version
+# (worker-incompatible fails the items at once: `retry` them once the workers are upgraded).
+WORKER_CODES: frozenset[str] = ENVIRONMENT_CODES | {"worker-incompatible"}
 # Chunks in a row a worker hands back before it leaves, so its supervisor starts a fresh
 # one (EXPLAINCTL_MAX_HAND_BACKS bounds how often the same items go back).
 WORKER_STRIKES = 3
@@ -94,7 +98,7 @@ def markdown_error_codes() -> str:
     """The README's table of item error codes."""
     rows = ["| error code | meaning | whose |", "|---|---|---|"]
     rows += [
-        f"| `{code}` | {meaning} | {'worker' if code in ENVIRONMENT_CODES else 'item'} |"
+        f"| `{code}` | {meaning} | {'worker' if code in WORKER_CODES else 'item'} |"
         for code, meaning in ERROR_CODES.items()
     ]
     return "\n".join(rows)

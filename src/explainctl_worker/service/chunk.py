@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from explainctl.config import Settings
 from explainctl.io.fetch import HttpPolicy
@@ -34,6 +35,7 @@ from explainctl.jobs.manifest import write_manifest
 from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import (
     ITEMS_JSONL,
+    PROTOCOL,
     RESULT_JSON,
     TERMINAL_STATES,
     ChunkItem,
@@ -50,6 +52,7 @@ from explainctl.spec.errors import (
     ExplainctlError,
     ItemError,
 )
+from explainctl.spec.ids import JOB_ID_PATTERN
 from explainctl_worker.artifact import result_json
 from explainctl_worker.decode import DecodeLimits
 from explainctl_worker.explain import ItemInput, ItemOutcome, Timings, explain_items
@@ -315,6 +318,9 @@ def run_chunk(
                       "(no manifest): its %d items are lost", job, payload.chunk,
                       len(payload.items))  # fmt: skip
         return
+    if (protocol := store.protocol(job)) > PROTOCOL:
+        fail_incompatible(context, job, payload.output, [i.index for i in payload.items], protocol)
+        return
     deliveries = store.record_delivery(job, payload.chunk)
     states = store.states(job, [item.index for item in payload.items])
     if unknown := sum(state is None for state in states):
@@ -355,6 +361,46 @@ def run_chunk(
         write_manifest(store, context.storage(payload.output), job)
     if run.handed:
         raise HandBack(run.handed, run.code, run.message)
+
+
+class _Addressed(BaseModel):
+    """What any protocol's chunk message holds: whose items, and where the job's output is."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    class _Index(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        index: int = Field(ge=0)
+
+    job_id: str = Field(pattern=f"^{JOB_ID_PATTERN.pattern}$")
+    output: str
+    items: list[_Index]
+
+
+def refuse_newer(message: dict, protocol: int, context: WorkerContext) -> None:
+    """A chunk sent with a newer protocol than this worker's: read only whose items it
+    holds, and fail them (a message it cannot read at all is dropped with a log line)."""
+    try:
+        chunk = _Addressed.model_validate(message)
+    except ValidationError as error:
+        log.error("dropping a chunk of protocol %d: %s", protocol, str(error).splitlines()[0])
+        return
+    indices = [item.index for item in chunk.items]
+    fail_incompatible(context, chunk.job_id, chunk.output, indices, protocol)
+
+
+def fail_incompatible(
+    context: WorkerContext, job: str, output: str, indices: list[int], protocol: int
+) -> None:
+    """Fail items sent or recorded with a newer protocol, in this one delivery: waiting
+    for a newer worker could loop forever where none comes, and `retry` runs them again
+    once the workers are upgraded."""
+    message = (f"this worker speaks protocol {PROTOCOL}, the chunk protocol {protocol}: "
+               f"upgrade the workers, then `explainctl retry {job}`")  # fmt: skip
+    log.error("job %s: %s", job, message)
+    failure = _failure("worker-incompatible", message)
+    if context.store.settle(job, [(index, "failed", failure) for index in indices]):
+        write_manifest(context.store, context.storage(output), job)
 
 
 def _environment_failed(context, payload, pending, code: ErrorCode, message: str, run) -> None:

@@ -52,3 +52,16 @@ def test_a_part_is_named_by_the_indices_it_holds():
     assert sorted([part_key("j", 100, 100, 0, "a"), part_key("j", 99, 120, 1, "b")])[0].endswith(
         "000000099-000000120-0000001-b.jsonl"
     )
+
+
+def test_a_reader_ignores_fields_it_does_not_know_and_reads_the_protocol():
+    from explainctl.spec.contracts import PROTOCOL, ChunkPayload, sent_protocol
+
+    message = {"job_id": "01m9675xa1q0cp03k7", "chunk": 0, "model": {}, "params": {},
+               "output": "/o", "items": [{"index": 0, "uri": "/a.png"}], "later": [1]}  # fmt: skip
+    chunk = ChunkPayload.model_validate(message)
+    assert chunk.protocol == PROTOCOL and "later" not in chunk.wire()
+    assert chunk.wire()["protocol"] == PROTOCOL  # every message says which it speaks
+    assert sent_protocol(message) == 1  # sent before messages said
+    assert sent_protocol({**message, "protocol": PROTOCOL + 1}) == PROTOCOL + 1
+    assert sent_protocol({**message, "protocol": "x"}) == sent_protocol([]) == 1
