@@ -20,7 +20,7 @@ from explainctl.io.uri import parse_uri
 from explainctl.jobs import leases
 from explainctl.jobs.manifest import read_manifest, write_job_json, write_manifest
 from explainctl.jobs.queue import make_app, send_items, waiting_chunks
-from explainctl.jobs.reconcile import GRACE_SECONDS, reconcile
+from explainctl.jobs.reconcile import reconcile
 from explainctl.jobs.records import item_records
 from explainctl.jobs.store import JobStatus, JobStore, redis_errors
 from explainctl.pages.report import Gallery, build_report
@@ -48,8 +48,6 @@ from explainctl.spec.methods import ExplainParams
 from explainctl.spec.results import ItemRecord
 
 ARTIFACT_MAX_BYTES = 512 * 1024 * 1024
-# How often `wait` reaps lost chunks and looks for lost items: a few looks per grace.
-RECONCILE_SECONDS = GRACE_SECONDS / 4
 
 
 @dataclass(frozen=True)
@@ -215,6 +213,16 @@ class Client:
             message = f"{error} (job {info.job_id} kept the {total} items queued before it)"
             kind = InvalidInput if isinstance(error, InvalidInput) else ServiceUnavailable
             raise kind(message) from None
+        recorded, _, _ = self.store.progress(info.job_id)
+        if recorded != total:
+            # Redis acknowledged writes it then lost (a crash between fsyncs, a failover):
+            # finishing now would end the job short of its inputs.
+            self.store.release_submitter(info.job_id)
+            raise ServiceUnavailable(
+                f"Redis lost {total - recorded} of the {total} items of job {info.job_id} "
+                "while they were queued (a crash or failover lost its last writes); the job "
+                "is left interrupted: cancel it and submit again"
+            )
         if self.store.mark_submitted(info.job_id):
             write_manifest(self.store, self.storage(info.output), info.job_id)
         return Submitted(info.job_id, total, chunks, info.output)
@@ -294,10 +302,10 @@ class Client:
                 reaped = time.monotonic()
                 with contextlib.suppress(ServiceUnavailable), redis_errors():
                     leases.reap(self.store.redis, self.app)
-            if time.monotonic() - looked >= RECONCILE_SECONDS:
+            if time.monotonic() - looked >= self.settings.reconcile_seconds / 4:
                 looked = time.monotonic()
                 with contextlib.suppress(ServiceUnavailable):
-                    reconcile(self.store, self.app, job_id)
+                    reconcile(self.store, self.app, job_id, self.settings.reconcile_seconds)
             time.sleep(interval)
 
     def results(self, job_id: str) -> Iterator[ItemRecord]:

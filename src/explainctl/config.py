@@ -73,6 +73,10 @@ class Settings:
     lease_seconds: int = setting(
         60, "a chunk whose worker stopped renewing its lease this long runs again"
     )
+    reconcile_seconds: int = setting(
+        60, "an item queued or running, yet in no message and under no lease, on two looks "
+        "this far apart is sent again (workers' reapers and `wait` look)",
+    )  # fmt: skip
     s3_deadline: int = setting(
         30, "seconds in a row an S3 call keeps retrying while the endpoint cannot be reached; "
         "past it a worker hands its items back for another to redo",
@@ -145,8 +149,11 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        if min(self.chunk_time_limit, self.max_deliveries, self.lease_seconds) <= 0:
-            raise InvalidInput("chunk time limit, max deliveries and lease must be positive")
+        if min(self.chunk_time_limit, self.max_deliveries, self.lease_seconds,
+               self.reconcile_seconds) <= 0:  # fmt: skip
+            raise InvalidInput(
+                "chunk time limit, max deliveries, lease and reconcile seconds must be positive"
+            )
         if self.job_ttl < 0:
             raise InvalidInput("EXPLAINCTL_JOB_TTL must be 0 (forever) or more seconds")
         if self.broker_stall_seconds < 0:

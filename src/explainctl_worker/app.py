@@ -91,7 +91,7 @@ def _reserve(request, **_) -> None:
 
 @worker_process_init.connect
 def _start_reaper(**_) -> None:
-    lease.start_reaper(context().store, app, settings.lease_seconds)
+    lease.start_reaper(context().store, app, settings.lease_seconds, settings.reconcile_seconds)
     metrics.serve(settings.metrics_port)
 
 

@@ -174,6 +174,43 @@ def test_redis_restarted_during_a_job(tmp_path, start_workers, worker_env):
         server.stop()
 
 
+def test_redis_crashes_mid_submit_and_mid_run(tmp_path, start_workers, worker_env):
+    """SIGKILL, not a shutdown, under the default appendfsync everysec: Redis comes back
+    without up to a second of writes it acknowledged. The job ends with every input done,
+    or its submit says at once, in one line, how many items Redis lost; it never ends
+    short of its inputs, and never hangs."""
+    server = RedisServer(tmp_path / "redis", persistent=True).start()
+    env = {**worker_env, "EXPLAINCTL_BROKER_URL": server.url, "EXPLAINCTL_LEASE_SECONDS": "4",
+           "EXPLAINCTL_RECONCILE_SECONDS": "6"}  # fmt: skip
+    store = JobStore.connect(server.url)
+    try:
+        images(tmp_path / "in", 16)
+        start_workers(2, **env)
+        submitting = cli.start("submit", str(tmp_path / "in"), "--chunk-size", "1", "--json",
+                               *tiny(200), **env)  # fmt: skip
+        job = until(lambda: store.recent(1), every=0.01)[0]  # its first records are written
+        server.crash()
+        server.start()
+        out, err = submitting.communicate(timeout=120)
+        if submitting.returncode != 0:
+            (line,) = err.strip().splitlines()
+            lost = int(re.search(r"Redis lost (\d+) of the 16 items", line).group(1))
+            assert lost > 0 and "Traceback" not in err
+            fault = f"Redis SIGKILLed mid-submit: submit failed, naming {lost} lost"
+        else:
+            assert json.loads(out)["total"] == 16
+            fault = "Redis SIGKILLed mid-submit, then mid-run"
+            until(lambda: store.status(job).counts["done"] >= 3, timeout=120)
+            server.crash()
+            server.start()
+            final = wait(env, job, timeout=240)
+            assert final["state"] == "completed", final
+            row = audit(store, job, fault + " (appendfsync everysec)", tmp_path / "in")
+            assert (row.done, row.lost) == (16, 0)
+    finally:
+        server.stop()
+
+
 def test_s3_unreachable_during_uploads(tmp_path, start_workers, worker_env, s3_server):
     from moto.server import ThreadedMotoServer
 

@@ -105,6 +105,13 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(10)
 
+    def crash(self) -> None:
+        """SIGKILL: with appendfsync everysec, up to a second of acknowledged writes is
+        gone when it starts again."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
 
 class Worker:
     """A real `explainctl worker` process group (main process and its pool child)."""

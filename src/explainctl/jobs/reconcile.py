@@ -1,14 +1,15 @@
-"""Items nothing will run: queued in the job's records, yet in no waiting or reserved
-message and under no lease.
+"""Items nothing will run: queued or running in the job's records, yet in no waiting or
+reserved message and under no lease.
 
 A chunk can fall between Redis's records and the queue: a worker dies between handing
 items back and sending them, a Redis crash keeps the records but loses the message, a
-worker of another version drops a message it cannot read. Its items stay `queued` and the
-job never ends. The reconciler looks for such items in submitted, unfinished jobs and
-sends them again once they looked lost on two looks at least `grace` seconds apart: a
-hand-back being sent, or a message kombu is moving from the queue to `unacked`, is in
-neither place for a moment. The first look is kept in Redis (`explainctl:suspects:<id>`),
-so whichever reaper looks next continues it: every worker's reaper thread, and `wait`.
+Redis that lost its last second of writes forgets a lease whose items it still shows
+running. Such items stay where they are and the job never ends. The reconciler looks
+for them in submitted, unfinished jobs and sends them again once they looked lost on two
+looks at least `grace` seconds apart (EXPLAINCTL_RECONCILE_SECONDS): a hand-back being
+sent, or a message kombu is moving from the queue to `unacked`, is in neither place for a
+moment. The first look is kept in Redis (`explainctl:suspects:<id>`), so whichever
+reaper looks next continues it: every worker's reaper thread, and `wait`.
 
 It looks only where the job's queue is short, since it reads every waiting message: while
 thousands wait, work flows, and orphans are found once the queue has drained, at the tail
@@ -28,7 +29,6 @@ from explainctl.jobs.store import JobStore, redis_errors
 
 log = logging.getLogger("explainctl.reconcile")
 
-GRACE_SECONDS = 60.0
 # Past this many waiting messages (about 1.8 kB each) a look costs too much for a reaper.
 MAX_WAITING = 5000
 
@@ -44,7 +44,7 @@ def in_flight(store: JobStore, job_id: str, queue: str) -> set[int]:
     }
 
 
-def reconcile(store: JobStore, app: Celery, job_id: str, grace: float = GRACE_SECONDS) -> int:
+def reconcile(store: JobStore, app: Celery, job_id: str, grace: float) -> int:
     """Send again the job's items that looked lost on this look and on one at least
     `grace` seconds before; returns how many were sent."""
     with redis_errors():
@@ -54,13 +54,14 @@ def reconcile(store: JobStore, app: Celery, job_id: str, grace: float = GRACE_SE
 def _reconcile(store: JobStore, app: Celery, job_id: str, grace: float) -> int:
     suspects = keys.suspects_key(job_id)
     status = store.status(job_id)
-    if status.state not in ("queued", "running") or not status.counts.get("queued"):
+    if status.state not in ("queued", "running"):
         store.redis.delete(suspects)
         return 0
     queue = status.info.queue
     if store.redis.llen(queue) > MAX_WAITING:
         return 0
-    lost = set(store.indices(job_id, "queued")) - in_flight(store, job_id, queue)
+    waiting = {*store.indices(job_id, "queued"), *store.indices(job_id, "running")}
+    lost = waiting - in_flight(store, job_id, queue) if waiting else set()
     now = leases.redis_now(store.redis)
     earlier = store.redis.get(suspects)
     if not lost:
@@ -94,6 +95,6 @@ def _suspect(store: JobStore, key: str, at: float, indices: set[int], grace: flo
         store.redis.delete(key)
 
 
-def reconcile_recent(store: JobStore, app: Celery, limit: int = 50) -> int:
+def reconcile_recent(store: JobStore, app: Celery, grace: float, limit: int = 50) -> int:
     """`reconcile` over the newest jobs; returns how many items were sent again."""
-    return sum(reconcile(store, app, job_id) for job_id in store.recent(limit))
+    return sum(reconcile(store, app, job_id, grace) for job_id in store.recent(limit))

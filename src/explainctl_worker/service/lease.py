@@ -166,8 +166,8 @@ class Reservations:
                     self._held -= {k for k, alive in zip(held, kept, strict=True) if not alive}
 
 
-def start_reaper(store: JobStore, app, seconds: float) -> threading.Thread:
-    """Reap expired leases every seconds/2; look for lost items every half grace."""
+def start_reaper(store: JobStore, app, seconds: float, grace: float) -> threading.Thread:
+    """Reap expired leases every seconds/2; look for lost items every grace/2."""
 
     def loop() -> None:
         looked = time.monotonic()
@@ -175,9 +175,9 @@ def start_reaper(store: JobStore, app, seconds: float) -> threading.Thread:
             time.sleep(seconds / 2)
             try:
                 leases.reap(store.redis, app)
-                if time.monotonic() - looked >= reconcile.GRACE_SECONDS / 2:
+                if time.monotonic() - looked >= grace / 2:
                     looked = time.monotonic()
-                    reconcile.reconcile_recent(store, app)
+                    reconcile.reconcile_recent(store, app, grace)
             except Exception as error:  # the reaper must outlive any blip
                 log.warning("lease reaper: %s", error)
 

@@ -40,18 +40,24 @@ def _sent(store, queue: str, job_id: str) -> list[int]:
 def test_lost_items_are_sent_again_after_two_looks(queued):
     store, app, info, items = queued
     send_items(app, info, items[:4], 0)  # chunk 0 waits in the queue: not lost
-    store.begin(info.job_id, [4])  # a worker runs item 4: not queued
-    assert reconcile(store, app, info.job_id, grace=0.5) == 0  # first look: suspects only
-    assert _sent(store, info.queue, info.job_id) == [0, 1, 2, 3]
-    time.sleep(0.6)
-    assert reconcile(store, app, info.job_id, grace=0.5) == 5  # items 5..9
-    assert _sent(store, info.queue, info.job_id) == [0, 1, 2, 3, 5, 6, 7, 8, 9]  # 4 runs
-    # Sent in the job's chunk size, as new chunks; now in the queue, nothing more is sent.
-    chunks = [p for p in waiting_chunks(store.redis, info.queue) if p["chunk"] > 2]
-    assert sorted(len(p["items"]) for p in chunks) == [1, 4]
-    time.sleep(0.6)
-    assert reconcile(store, app, info.job_id, grace=0.5) == 0
-    assert reconcile(store, app, info.job_id, grace=0.5) == 0
+    store.begin(info.job_id, [4, 9])  # a worker runs 4 under its lease; 9's lease is gone
+    running = {"job_id": info.job_id, "items": [{"index": 4, "uri": "/i/4.png"}]}
+    leases.put_payload(store.redis, "t-running", info.queue, running)
+    store.redis.zadd(leases.LEASES, {"t-running": 1e12})
+    try:
+        assert reconcile(store, app, info.job_id, grace=0.5) == 0  # first look: suspects only
+        assert _sent(store, info.queue, info.job_id) == [0, 1, 2, 3]
+        time.sleep(0.6)
+        assert reconcile(store, app, info.job_id, grace=0.5) == 5  # items 5..9
+        assert _sent(store, info.queue, info.job_id) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+        # Sent in the job's chunk size, as new chunks; now in the queue, nothing more is sent.
+        chunks = [p for p in waiting_chunks(store.redis, info.queue) if p["chunk"] > 2]
+        assert sorted(len(p["items"]) for p in chunks) == [1, 4]
+        time.sleep(0.6)
+        assert reconcile(store, app, info.job_id, grace=0.5) == 0
+        assert reconcile(store, app, info.job_id, grace=0.5) == 0
+    finally:
+        leases.release(store.redis, "t-running")
 
 
 def test_an_item_that_comes_back_between_looks_is_not_sent(queued):
