@@ -133,14 +133,14 @@ def explain_chunk_task(self, payload: dict) -> None:
         try:
             run_chunk(chunk, context())
         except HandBack as back:
-            strikes.record(back.strike)
+            strikes.record(back.strike, back.fatal)
             _hand_back(chunk, back, queue)
         else:
             strikes.record(False)
     metrics.record_chunk(chunk.sent_at, started, context().device)
     with contextlib.suppress(ServiceUnavailable):  # a gauge is not worth failing a chunk for
         metrics.record_redis(context().store.memory())
-    if 0 < strikes.count < WORKER_STRIKES:
+    if 0 < strikes.count < WORKER_STRIKES and not strikes.fatal:
         # Slower than a healthy worker, so a broken one cannot drain the queue (one about
         # to leave need not wait).
         time.sleep(strikes.pause())
@@ -169,5 +169,7 @@ def _hand_back(chunk: ChunkPayload, back: HandBack, queue: str) -> None:
 def _leave_when_broken(**_) -> None:
     """In the pool process, once its chunk's lease is released: after WORKER_STRIKES
     chunks in a row handed back, the whole worker leaves (watchdog.leave)."""
-    if strikes.count >= WORKER_STRIKES:
+    if strikes.fatal:
+        watchdog.leave("its accelerator failed (a CUDA error is sticky)")
+    elif strikes.count >= WORKER_STRIKES:
         watchdog.leave(f"{strikes.count} chunks in a row failed in this worker's environment")

@@ -109,3 +109,18 @@ def poisoned_classifier() -> nn.Module:
     model = PoisonedClassifier()
     model.load_state_dict(tiny_classifier().state_dict())
     return model
+
+
+class BrokenDeviceClassifier(TinyClassifier):
+    """Fails every optimisation pass as a GPU does after a sticky CUDA error."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return super().forward(x)
+
+
+def broken_device_classifier() -> nn.Module:
+    model = BrokenDeviceClassifier()
+    model.load_state_dict(tiny_classifier().state_dict())
+    return model

@@ -31,14 +31,18 @@ ERROR_CODES: dict[str, str] = {
     "not-queued": "recorded, but the broker refused its chunk (`retry` queues it again)",
     "worker-lost": "its worker was lost EXPLAINCTL_MAX_DELIVERIES times (a poison item)",
     "worker-incompatible": "sent with a newer protocol than its worker's (upgrade, then retry)",
+    "device-error": "the worker's accelerator failed (a CUDA error); the worker left",
 }
 ErrorCode = Literal[tuple(ERROR_CODES)]  # type: ignore[valid-type]
 # The codes of a worker's environment, not of the item: another worker may well succeed.
 # A worker that meets one (or any failure writing artifacts) hands the items back to the
 # queue without charging an attempt, and leaves after WORKER_STRIKES chunks in a row.
 ENVIRONMENT_CODES: frozenset[str] = frozenset(
-    {"model-not-allowed", "model-unavailable", "storage-error"}
+    {"model-not-allowed", "model-unavailable", "storage-error", "device-error"}
 )
+# Environment codes after which the worker leaves at once: a CUDA error is sticky, every
+# later kernel of the process fails too.
+FATAL_CODES: frozenset[str] = frozenset({"device-error"})
 # Every code whose cause is the worker, not the item: its environment, or its version
 # (worker-incompatible fails the items at once: `retry` them once the workers are upgraded).
 WORKER_CODES: frozenset[str] = ENVIRONMENT_CODES | {"worker-incompatible"}

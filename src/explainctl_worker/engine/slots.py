@@ -14,12 +14,13 @@ a pass on a finished mask.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ from explainctl_worker.methods.common import (
     prepare,
 )
 from explainctl_worker.methods.mask import mask_area
+
+log = logging.getLogger("explainctl.engine")
 
 
 @dataclass
@@ -254,6 +257,7 @@ class InFlight:
         self.params, self.device = params, device
         self.optimizer, self.convergence = optimizer, convergence
         self.per_item = RUNNERS[params.method].rows_per_item(params)
+        self.entries: list[Entry] = []  # as admitted: an item sent back starts afresh
         self.keys: list[Any] = []
         self.randoms: list[ItemRandom] = []
         self.done_steps: list[int] = []
@@ -281,6 +285,7 @@ class InFlight:
         self.optimizer.add_rows(p0)
         self.convergence.add_rows(p0)
         self.problem = new if first else self.problem.extend(new)
+        self.entries += entries
         self.keys += [e.key for e in entries]
         fresh = [ItemRandom(self.params, self.device, e.seed) for e in entries]
         self.randoms += fresh
@@ -304,10 +309,33 @@ class InFlight:
         self.convergence.keep_rows(rows)
         self.problem = self.problem.select(index)
         self.shift_table = self.shift_table.index_select(0, index)
+        self.entries = [self.entries[i] for i in items]
         self.keys = [self.keys[i] for i in items]
         self.randoms = [self.randoms[i] for i in items]
         self.done_steps = [self.done_steps[i] for i in items]
         self.spent = [self.spent[i] for i in items]
+
+
+def _step(f: InFlight, runner, scores, optimizer, convergence, params, shape, device) -> None:
+    """One iteration over every row in flight: the method's loss, its gradient in the
+    mask, and the optimiser's update."""
+    leaf = f.p.detach().requires_grad_(True)
+    shifts = None
+    if params.jitter:
+        item_steps = f.steps.view(-1, f.per_item)[:, 0].long()
+        shifts = f.shift_table[torch.arange(len(f), device=device), item_steps]
+    perturb = _perturber(f.randoms, shifts, params, f.per_item, shape)
+    with torch.enable_grad():
+        loss, held = runner.loss(scores, leaf, f.rows, f.steps, params, perturb)
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    with torch.no_grad():
+        optimizer.step(f.p, grad, f.steps, runner.lr_scale(f.steps, f.held_at, params))
+        f.p.clamp_(0, 1)
+        f.p_sum += f.p
+        f.steps += 1
+        if held is not None:
+            f.held_at = torch.where(held & f.held_at.isinf(), f.steps, f.held_at)
+    convergence.observe(f.p, held)
 
 
 def run_slots(
@@ -375,24 +403,29 @@ def run_slots(
         )
         shape = tuple(f.problem.x.shape[1:])
         started = time.perf_counter()
-        for _ in range(segment):
-            leaf = f.p.detach().requires_grad_(True)
-            shifts = None
-            if params.jitter:
-                item_steps = f.steps.view(-1, f.per_item)[:, 0].long()
-                shifts = f.shift_table[torch.arange(len(f), device=device), item_steps]
-            perturb = _perturber(f.randoms, shifts, params, f.per_item, shape)
-            with torch.enable_grad():
-                loss, held = runner.loss(scores, leaf, f.rows, f.steps, params, perturb)
-                (grad,) = torch.autograd.grad(loss.sum(), leaf)
-            with torch.no_grad():
-                optimizer.step(f.p, grad, f.steps, runner.lr_scale(f.steps, f.held_at, params))
-                f.p.clamp_(0, 1)
-                f.p_sum += f.p
-                f.steps += 1
-                if held is not None:
-                    f.held_at = torch.where(held & f.held_at.isinf(), f.steps, f.held_at)
-            convergence.observe(f.p, held)
+        ran, drawn = 0, None
+        try:
+            for _ in range(segment):
+                if params.noise_std:  # a failed step must not have used up its draws
+                    drawn = [r.generator.get_state() for r in f.randoms]
+                _step(f, runner, scores, optimizer, convergence, params, shape, device)
+                ran += 1
+        except torch.OutOfMemoryError:
+            # The device cannot hold this many rows: half the items stay (their steps
+            # so far kept), the rest go back to the head of the stream and start again.
+            if len(f) == 1:
+                raise
+            for random, state in zip(f.randoms, drawn or (), strict=False):
+                random.generator.set_state(state)
+            slots = len(f) // 2
+            log.warning("out of memory with %d items in flight: %d from now on", len(f), slots)
+            f.done_steps = [s + ran for s in f.done_steps]
+            source = chain(f.entries[slots:], source)
+            exhausted = False
+            f.keep(list(range(slots)))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         f.done_steps = [s + segment for s in f.done_steps]
         credited = segment * len(f)
 

@@ -48,6 +48,7 @@ from explainctl.spec.contracts import (
 )
 from explainctl.spec.errors import (
     ERROR_CODES,
+    FATAL_CODES,
     ErrorCode,
     ExplainctlError,
     ItemError,
@@ -152,6 +153,11 @@ class HandBack(Exception):
     def strike(self) -> bool:
         return self.code is not None
 
+    @property
+    def fatal(self) -> bool:
+        """The worker must leave now, not after WORKER_STRIKES."""
+        return self.code in FATAL_CODES
+
 
 def _failure(code: ErrorCode, message: str) -> dict:
     if code not in ERROR_CODES:
@@ -247,22 +253,32 @@ def _explain_group(
         for item, target in runnable
     ]
     timings = Timings()
-    outcomes = (
-        explain_items(
-            inputs,
-            loaded,
-            payload.params,
-            context.limits(),
-            slots=context.slots(),
-            deliver=lambda outcome: _store_artifacts(
-                context, payload, outcome, attempt_of[outcome.name]
-            ),
-            timings=timings,
-            admit_until=run.admit_until,
+    try:
+        outcomes = (
+            explain_items(
+                inputs,
+                loaded,
+                payload.params,
+                context.limits(),
+                slots=context.slots(),
+                deliver=lambda outcome: _store_artifacts(
+                    context, payload, outcome, attempt_of[outcome.name]
+                ),
+                timings=timings,
+                admit_until=run.admit_until,
+            )
+            if inputs
+            else []
         )
-        if inputs
-        else []
-    )
+    except torch.AcceleratorError as error:
+        # The device, not the items: every item of the group goes back uncharged, what
+        # was already decided settles, and the worker leaves (HandBack.fatal).
+        run.finished |= store.settle(payload.job_id, settled)
+        released = set(store.release(payload.job_id, [item.index for item, _ in runnable]))
+        message = str(error).strip().splitlines()[0][:200]
+        run.hand_back([item for item, _ in runnable if item.index in released],
+                      "device-error", message)  # fmt: skip
+        return
     if inputs:
         metrics.record_idle(timings.idle_fraction)
     # Back to the queue, uncharged: items never started (deferred), and items whose failure

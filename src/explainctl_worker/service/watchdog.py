@@ -61,10 +61,13 @@ class Strikes:
 
     def __init__(self) -> None:
         self.count = 0
+        self.fatal = False
 
-    def record(self, struck: bool) -> None:
-        """One more chunk in the row, or the row broken by a chunk that was not."""
+    def record(self, struck: bool, fatal: bool = False) -> None:
+        """One more chunk in the row, or the row broken by a chunk that was not; `fatal`:
+        one the worker cannot survive (errors.FATAL_CODES)."""
         self.count = self.count + 1 if struck else 0
+        self.fatal = self.fatal or fatal
 
     def pause(self) -> float:
         return min(MAX_PAUSE, FIRST_PAUSE * 2 ** (self.count - 1))

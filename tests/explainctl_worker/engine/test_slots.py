@@ -218,3 +218,40 @@ def test_the_engine_produces_every_declared_score_by_its_name(method):
     missing = {name for name, values in explanation.scores.items() if values is None}
     assert missing == LATER, missing
     ItemScores(**explanation.item_scores())  # every value of the type it is declared with
+
+
+class _Cramped(torch.nn.Module):
+    """The model on a device that fails, as a full GPU does, on a pass over more rows
+    than it can hold; it records the rows of each optimisation pass."""
+
+    def __init__(self, model, rows: int):
+        super().__init__()
+        self.model, self.rows, self.passes = model, rows, []
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            self.passes.append(x.shape[0])
+            if x.shape[0] > self.rows:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_slots_and_every_item_still_gets_its_mask():
+    """Room for the rows of 2 items in a pass, 5 in the slots: the engine keeps half its
+    items, sends the rest back to start afresh, and each mask is the one it gets in any
+    slot count."""
+    model = tiny_classifier()
+    images = _random_images(5)
+    probe = _Cramped(model, rows=10**9)
+    list(run_slots(probe, [Entry(0, images[0])], NOISY, slots=1))
+    per_item = max(probe.passes)
+    cramped = _Cramped(model, rows=2 * per_item)
+    entries = (Entry(i, images[i]) for i in range(5))
+    explained = dict(run_slots(cramped, entries, NOISY, slots=5))
+    assert sorted(explained) == list(range(5))
+    assert cramped.passes[0] == 5 * per_item and max(cramped.passes[1:]) <= 2 * per_item
+    roomy = explain_batch(model, images, NOISY, slots=2)
+    for i in range(5):
+        assert torch.allclose(explained[i].masks, roomy.masks[i : i + 1], atol=1e-5), i
+    with pytest.raises(torch.OutOfMemoryError):  # one item that does not fit: no way round
+        list(run_slots(_Cramped(model, rows=per_item - 1), [Entry(0, images[0])], NOISY, slots=1))

@@ -87,3 +87,16 @@ def test_a_chunk_out_of_time_starts_no_more_items_and_hands_the_rest_back(job_st
     final = list(job_store.entries(payload.job_id))
     assert [(r.state, r.attempts) for r in final] == [("done", 1)] * 4
     assert job_store.status(payload.job_id).state == "completed"
+
+
+def test_a_device_error_hands_the_items_back_and_the_worker_must_leave(job_store, tmp_path):
+    payload = _chunk(job_store, tmp_path, str(tmp_path / "out"))
+    broken = payload.model_copy(
+        update={"model": ModelSpec(name="tests.support.models:broken_device_classifier")}
+    )
+    with pytest.raises(HandBack) as back:
+        run_chunk(broken, _context(job_store))
+    assert back.value.code == "device-error" and back.value.fatal
+    assert "illegal memory access" in back.value.message
+    entries = list(job_store.entries(payload.job_id))
+    assert [(e.state, e.attempts) for e in entries] == [("queued", 0), ("queued", 0)]
