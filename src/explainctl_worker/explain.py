@@ -38,6 +38,10 @@ class ItemInput:
     source: str  # where it came from (path or URI), recorded in result.json
     load: Callable[[], bytes]  # reads the encoded image; may raise ItemError
     target: Target = field(default_factory=Target)
+    # Called as the item's turn comes, before its read: False skips it (another copy of
+    # its chunk settled it); may raise ItemError. A job worker counts the attempt here, so
+    # a worker that dies is charged only for the items it had begun.
+    start: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -54,6 +58,8 @@ class ItemOutcome:
     environment: bool = False
     # Never started: the chunk stopped admitting items (`admit_until`); it goes back.
     deferred: bool = False
+    # Not run: its `start` said another copy of its chunk had settled it.
+    skipped: bool = False
 
     @property
     def ok(self) -> bool:
@@ -207,6 +213,9 @@ def explain_items(
     def decode(position: int):
         began = time.perf_counter()
         try:
+            if items[position].start is not None and not items[position].start():
+                outcomes[position].skipped = True
+                return position, None, None, None
             image, target = _prepare(items[position], loaded, params, limits)
             return position, image, target, _to_tensor(image, params.image_size)
         except ItemError as error:

@@ -224,24 +224,28 @@ class _Run:
 def _explain_group(
     context: WorkerContext, payload: ChunkPayload, group: Sequence[ChunkItem], loaded, run: _Run
 ) -> None:
-    store = context.store
-    attempts = store.begin(payload.job_id, [item.index for item in group])
+    store, job = context.store, payload.job_id
     settled: list[tuple[int, str, dict]] = []
     runnable: list[tuple[ChunkItem, Target]] = []
-    attempt_of: dict[str, int] = {}
-    for item, attempt in zip(group, attempts, strict=True):
-        if attempt is None:
-            continue  # another copy of this chunk settled it meanwhile
-        if attempt > context.settings.max_deliveries:
-            message = f"the worker was lost {attempt - 1} times while explaining this item"
-            settled.append((item.index, "failed", _failure("worker-lost", message)))
-            continue
+    for item in group:
         try:
             runnable.append((item, Target.parse(item.target)))
-            attempt_of[item_name(item.index, item.uri)] = attempt
         except ValueError:
             message = f"invalid target {item.target!r}: a class index >= 0, a name, or top1"
             settled.append((item.index, "failed", _failure("bad-target", message)))
+    # Filled as items begin, in the read-ahead threads: an attempt is counted only for an
+    # item this worker reached, so a worker that dies is charged for those alone.
+    attempt_of: dict[str, int] = {}
+
+    def start(item: ChunkItem) -> bool:
+        (attempt,) = store.begin(job, [item.index])
+        if attempt is None:
+            return False  # another copy of this chunk settled it meanwhile
+        attempt_of[item_name(item.index, item.uri)] = attempt
+        if attempt > context.settings.max_deliveries:
+            message = f"the worker was lost {attempt - 1} times while explaining this item"
+            raise ItemError("worker-lost", message)
+        return True
 
     inputs = [
         ItemInput(
@@ -249,6 +253,7 @@ def _explain_group(
             source=item.uri,
             load=lambda uri=item.uri: context.read(uri),
             target=target,
+            start=lambda item=item: start(item),
         )
         for item, target in runnable
     ]
@@ -273,11 +278,9 @@ def _explain_group(
     except torch.AcceleratorError as error:
         # The device, not the items: every item of the group goes back uncharged, what
         # was already decided settles, and the worker leaves (HandBack.fatal).
-        run.finished |= store.settle(payload.job_id, settled)
-        released = set(store.release(payload.job_id, [item.index for item, _ in runnable]))
+        run.finished |= store.settle(job, settled)
         message = str(error).strip().splitlines()[0][:200]
-        run.hand_back([item for item, _ in runnable if item.index in released],
-                      "device-error", message)  # fmt: skip
+        _give_back(store, job, [i for i, _ in runnable], attempt_of, run, ("device-error", message))
         return
     if inputs:
         metrics.record_idle(timings.idle_fraction)
@@ -286,6 +289,8 @@ def _explain_group(
     back: list[ChunkItem] = []
     failure: tuple[ErrorCode, str] | None = None
     for (item, _), outcome in zip(runnable, outcomes, strict=True):
+        if outcome.skipped:
+            continue
         if outcome.deferred:
             back.append(item)
         elif outcome.ok:
@@ -298,7 +303,7 @@ def _explain_group(
     # One part and one round trip for the group, after every artifact of it is stored.
     try:
         run.finished |= records.settle(
-            store, context.storage(payload.output), payload.job_id, payload.chunk, settled
+            store, context.storage(payload.output), job, payload.chunk, settled
         )
     except ItemError as error:
         # Storage took the artifacts but not the part: the done items go back like any
@@ -307,11 +312,21 @@ def _explain_group(
         back += [item for item, _ in runnable if item.index in done]
         settled = [change for change in settled if change[0] not in done]
         failure = failure or (error.code, error.message)
-        run.finished |= store.settle(payload.job_id, settled)
+        run.finished |= store.settle(job, settled)
     metrics.record_items(settled)
     if back:
-        released = set(store.release(payload.job_id, [item.index for item in back]))
-        run.hand_back([item for item in back if item.index in released], *(failure or (None, "")))
+        _give_back(store, job, back, attempt_of, run, failure)
+
+
+def _give_back(store: JobStore, job: str, items: list[ChunkItem], attempt_of: dict[str, int],
+               run: _Run, failure: tuple[ErrorCode, str] | None) -> None:  # fmt: skip
+    """Hand `items` back through the run: those this worker began with their attempt
+    taken back (one that another copy settled meanwhile stays settled), and those it
+    never began as they are."""
+    begun = [i for i in items if item_name(i.index, i.uri) in attempt_of]
+    released = set(store.release(job, [i.index for i in begun])) if begun else set()
+    back = [i for i in items if item_name(i.index, i.uri) not in attempt_of or i.index in released]
+    run.hand_back(back, *(failure or (None, "")))
 
 
 def run_chunk(

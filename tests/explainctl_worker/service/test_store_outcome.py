@@ -6,6 +6,7 @@ import json
 import torch
 from PIL import Image
 
+from explainctl.config import Settings
 from explainctl.spec.contracts import ChunkPayload, ModelSpec, Target
 from explainctl.spec.ids import new_job_id
 from explainctl.spec.methods import ExplainParams
@@ -32,8 +33,8 @@ def test_the_record_gets_the_method_and_metrics(tmp_path):
     payload = ChunkPayload(
         job_id=new_job_id(), chunk=0, model=spec, params=params, output=str(tmp_path), items=[]
     )
-    # Storing needs only the context's storage, not its settings or job store.
-    context = WorkerContext(settings=None, store=None)
+    # Storing needs only the context's storage (and the S3 deadlines of its settings).
+    context = WorkerContext(settings=Settings(), store=None)
     (outcome,) = explain_items(
         [item], loaded, params, deliver=lambda o: _store_artifacts(context, payload, o, 2)
     )
@@ -52,7 +53,6 @@ def test_the_record_gets_the_method_and_metrics(tmp_path):
 
 
 def test_allowed_models_when_set_is_the_complete_list():
-    from explainctl.config import Settings
 
     def allowed(setting: tuple[str, ...], name: str, weights: str | None = None) -> bool:
         context = WorkerContext(settings=Settings(allowed_models=setting), store=None)
