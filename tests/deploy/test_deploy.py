@@ -8,6 +8,7 @@ the worker probe against a CPU worker, and the sbatch scripts' signal handling.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -556,3 +557,23 @@ def test_audit_sbatch_exits_with_the_status_of_submit_wait(tmp_path, status):
     args = tuple(recorded.read_text().split())
     assert args == ("submit", "s3://images/audit/", "--wait", "--output", "s3://results/audits")
     assert checks.check_invocation(Invocation("audit.sbatch", args)) == []
+
+
+# --------------------------------------------------------------------------- Redis sizing
+
+
+def test_the_redis_sizing_beside_each_cap_is_the_measured_one():
+    """The sums written beside the shipped maxmemory come from the last measured
+    million-item job (benchmarks/results/scale-cpu.jsonl), and stay under 70 % of the cap."""
+    measured = checks.ROOT / "benchmarks/results/scale-cpu.jsonl"
+    rows = [json.loads(line) for line in measured.read_text().splitlines()]
+    million = [row for row in rows if row["items"] == 1_000_000][-1]
+    settled = million["redis_mib"]
+    queued = million["redis_bytes_per_item_queued"] * 1_000_000 / 2**20
+    peak = 7 * settled + settled + queued  # a week of nightly jobs kept, one running
+    for path, cap_mib in ((checks.COMPOSE_FILE, 1024), (checks.K8S / "redis.yaml", 1536)):
+        text = path.read_text()
+        assert f"{settled} MiB" in text and f"{queued:.0f} MiB" in text, path
+        assert f"about {peak:.0f} MiB" in text, (path, peak)
+        assert f"{100 * peak / cap_mib:.0f} %" in text, (path, 100 * peak / cap_mib)
+        assert peak < 0.7 * cap_mib
