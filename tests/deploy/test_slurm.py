@@ -135,40 +135,28 @@ def _stop(site: Site, name: str, job_id: int) -> None:
     assert "worker exited with status 0" in log
 
 
-def test_a_worker_allocation_joins_and_finishes_a_queued_job(site, tmp_path):
-    folder = tmp_path / "in"
-    images(folder, 3)
-    job = submit(site.settings, str(folder), "--chunk-size", "1", *tiny(40))
-    allocation = site.sbatch("worker.sbatch", *SMALL, name="worker")
-    final = wait(site.settings, job)
-    assert final["state"] == "completed", final
-    log = site.output("worker", allocation)
-    # No GPU on the node: one process on the CPU, named after the Slurm job.
-    assert "explainctl worker --gpus none" in log, log[-3000:]
-    assert re.search(rf"explain-slurm{allocation}@\S+ ready\.", log), log[-3000:]
-    assert len(SUCCEEDED_RE.findall(log)) == 3, log[-3000:]  # every chunk ran in it
-    row = audit(_store(site), job, "Slurm: a worker.sbatch allocation joins a queued job", folder)
-    assert (row.done, row.lost, row.re_executed, row.disagreeing) == (3, 0, 0, 0)
-    _stop(site, "worker", allocation)
+# From sbatch to a worker ready for a chunk: about 5 s here, 11 s on a machine loaded 4 times
+# over, which leaves the chunk's lead.
+STARTUP_LEAD = 15.0
+# The chunk is queued this long before the time-limit check and runs about 9 s (far longer on
+# a busy machine), so it is running whichever moment of that second the check comes.
+CHUNK_LEAD = 5.0
+ITERATIONS = 3500
 
 
-# From sbatch to a worker ready for a chunk: about 5 s here, with room to spare.
-STARTUP_LEAD = 12.0
-# The chunk is queued this long before the time-limit check and runs about 8 s (more on a
-# busy machine), so it is running whichever moment of that second the check comes.
-CHUNK_LEAD = 4.0
-ITERATIONS = 3000
-
-
+# First in the file: slurmctld has just started, and its first time-limit test, ~30 s away,
+# leaves the worker time to start; after another test it could be too near, and a wait for
+# the next one would cost up to 30 s.
 def test_walltime_warning_lets_the_chunk_finish_and_a_new_allocation_does_the_rest(
     slurm, site, tmp_path
 ):
     folder = tmp_path / "in"
     images(folder, 3)
     check = slurm.next_time_limit_check(lead=STARTUP_LEAD)
-    # A one-minute allocation warned 30 s or more ahead: Slurm sends the SIGTERM at its first
-    # time-limit check after the job started, well before the limit.
-    first = site.sbatch("worker.sbatch", *SMALL, "--time=1", "--signal=B:TERM@30", name="walltime")
+    # Slurm tests time limits every 30 s and warns at the first test that finds the job
+    # within N + 30 s of its limit: warned N = 150 s before a three-minute limit, that is its
+    # first test after the job started, and the chunk then has two minutes before the kill.
+    first = site.sbatch("worker.sbatch", *SMALL, "--time=3", "--signal=B:TERM@150", name="walltime")
     site.wait_for("walltime", first, " ready.")
     time.sleep(max(0.0, check - CHUNK_LEAD - time.time()))
     # Chunks of 2: the first (items 0 and 1) runs into the warning, the second waits.
@@ -177,6 +165,7 @@ def test_walltime_warning_lets_the_chunk_finish_and_a_new_allocation_does_the_re
     # The next allocation starts while the warned one still finishes its chunk: it must take
     # the waiting chunk only.
     second = site.sbatch("worker.sbatch", *SMALL, name="second")
+    site.wait_for("second", second, " ready.")
 
     fields = slurm.wait_job(first)
     log = site.output("walltime", first)
@@ -203,6 +192,24 @@ def test_walltime_warning_lets_the_chunk_finish_and_a_new_allocation_does_the_re
                 folder)  # fmt: skip
     assert (row.done, row.lost, row.re_executed, row.disagreeing) == (3, 0, 0, 0)
     _stop(site, "second", second)
+
+
+def test_a_worker_allocation_joins_and_finishes_a_queued_job(site, tmp_path):
+    folder = tmp_path / "in"
+    images(folder, 3)
+    job = submit(site.settings, str(folder), "--chunk-size", "1", *tiny(40))
+    allocation = site.sbatch("worker.sbatch", *SMALL, name="worker")
+    site.wait_for("worker", allocation, " ready.")
+    final = wait(site.settings, job)
+    assert final["state"] == "completed", final
+    log = site.output("worker", allocation)
+    # No GPU on the node: one process on the CPU, named after the Slurm job.
+    assert "explainctl worker --gpus none" in log, log[-3000:]
+    assert re.search(rf"explain-slurm{allocation}@\S+ ready\.", log), log[-3000:]
+    assert len(SUCCEEDED_RE.findall(log)) == 3, log[-3000:]  # every chunk ran in it
+    row = audit(_store(site), job, "Slurm: a worker.sbatch allocation joins a queued job", folder)
+    assert (row.done, row.lost, row.re_executed, row.disagreeing) == (3, 0, 0, 0)
+    _stop(site, "worker", allocation)
 
 
 def test_an_audit_fails_on_a_corrupt_image_and_completes_on_clean_ones(

@@ -125,8 +125,9 @@ class SlurmCluster:
             f"SlurmctldDebug=debug2\nSlurmdDebug=info\n"
             f"PlugStackConfig={d / 'plugstack.conf'}\n"
             # The cgroup plugins need a cgroup tree of their own, which a container may not
-            # give; tracking processes by parentage needs nothing.
-            f"ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n"
+            # give. A job's processes keep its process group (no step calls setsid), even
+            # those orphaned when the batch shell dies first, and slurmd kills that group.
+            f"ProctrackType=proctrack/pgid\nTaskPlugin=task/none\n"
             f"JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n"
             f"MpiDefault=none\nSwitchType=switch/none\n"
             # Batch jobs start at once rather than up to 3 s later, as a busy cluster batches them.
