@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: install demo test lint format bench clean browser reliability
+.PHONY: install demo test lint format bench clean browser slurm reliability
 
 install: $(STAMP)
 
@@ -26,17 +26,24 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: install lint browser
+test: install lint browser slurm
 	bash scripts/test.sh
 
 # The fault-injection and hostile-input suites alone; they print the reliability table.
-reliability: install browser
+reliability: install browser slurm
 	bash scripts/test.sh -m reliability
 
 # The report is tested in a real headless browser: Debian's chromium.
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+# deploy/slurm/ runs on a one-node Slurm cluster that the tests start: Debian's daemons.
+slurm:
+	@(for program in slurmctld slurmd munged sbatch; do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$program || exit 1; done) >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    slurmctld slurmd munge slurm-client >/dev/null)
 
 bench: install
 	PYTHONPATH=. $(BIN)/python benchmarks/engine.py --model tests.support.models:tiny_classifier --image-size 64 --mask-size 16 --batch-size 16

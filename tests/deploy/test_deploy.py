@@ -179,7 +179,7 @@ def test_every_explainctl_invocation_is_a_real_command_with_real_options():
         ("deploy/compose/docker-compose.yml", ("worker", "--gpus", "all")),
         ("deploy/k8s/worker.yaml", ("worker", "--device", "cuda")),
         ("deploy/slurm/worker.sbatch", ("worker", "--gpus", "$gpus")),
-        ("deploy/slurm/audit.sbatch", ("submit", "$AUDIT_INPUT", "--wait")),
+        ("deploy/slurm/audit.sbatch", ("submit", "$AUDIT_INPUT", "--wait", "${extra[@]}")),
         ("deploy/README.md", ("submit", "s3://explainctl/inputs/", "--wait")),  # compose run
         ("deploy/README.md", ("submit", "s3://bucket/photos/", "--wait")),  # docker run
     ]:
@@ -549,13 +549,15 @@ def test_audit_sbatch_exits_with_the_status_of_submit_wait(tmp_path, status):
         EXPLAINCTL_BROKER_URL="redis://:pw@redis:6379/0",
         AUDIT_INPUT="s3://images/audit/",
         AUDIT_OUTPUT="s3://results/audits",
+        AUDIT_ARGS="--model resnet50  --iterations 300",
     )
     done = subprocess.run(
         ["bash", str(SLURM / "audit.sbatch")], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == status, done.stdout + done.stderr
     args = tuple(recorded.read_text().split())
-    assert args == ("submit", "s3://images/audit/", "--wait", "--output", "s3://results/audits")
+    assert args == ("submit", "s3://images/audit/", "--wait", "--output", "s3://results/audits",
+                    "--model", "resnet50", "--iterations", "300")  # fmt: skip
     assert checks.check_invocation(Invocation("audit.sbatch", args)) == []
 
 

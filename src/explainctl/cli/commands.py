@@ -451,7 +451,10 @@ def prune(broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
 def worker(
     device: DeviceOpt = None,
     gpus: Annotated[
-        str | None, typer.Option("--gpus", help="GPU indices (0,1) or all: one process each.")
+        str | None,
+        typer.Option(
+            "--gpus", help="GPU indices (0,1) or all: one process each; none: one on the CPU."
+        ),
     ] = None,
     queue: QueueOpt = None,
     preload: Annotated[list[str] | None, setting_option("preload")] = None,

@@ -58,7 +58,8 @@ def celery_command(settings: Settings, name: str, loglevel: str = "INFO") -> lis
 
 
 def parse_gpus(text: str | None) -> list[str]:
-    if not text:
+    # "none": one process on the CPU, for a batch script that found no GPU to hand on.
+    if not text or text == "none":
         return []
     if text == "all":
         return _visible_gpus()

@@ -4,7 +4,10 @@ import os
 import signal
 import socket
 
+import pytest
+
 from explainctl.local import launcher
+from explainctl.spec.errors import InvalidInput
 
 
 def test_node_names_are_unique_per_slurm_job_step_and_process(monkeypatch):
@@ -21,3 +24,10 @@ def test_node_names_are_unique_per_slurm_job_step_and_process(monkeypatch):
 def test_a_death_is_described_in_words():
     assert launcher._how(-signal.SIGKILL) == "killed by SIGKILL"
     assert launcher._how(75) == "exited with code 75"
+
+
+def test_gpus_none_asks_for_one_process_on_the_cpu():
+    assert launcher.parse_gpus("none") == launcher.parse_gpus(None) == []
+    assert launcher.parse_gpus("0,1") == ["0", "1"]
+    with pytest.raises(InvalidInput):
+        launcher.parse_gpus("nothing")
