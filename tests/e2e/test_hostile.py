@@ -134,6 +134,27 @@ def test_every_bad_input_fails_alone(tmp_path, s3_bucket, start_workers, worker_
                 expected_failed=failed)  # fmt: skip
     assert row.lost == 0
 
+    # Names in other scripts, with spaces and accents, through the same worker: explained,
+    # downloaded under item folders that keep their letters, nothing lost.
+    unicode = tmp_path / "allowed" / "unicode"
+    unicode.mkdir()
+    names = ["café.jpg", "東京 夜景.png", "Ünïcödé name (2).png", "naïve-ß.png"]
+    for name in names:
+        Image.open(io.BytesIO(_png(np.full((24, 24, 3), 90, np.uint8)))).save(unicode / name)
+    done = cli.run("submit", str(unicode), "--json", "--wait", *TINY, timeout=300, **worker_env)
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)["job_id"]
+    got = cli.run("download", job, str(tmp_path / "got"), **worker_env)
+    assert got.returncode == 0, got.stderr
+    folders = sorted(p.name for p in (tmp_path / "got").iterdir() if p.is_dir())
+    assert (
+        len(folders) == 4
+        and any("東京" in f for f in folders)
+        and any("café" in f for f in folders)
+    )
+    row = audit(store, job, "file names in other scripts (café, 東京 夜景, …)", unicode)
+    assert (row.done, row.lost) == (4, 0)
+
 
 def test_pickled_messages_are_refused(tmp_path, start_workers, worker_env):
     marker = tmp_path / "pwned"
