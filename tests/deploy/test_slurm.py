@@ -187,7 +187,7 @@ def test_walltime_warning_lets_the_chunk_finish_and_a_new_allocation_does_the_re
     assert len(SUCCEEDED_RE.findall(site.output("second", second))) == 1
     # Each item ran once: the warned chunk was not run again by the second allocation.
     store = _store(site)
-    assert [(r.state, r.attempts) for r in store.items(job)] == [("done", 1)] * 3
+    assert [(r.state, r.attempts) for r in store.entries(job)] == [("done", 1)] * 3
     row = audit(store, job, "Slurm: walltime warning mid-chunk, the rest in a new allocation",
                 folder)  # fmt: skip
     assert (row.done, row.lost, row.re_executed, row.disagreeing) == (3, 0, 0, 0)
@@ -251,7 +251,7 @@ def test_an_audit_fails_on_a_corrupt_image_and_completes_on_clean_ones(
     job = re.search(r"audit of \S+\n(\w+)\n", broken)
     assert job, broken[-3000:]
     store = _store(site)
-    states = {r.uri: r.state for r in store.items(job.group(1))}
+    states = {r.uri: r.state for r in store.entries(job.group(1))}
     assert states == {
         f"{prefix}/broken/img0.png": "done",
         f"{prefix}/broken/img1.png": "done",
