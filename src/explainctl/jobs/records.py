@@ -90,8 +90,9 @@ class _DoneRecords:
     def __init__(self, storage: Storage, job_id: str):
         self.storage = storage
         self.job_id = job_id
-        self._parts: deque[str] | None = None  # listed on first use: a reader of failed
-        self._reading: deque[tuple[int, Future]] = deque()  # items never lists them
+        # Listed on first use, so a reader of failed items only never lists them.
+        self._parts: deque[str] | None = None
+        self._reading: deque[tuple[int, Future]] = deque()
         self._held: dict[int, dict] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._missing = 0
@@ -102,7 +103,9 @@ class _DoneRecords:
             self._parts = deque(sorted(keys, key=part_span))
             self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="parts")
         self._read_through(index)
-        for stale in [i for i in self._held if i < index]:  # a copy that lost its race
+        # Records of items Redis does not hold done (a copy that ran an item another copy
+        # failed meanwhile) are passed by: let them go.
+        for stale in [i for i in self._held if i < index]:
             del self._held[stale]
         fields = self._held.pop(index, None)
         if fields is None:
