@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -523,14 +524,8 @@ def test_a_failed_multipart_upload_is_aborted_and_leaves_nothing(s3_bucket):
 # --------------------------------------------------------------------------- S3 that bends
 
 # botocore's own retries off, so every attempt reaches the proxy and only our loop repeats.
-BENDING_S3 = S3Settings(
-    max_attempts=1,
-    connect_timeout=1.0,
-    read_timeout=5.0,
-    retry_base_delay=0.05,
-    retry_max_delay=0.2,
-    retry_deadline=0.3,
-    throttle_deadline=30.0,
+BENDING_S3 = dataclasses.replace(
+    FAST_S3, retry_base_delay=0.05, retry_max_delay=0.2, retry_deadline=0.3, throttle_deadline=30.0
 )
 
 
