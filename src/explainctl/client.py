@@ -384,17 +384,30 @@ class Client:
         return Cancelled(cancelled)
 
     def retry(self, job_id: str, failed_only: bool = False) -> int:
-        """Queue again the items that did not finish (only the failed ones with failed_only)."""
+        """Queue again the items that did not finish (only the failed ones with failed_only).
+        It holds the job's submit claim while it sends, so the reconciler does not take its
+        not yet sent items for lost ones."""
         info = self.store.info(check_job_id(job_id))
-        states = {"failed"} if failed_only else {"failed", "cancelled"}
-        items = self.store.reopen(job_id, states)
-        size = info.chunk_size
-        for start in range(0, len(items), size):
-            chunk, unsent = items[start : start + size], items[start + size :]
-            number = self.store.new_chunk_number(job_id)
-            if refusal := self._send_or_fail(info, chunk, number, unsent):
-                raise ServiceUnavailable(
-                    f"{refusal}; requeued {start} of its {len(items)} items, "
-                    f"{len(items) - start} failed as not-queued (retry once the broker is back)"
-                )
+        token = secrets.token_hex(8)
+        if not self.store.claim_submitter(job_id, token):
+            raise InvalidInput(f"job {job_id} is being queued by another submit or retry")
+        try:
+            states = {"failed"} if failed_only else {"failed", "cancelled"}
+            items = self.store.reopen(job_id, states)
+            size, renewed = info.chunk_size, time.monotonic()
+            for start in range(0, len(items), size):
+                chunk, unsent = items[start : start + size], items[start + size :]
+                number = self.store.new_chunk_number(job_id)
+                if refusal := self._send_or_fail(info, chunk, number, unsent):
+                    raise ServiceUnavailable(
+                        f"{refusal}; requeued {start} of its {len(items)} items, "
+                        f"{len(items) - start} failed as not-queued (retry once the broker "
+                        "is back)"
+                    )
+                if time.monotonic() - renewed > 2:
+                    self.store.renew_submitter(job_id, token)
+                    renewed = time.monotonic()
+        finally:
+            with contextlib.suppress(ServiceUnavailable):
+                self.store.release_submitter(job_id)
         return len(items)

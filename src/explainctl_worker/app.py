@@ -21,6 +21,7 @@ from celery.signals import (
 from pydantic import ValidationError
 
 from explainctl.config import Settings
+from explainctl.jobs import leases
 from explainctl.jobs.queue import make_app, send_chunk
 from explainctl.jobs.store import JobStore
 from explainctl.local import embedded
@@ -114,7 +115,7 @@ def _preload(**_) -> None:
 @app.task(name=TASK_EXPLAIN_CHUNK, bind=True)
 def explain_chunk_task(self, payload: dict) -> None:
     # Started: the reservation taken on receipt gives way to the run's own lease below.
-    lease.release(context().store.redis, lease.reservation_key(self.request.id))
+    leases.release(context().store.redis, lease.reservation_key(self.request.id))
     if (protocol := sent_protocol(payload)) > PROTOCOL:
         refuse_newer(payload, protocol, context())
         return

@@ -26,9 +26,11 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     CredentialRetrievalError,
     EndpointConnectionError,
+    IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
     ReadTimeoutError,
+    ResponseStreamingError,
 )
 
 from explainctl.io.uri import one_line, s3_uri
@@ -46,6 +48,9 @@ _CONNECTION_ERRORS = (
     ConnectionClosedError,
     ReadTimeoutError,
     ConnectTimeoutError,
+    # A body cut off midway: the connection failed, not S3's answer.
+    ResponseStreamingError,
+    IncompleteReadError,
 )
 _TRANSIENT_CODES = frozenset(
     {

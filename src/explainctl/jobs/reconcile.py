@@ -26,6 +26,8 @@ from celery import Celery
 from explainctl.jobs import keys, leases
 from explainctl.jobs.queue import send_items, waiting_chunks
 from explainctl.jobs.store import JobStore, redis_errors
+from explainctl.spec.contracts import PROTOCOL
+from explainctl.spec.errors import ExplainctlError
 
 log = logging.getLogger("explainctl.reconcile")
 
@@ -33,35 +35,42 @@ log = logging.getLogger("explainctl.reconcile")
 MAX_WAITING = 5000
 
 
-def in_flight(store: JobStore, job_id: str, queue: str) -> set[int]:
-    """Indices of the job's items in a waiting or reserved message, or under a lease."""
-    payloads = [*waiting_chunks(store.redis, queue), *leases.held(store.redis)]
-    return {
-        item["index"]
-        for payload in payloads
-        if payload.get("job_id") == job_id
-        for item in payload.get("items", ())
-    }
+def in_flight(store: JobStore, queues: set[str]) -> dict[str, set[int]]:
+    """By job, the indices of items in a message waiting in `queues` or reserved by a
+    worker, or under a lease."""
+    payloads = [*leases.held(store.redis)]
+    for queue in queues:
+        payloads += waiting_chunks(store.redis, queue)
+    found: dict[str, set[int]] = {}
+    for payload in payloads:
+        indices = found.setdefault(str(payload.get("job_id")), set())
+        indices.update(item["index"] for item in payload.get("items", ()))
+    return found
 
 
 def reconcile(store: JobStore, app: Celery, job_id: str, grace: float) -> int:
     """Send again the job's items that looked lost on this look and on one at least
     `grace` seconds before; returns how many were sent."""
     with redis_errors():
-        return _reconcile(store, app, job_id, grace)
+        return _reconcile(store, app, job_id, grace, None)
 
 
-def _reconcile(store: JobStore, app: Celery, job_id: str, grace: float) -> int:
+def _reconcile(store: JobStore, app: Celery, job_id: str, grace: float, flying) -> int:
+    """`flying`: in_flight's answer when the caller read it for several jobs, else None."""
     suspects = keys.suspects_key(job_id)
     status = store.status(job_id)
-    if status.state not in ("queued", "running"):
+    if (status.state not in ("queued", "running") or store.protocol(job_id) != PROTOCOL
+            or store.sending(job_id)):  # fmt: skip
+        # Finished, of a layout this code does not read, or a retry still sending it.
         store.redis.delete(suspects)
         return 0
     queue = status.info.queue
     if store.redis.llen(queue) > MAX_WAITING:
         return 0
-    waiting = {*store.indices(job_id, "queued"), *store.indices(job_id, "running")}
-    lost = waiting - in_flight(store, job_id, queue) if waiting else set()
+    waiting = set(store.indices(job_id, "queued", "running"))
+    if flying is None:
+        flying = in_flight(store, {queue})
+    lost = waiting - flying.get(job_id, set())
     now = leases.redis_now(store.redis)
     earlier = store.redis.get(suspects)
     if not lost:
@@ -75,7 +84,8 @@ def _reconcile(store: JobStore, app: Celery, job_id: str, grace: float) -> int:
     if now - first["at"] < grace:
         _suspect(store, suspects, first["at"], still, grace)
         return 0
-    store.redis.delete(suspects)
+    if store.redis.getdel(suspects) != earlier:
+        return 0  # another reaper took this look first: it sends them
     if not still:
         return 0
     items = store.items_at(job_id, still)
@@ -90,11 +100,23 @@ def _reconcile(store: JobStore, app: Celery, job_id: str, grace: float) -> int:
 def _suspect(store: JobStore, key: str, at: float, indices: set[int], grace: float) -> None:
     if indices:
         body = json.dumps({"at": at, "indices": sorted(indices)})
-        store.redis.set(key, body, ex=int(grace * 10))
+        store.redis.set(key, body, ex=max(60, int(grace * 10)))  # outlives a few looks
     else:
         store.redis.delete(key)
 
 
 def reconcile_recent(store: JobStore, app: Celery, grace: float, limit: int = 50) -> int:
-    """`reconcile` over the newest jobs; returns how many items were sent again."""
-    return sum(reconcile(store, app, job_id, grace) for job_id in store.recent(limit))
+    """`reconcile` over the newest jobs, reading the queues and leases once; returns how
+    many items were sent again. A job that cannot be looked at does not stop the others."""
+    sent = 0
+    with redis_errors():
+        jobs = store.recent(limit)
+        queues = {store.status(job_id).info.queue for job_id in jobs}
+        flying = in_flight(store, {q for q in queues if store.redis.llen(q) <= MAX_WAITING})
+    for job_id in jobs:
+        try:
+            with redis_errors():
+                sent += _reconcile(store, app, job_id, grace, flying)
+        except ExplainctlError as error:
+            log.warning("job %s: could not look for lost items: %s", job_id, error)
+    return sent

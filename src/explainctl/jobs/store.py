@@ -68,7 +68,7 @@ _TRANSITION = Script("transition")
 _SUBMITTED = Script("submitted")
 _SEAL = Script("seal")
 _DELIVERED = Script("delivered")
-_TERMINAL = ",".join(sorted(TERMINAL_STATES))
+_TERMINAL_NAMES = ",".join(sorted(TERMINAL_STATES))  # submitted.lua counts by name
 _STATE_OF = {code: state for state, code in STATE_CODES.items()}
 _CODES = {
     "states": ",".join(ITEM_STATES),
@@ -324,6 +324,10 @@ class JobStore:
     def renew_submitter(self, job_id: str, token: str) -> None:
         self.redis.set(self._key(job_id, "submitter"), token, xx=True, ex=self.SUBMITTER_SECONDS)
 
+    def sending(self, job_id: str) -> bool:
+        """Whether a submit or a retry is queueing the job's items now (it holds the claim)."""
+        return bool(self.redis.exists(self._key(job_id, "submitter")))
+
     def release_submitter(self, job_id: str) -> None:
         self.redis.delete(self._key(job_id, "submitter"))
 
@@ -350,7 +354,7 @@ class JobStore:
     def mark_submitted(self, job_id: str) -> bool:
         """Submission finished; True when this also finished the job (all items settled)."""
         keys = {"meta": self._key(job_id, "meta"), "counts": self._key(job_id, "counts")}
-        args = {"now": time.time(), "terminal": _TERMINAL}
+        args = {"now": time.time(), "terminal": _TERMINAL_NAMES}
         finished = bool(self._submitted(keys=keys, args=args))
         self.release_submitter(job_id)
         return finished
@@ -399,6 +403,8 @@ class JobStore:
             for index, state, fields in changes[start : start + _BATCH]:
                 if state not in TERMINAL_STATES:
                     raise ValueError(f"settle moves items to a final state, not {state!r}")
+                if state == "done" and fields:
+                    raise ValueError("a done item's record goes to storage: jobs.records.settle")
                 error = _error(fields) if state == "failed" else ""
                 self._move(pipe, keys, index, state, mode=mode, error=error, now=now)
             replies = pipe.execute()
@@ -493,14 +499,14 @@ class JobStore:
         )
         return JobStatus(job_id, state, total, counts, submitted, cancelled, finished_at, info)
 
-    def indices(self, job_id: str, state: str) -> list[int]:
-        """The indices of the items in `state`, from the state string alone (a few
+    def indices(self, job_id: str, *states: str) -> list[int]:
+        """The indices of the items in any of `states`, from the state string alone (a few
         round trips for a million items)."""
-        code, found, block = STATE_CODES[state], [], 1 << 18
+        codes, found, block = {STATE_CODES[s] for s in states}, [], 1 << 18
         total = int(self.redis.hget(self._key(job_id, "meta"), "total") or 0)
         for start in range(0, total, block):
-            codes = self.redis.getrange(self._key(job_id, "state"), start, start + block - 1)
-            found += [start + i for i, c in enumerate(codes) if c == code]
+            held = self.redis.getrange(self._key(job_id, "state"), start, start + block - 1)
+            found += [start + i for i, c in enumerate(held) if c in codes]
         return found
 
     def items_at(self, job_id: str, indices: Iterable[int]) -> list[ChunkItem]:
@@ -566,7 +572,7 @@ class JobStore:
 
         if not self.redis.transaction(flag, meta, value_from_callable=True):
             return None
-        queued = [entry.index for entry in self.entries(job_id, {"queued"})]
+        queued = self.indices(job_id, "queued")
         self.settle(job_id, [(index, "cancelled", None) for index in queued], mode="queued-only")
         return len(queued)
 

@@ -277,9 +277,15 @@ def _explain_group(
         )
     except torch.AcceleratorError as error:
         # The device, not the items: every item of the group goes back uncharged, what
-        # was already decided settles, and the worker leaves (HandBack.fatal).
-        run.finished |= store.settle(job, settled)
+        # was already decided settles, and the worker leaves (HandBack.fatal); an item
+        # that broke as many devices as EXPLAINCTL_MAX_HAND_BACKS fails with the code.
         message = str(error).strip().splitlines()[0][:200]
+        if payload.handed_back >= context.settings.max_hand_backs:
+            failure = _failure("device-error", message)
+            settled += [(item.index, "failed", failure) for item, _ in runnable]
+            run.finished |= store.settle(job, settled)
+            return
+        run.finished |= store.settle(job, settled)
         _give_back(store, job, [i for i, _ in runnable], attempt_of, run, ("device-error", message))
         return
     if inputs:
@@ -351,6 +357,12 @@ def run_chunk(
         return
     if (protocol := store.protocol(job)) > PROTOCOL:
         fail_incompatible(context, job, payload.output, [i.index for i in payload.items], protocol)
+        return
+    if protocol < PROTOCOL:
+        # Records of the layout before this one: nothing here can read or write them.
+        log.error("job %s chunk %d: recorded with protocol %d, which this worker cannot read: "
+                  "finish it with workers of that version, or submit it again", job,
+                  payload.chunk, protocol)  # fmt: skip
         return
     deliveries = store.record_delivery(job, payload.chunk)
     states = store.states(job, [item.index for item in payload.items])
@@ -451,7 +463,7 @@ def _run_pending(context, payload, pending, loaded, deliveries, run: _Run) -> No
     # then takes only itself down, and reaches the attempt cap alone.
     groups = [[item] for item in pending] if deliveries > 1 else [pending]
     for position, group in enumerate(groups):
-        if position and run.out_of_time():
+        if position and (run.out_of_time() or run.code in FATAL_CODES):
             run.hand_back([item for g in groups[position:] for item in g])
             return
         # The caller checked before the first group; later groups may have been cancelled.

@@ -12,8 +12,10 @@ from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    IncompleteReadError,
     NoCredentialsError,
     ReadTimeoutError,
+    ResponseStreamingError,
 )
 
 from explainctl.config import Settings
@@ -47,6 +49,9 @@ CUT = ConnectionClosedError(endpoint_url="http://s3")
         (CUT, "unreachable"),
         (ReadTimeoutError(endpoint_url="http://s3"), "unreachable"),
         (ConnectTimeoutError(endpoint_url="http://s3"), "unreachable"),
+        # A body cut off midway: the read is whole or repeated.
+        (ResponseStreamingError(error="Connection broken"), "unreachable"),
+        (IncompleteReadError(actual_bytes=10, expected_bytes=20), "unreachable"),
         (answered(403, "AccessDenied"), None),
         (answered(404, "NoSuchKey"), None),
         (answered(404, "NoSuchUpload"), None),

@@ -85,3 +85,13 @@ def test_a_finished_or_unsubmitted_job_is_left_alone(queued, job_store):
     job_store.add_chunk(other, [ChunkItem(index=0, uri="/a.png")])  # its submit still runs
     for _ in range(2):
         assert reconcile(store, app, other, grace=0) == 0
+
+
+def test_items_a_retry_is_still_sending_are_not_lost(queued):
+    store, app, info, _ = queued
+    assert store.claim_submitter(info.job_id, "a-retry")  # a retry is queueing the items
+    for _ in range(2):
+        assert reconcile(store, app, info.job_id, grace=0) == 0
+    store.release_submitter(info.job_id)
+    assert reconcile(store, app, info.job_id, grace=0) == 0  # the first look
+    assert reconcile(store, app, info.job_id, grace=0) == 10

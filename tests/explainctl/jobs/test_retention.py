@@ -98,6 +98,6 @@ def test_a_retried_job_stops_its_clock_and_an_unsealed_one_is_sealed_by_prune(se
     assert client.ttl(job_key(job_id, "state")) == -1
     assert not client.exists(job_key(job_id, "index"))
     assert store.seal(job_id) is False  # not finished: nothing may expire
-    store.settle(job_id, [(2, "done", {})])  # finished again, but never sealed
+    store.settle(job_id, [(2, "done", None)])  # finished again, but never sealed
     assert store.prune() == {"forgotten": 0, "sealed": 1}
     assert client.ttl(job_key(job_id, "meta")) > 0

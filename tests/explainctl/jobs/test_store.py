@@ -45,13 +45,13 @@ def test_counts_follow_items_and_the_job_finishes_exactly_once(job_store):
     assert (status.state, status.total) == ("queued", 6)
     assert job_store.begin(job_id, [0, 1, 2]) == [1, 1, 1]
     assert job_store.status(job_id).counts["running"] == 3
-    assert job_store.settle(job_id, [(0, "done", {"mask_area": 0.1})]) is False
+    assert job_store.settle(job_id, [(0, "done", None)]) is False
     assert (
         job_store.settle(job_id, [(1, "failed", {"error_code": "corrupt", "error": "bad"})])
         is False
     )
-    assert job_store.settle(job_id, [(i, "done", {}) for i in (2, 3, 4)]) is False
-    assert job_store.settle(job_id, [(5, "done", {})]) is True  # the change that finishes it
+    assert job_store.settle(job_id, [(i, "done", None) for i in (2, 3, 4)]) is False
+    assert job_store.settle(job_id, [(5, "done", None)]) is True  # the change that finishes it
     status = job_store.status(job_id)
     assert status.counts == {"queued": 0, "running": 0, "done": 5, "failed": 1, "cancelled": 0}
     assert status.state == "completed_with_failures"
@@ -63,7 +63,7 @@ def test_release_puts_running_items_back_without_their_attempt(job_store):
     attempt 1 again; an item not running is left as it is."""
     job_id = _job(job_store, 3)
     assert job_store.begin(job_id, [0, 1]) == [1, 1]
-    job_store.settle(job_id, [(1, "done", {"mask_area": 0.1})])
+    job_store.settle(job_id, [(1, "done", None)])
     assert job_store.release(job_id, [0, 1, 2]) == [0]
     assert job_store.states(job_id, [0, 1, 2]) == ["queued", "done", "queued"]
     assert job_store.status(job_id).counts["running"] == 0
@@ -75,7 +75,7 @@ def test_a_chunk_delivered_twice_counts_each_item_once(job_store):
     job_store.mark_submitted(job_id)
     for _ in range(2):  # the same chunk, run twice
         job_store.begin(job_id, [0, 1, 2, 3])
-        finished = job_store.settle(job_id, [(i, "done", {"seconds": 1.0}) for i in range(4)])
+        finished = job_store.settle(job_id, [(i, "done", None) for i in range(4)])
     assert finished is False  # the second run changed nothing, so it finished nothing
     status = job_store.status(job_id)
     assert status.counts["done"] == 4 and sum(status.counts.values()) == 4
@@ -85,14 +85,14 @@ def test_a_chunk_delivered_twice_counts_each_item_once(job_store):
 def test_final_states_are_final(job_store):
     job_id = _job(job_store, 1)
     job_store.settle(job_id, [(0, "failed", {"error_code": "x", "error": "y"})])
-    job_store.settle(job_id, [(0, "done", {})])
+    job_store.settle(job_id, [(0, "done", None)])
     job_store.begin(job_id, [0])
     assert [r.state for r in job_store.entries(job_id)] == ["failed"]
 
 
 def test_job_finishing_before_submission_ends_is_noticed_by_submission(job_store):
     job_id = _job(job_store, 2)
-    assert job_store.settle(job_id, [(0, "done", {}), (1, "done", {})]) is False
+    assert job_store.settle(job_id, [(0, "done", None), (1, "done", None)]) is False
     assert job_store.mark_submitted(job_id) is True
     assert job_store.status(job_id).state == "completed"
 
@@ -103,7 +103,7 @@ def test_entries_come_back_in_order_from_compact_records(job_store):
     job_id = _job(job_store, 2500, chunk_size=500)
     job_store.begin(job_id, [1234, 2000])
     failure = {"error_code": "corrupt", "error": "bad"}
-    job_store.settle(job_id, [(1234, "done", {"mask_area": 0.25}), (2000, "failed", failure)])
+    job_store.settle(job_id, [(1234, "done", None), (2000, "failed", failure)])
     entries = list(job_store.entries(job_id))
     assert [e.index for e in entries] == list(range(2500))
     assert (entries[7].uri, entries[7].state, entries[7].attempts) == ("/images/7.png", "queued", 0)
@@ -124,6 +124,8 @@ def test_a_chunk_records_consecutive_items_only(job_store):
         job_store.add_chunk(job_id, [ChunkItem(index=i, uri="/a.png") for i in (0, 2)])
     with pytest.raises(ValueError):
         job_store.settle(job_id, [(0, "running", None)])
+    with pytest.raises(ValueError, match="jobs.records"):  # its scores would be lost
+        job_store.settle(job_id, [(0, "done", {"mask_area": 0.1})])
 
 
 def test_cancel_and_reopen(job_store):
@@ -134,7 +136,7 @@ def test_cancel_and_reopen(job_store):
     assert job_store.cancel(job_id) == 3  # items 2, 3, 4 were queued
     assert job_store.is_cancelled(job_id)
     assert job_store.status(job_id).state == "running"  # item 0 still runs
-    job_store.settle(job_id, [(0, "done", {})])
+    job_store.settle(job_id, [(0, "done", None)])
     assert job_store.status(job_id).state == "cancelled"
     reopened = job_store.reopen(job_id, {"failed"})
     assert [i.index for i in reopened] == [1]
@@ -147,7 +149,7 @@ def test_cancel_and_reopen(job_store):
 def test_cancelling_a_finished_job_changes_nothing(job_store):
     job_id = _job(job_store, 2)
     job_store.mark_submitted(job_id)
-    job_store.settle(job_id, [(0, "done", {}), (1, "failed", {"error_code": "x", "error": "y"})])
+    job_store.settle(job_id, [(0, "done", None), (1, "failed", {"error_code": "x", "error": "y"})])
     cancelled = job_store.cancel(job_id)
     status = job_store.status(job_id)
     assert (status.state, status.cancelled) == ("completed_with_failures", False)
@@ -171,7 +173,7 @@ def test_a_second_copy_of_a_chunk_skips_settled_items(job_store):
     job_id = _job(job_store, 3)
     job_store.mark_submitted(job_id)
     assert job_store.begin(job_id, [0, 1, 2]) == [1, 1, 1]
-    job_store.settle(job_id, [(0, "done", {})])
+    job_store.settle(job_id, [(0, "done", None)])
     # The copy sees item 0 settled (None) and counts attempts only for what it runs.
     assert job_store.begin(job_id, [0, 1, 2]) == [None, 2, 2]
 
@@ -198,7 +200,7 @@ def test_the_scripts_are_given_the_declared_terminal_states(job_store):
     job_store._submitted = recording(job_store._submitted)
     job_id = _job(job_store, 3)
     job_store.begin(job_id, [0, 1])
-    job_store.settle(job_id, [(0, "done", {}), (1, "failed", {"error_code": "x", "error": "y"})])
+    job_store.settle(job_id, [(0, "done", None), (1, "failed", {"error_code": "x", "error": "y"})])
     job_store.settle(job_id, [(2, "cancelled", {})], mode="queued-only")
     assert job_store.mark_submitted(job_id) is True
     assert [r.index for r in job_store.reopen(job_id, {"failed", "cancelled"})] == [1, 2]

@@ -100,3 +100,18 @@ def test_a_device_error_hands_the_items_back_and_the_worker_must_leave(job_store
     assert "illegal memory access" in back.value.message
     entries = list(job_store.entries(payload.job_id))
     assert [(e.state, e.attempts) for e in entries] == [("queued", 0), ("queued", 0)]
+
+
+def test_items_that_broke_enough_devices_fail_and_old_records_are_left_alone(job_store, tmp_path):
+    payload = _chunk(job_store, tmp_path, str(tmp_path / "out"))
+    last = payload.model_copy(update={
+        "model": ModelSpec(name="tests.support.models:broken_device_classifier"),
+        "handed_back": 8,
+    })  # fmt: skip
+    run_chunk(last, _context(job_store, max_hand_backs=8))
+    assert {e.error_code for e in job_store.entries(payload.job_id)} == {"device-error"}
+    # A job recorded before protocol 2: nothing is read or written.
+    other = _chunk(job_store, tmp_path, str(tmp_path / "out"))
+    job_store.redis.hdel(f"explainctl:job:{other.job_id}:meta", "protocol")
+    run_chunk(other, _context(job_store))
+    assert job_store.states(other.job_id, [0, 1]) == ["queued", "queued"]

@@ -29,7 +29,7 @@
 -- {1, finished, attempts}: moved. finished is 1 when this change finished the job;
 -- attempts is the item's attempt count, counting this one, when new is running, else 0.
 
-local index, new, error, mode, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local index, new, failure, mode, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local codes, terminal, reopenable = ARGV[7], ARGV[8], ARGV[9]
 local name, code = {}, {}
 local position = 1
@@ -65,7 +65,7 @@ if old ~= new then
   redis.call('HINCRBY', KEYS[2], name[old], -1)
   redis.call('HINCRBY', KEYS[2], name[new], 1)
 end
-if error ~= '' then redis.call('HSET', KEYS[3], index, error) end
+if failure ~= '' then redis.call('HSET', KEYS[3], index, failure) end
 
 local finished = 0
 if string.find(terminal, new, 1, true) then
