@@ -85,10 +85,11 @@ class Target(_Strict):
 TASK_EXPLAIN_CHUNK = "explainctl.explain_chunk"
 
 # The protocol of chunk messages and job records, raised whenever a reader of the last one
-# would misread the next. A worker runs what was sent with a protocol up to its own; it
-# fails the items of a newer one as worker-incompatible (upgrade it, then `retry`), so
-# they neither vanish nor loop. Whatever a later protocol changes, it keeps what that
-# failure needs: the `state` byte per item, `counts`, `errors` and lua/transition.lua.
+# would misread the next. A worker fails the items of a newer one as worker-incompatible
+# (upgrade it, then `retry`), so they neither vanish nor loop; whatever a later protocol
+# changes, it keeps what that failure needs: the `state` byte per item, `counts`,
+# `errors` and lua/transition.lua. Jobs recorded with protocol 1 cannot be read by this
+# one (their records were hashes): drain the queue before upgrading from it.
 #   1  until 2026-12-06: a hash field per item for state, attempts and scores
 #   2  state and attempts a byte per item, scores in storage (jobs/records.py), protocol
 #      in messages and records; readers ignore fields they do not know
