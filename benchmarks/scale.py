@@ -40,13 +40,21 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _redis(directory: Path) -> tuple[subprocess.Popen, str]:
+# The job's memory alone: nothing forks to write snapshots or rewrite a log.
+NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+
+
+def _redis(
+    directory: Path, options: tuple[str, ...] = NO_PERSISTENCE
+) -> tuple[subprocess.Popen, str]:
+    """A redis-server of this run's own on a free port, with `options` (soak.py gives the
+    shipped deployment's)."""
     from tests.support.services import redis_binary
 
     port = _free_port()
     process = subprocess.Popen(
-        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(directory)],
+        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+         *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
