@@ -8,8 +8,8 @@ bytes per item here (benchmarks/scale.py measures it).
 Keys (explainctl.jobs.keys builds them), all under `explainctl:job:<id>:`
   meta      hash: info (JobInfo JSON), total, chunks, sent, submitted, cancelled,
             finished_at
-  items     hash: first index of a run of items -> their [uri] or [uri, target], in order
-            (one field per chunk recorded at submission)
+  items     hash: first index of a run of items -> their [uri] or [uri, target], in order,
+            compressed (one field per chunk recorded at submission)
   state     string: byte i is item i's state code (contracts.STATE_CODES)
   attempts  string: byte i is how many times a worker started item i
   errors    hash: index -> a failed item's error_code and error
@@ -34,12 +34,14 @@ ServiceUnavailable (`redis_errors`), so no caller handles redis's own exceptions
 
 from __future__ import annotations
 
+import base64
 import bisect
 import contextlib
 import functools
 import inspect
 import json
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -162,9 +164,17 @@ def _error(fields: dict | None) -> str:
     return json.dumps({k: fields[k] for k in ("error_code", "error") if k in fields})
 
 
+def _stored_items(items: Sequence[ChunkItem]) -> str:
+    """An `items` field: [[uri], [uri, target], ...] as JSON, zlib-compressed (the URIs of
+    a chunk share their prefix: 100-character URIs take about a third), in base64."""
+    plain = [[i.uri] if i.target is None else [i.uri, i.target] for i in items]
+    return base64.b64encode(zlib.compress(json.dumps(plain).encode(), 9)).decode()
+
+
 def _entry_items(raw: str) -> list[tuple[str, str | None]]:
-    """(uri, target) of each item of an `items` field: [[uri], [uri, target], ...]."""
-    return [(stored[0], stored[1] if len(stored) > 1 else None) for stored in json.loads(raw)]
+    """(uri, target) of each item of an `items` field (_stored_items)."""
+    stored = json.loads(zlib.decompress(base64.b64decode(raw)))
+    return [(item[0], item[1] if len(item) > 1 else None) for item in stored]
 
 
 @contextlib.contextmanager
@@ -304,9 +314,8 @@ class JobStore:
         first = items[0].index
         if [i.index for i in items] != list(range(first, first + len(items))):
             raise ValueError("a chunk records a run of consecutive indices")
-        stored = [[i.uri] if i.target is None else [i.uri, i.target] for i in items]
         pipe = self.redis.pipeline()
-        pipe.hset(self._key(job_id, "items"), str(first), json.dumps(stored))
+        pipe.hset(self._key(job_id, "items"), str(first), _stored_items(items))
         pipe.setrange(self._key(job_id, "state"), first, STATE_CODES["queued"] * len(items))
         pipe.hincrby(self._key(job_id, "counts"), "queued", len(items))
         pipe.hincrby(self._key(job_id, "meta"), "total", len(items))
