@@ -208,23 +208,33 @@ class _Worker:
         self.counts: Counter = Counter()
 
     def explain_items(self, inputs, loaded, params, limits=None, *, deliver, **_):
-        """In place of the engine: every item explained at once, its files handed to
-        `deliver` (the worker's own `_store_artifacts`)."""
+        """In place of the engine: every item begun (its `start`, as the engine's reader
+        calls it) and explained at once, its files handed to `deliver` (the worker's own
+        `_store_artifacts`)."""
+        from explainctl.spec.errors import ItemError
         from explainctl_worker.explain import ItemOutcome
 
+        outcomes, begun = [], []
+        for item in inputs:
+            outcome = ItemOutcome(name=item.name, source=item.source)
+            outcomes.append(outcome)
+            try:
+                if item.start is not None and not item.start():
+                    outcome.skipped = True
+                    continue
+            except ItemError as error:
+                outcome.error_code, outcome.error = error.code, error.message
+                continue
+            begun.append((item, outcome))
         if self.dying:  # after `begin`, before anything settles
             self.dying = False
             raise _Killed
-        outcomes = []
-        for item in inputs:
-            outcome = ItemOutcome(
-                name=item.name,
-                source=item.source,
-                result=self.template.model_copy(update={"item": item.name, "source": item.source}),
-                files=dict(self.files),
+        for item, outcome in begun:
+            outcome.result = self.template.model_copy(
+                update={"item": item.name, "source": item.source}
             )
+            outcome.files = dict(self.files)
             deliver(outcome)
-            outcomes.append(outcome)
         return outcomes
 
     def take(self) -> dict | None:
