@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 
@@ -34,3 +35,11 @@ def describe() -> str:
         units += ", bf16 dot-product instructions (AVX512-BF16)"
     shown = " ".join(flags) or "none of " + " ".join(FLAGS)
     return f"{platform.machine()}, {os.cpu_count()} cpus, {model}, {units} (flags: {shown})"
+
+
+def emit(row: dict, path: str | None) -> None:
+    """Print one result row as a JSON line, and append it to `path` when given."""
+    print(json.dumps(row), flush=True)
+    if path:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")

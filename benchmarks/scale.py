@@ -17,7 +17,6 @@ comes from the kernel (wait4).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 import redis
-from machine import describe  # benchmarks/machine.py, beside this script
+from machine import describe, emit  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -192,10 +191,7 @@ def main() -> None:
                 "label": args.label,
                 **run(n, args.chunk_size, Path(work)),
             }
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with open(args.json, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        emit(row, args.json)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ from unittest import mock
 
 import redis
 from kombu.compression import decompress
-from machine import describe  # benchmarks/machine.py, beside this script
+from machine import describe, emit  # benchmarks/machine.py, beside this script
 from scale import _redis, _synthetic_result  # benchmarks/scale.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -603,10 +603,7 @@ def main() -> None:
     memory = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory() as work, tempfile.TemporaryDirectory(dir=memory) as outputs:
         for row in soak(args, Path(work), Path(outputs)):
-            print(json.dumps(row), flush=True)
-            if args.json:
-                with open(args.json, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+            emit(row, args.json)
 
 
 if __name__ == "__main__":
