@@ -105,8 +105,8 @@ class Settings:
         (), "models a worker loads at start, comma-separated", flag="--preload", shown=""
     )
     allowed_models: tuple[str, ...] = setting(
-        (), "the complete list of model specs a worker accepts (torchvision names, files, "
-        "`module:callable`), `*` for any; unset: torchvision models with their own weights",
+        (), "the model specs a worker accepts, names or fnmatch patterns (`vgg19`, `timm:*`, "
+        "`hf:myorg/*`, `*` for any); unset: torchvision models with their own weights",
         shown="",
     )  # fmt: skip
     max_image_bytes: int = setting(50 * 1024 * 1024, "largest encoded image a worker reads")

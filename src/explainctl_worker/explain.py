@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import explainctl
-from explainctl.spec.contracts import ARTIFACT_FILES, MASKS_NPY, Target
+from explainctl.spec.contracts import ARTIFACT_FILES, MASKS_NPY, ResolvedModel, Target
 from explainctl.spec.errors import ENVIRONMENT_CODES, ExplainctlError, ItemError
 from explainctl.spec.methods import ExplainParams
 from explainctl.spec.results import ItemResult
@@ -102,8 +102,8 @@ def _prepare(item: ItemInput, loaded: LoadedModel, params: ExplainParams, limits
     return image, -1 if target is None else target
 
 
-def _to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    resized = image.resize((size, size), Image.Resampling.BILINEAR)
+def _to_tensor(image: Image.Image, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    resized = image.resize((size, size), Image.Resampling[interpolation.upper()])
     array = np.asarray(resized, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)
 
@@ -183,7 +183,8 @@ def explain_items(
         items: each a name, a URI, a reader of its bytes and its target class.
         loaded: the model, its device, normalisation and class names.
         params: the method and its parameters; images are resized to params.image_size
-            square, (1, 3, S, S) in [0, 1] per item before the slots.
+            square (the model's own size where it is None) with the model's own
+            resampling, (1, 3, S, S) in [0, 1] per item before the slots.
         limits: bounds on one image's bytes and pixels (default: the settings' defaults).
         slots: items in flight on the device (default: slots.choose_slots).
         deliver: stores or writes an outcome; it may set the outcome's error, and the item
@@ -203,6 +204,7 @@ def explain_items(
     limits = limits or DecodeLimits()
     if not items:
         return []
+    params, resolved = loaded.prepare(params)
     slots = min(slots, len(items)) if slots else None
     slots = slots or choose_slots(loaded.module, params, loaded.device, len(items))
     outcomes = [ItemOutcome(item.name, item.source) for item in items]
@@ -217,7 +219,8 @@ def explain_items(
                 outcomes[position].skipped = True
                 return position, None, None, None
             image, target = _prepare(items[position], loaded, params, limits)
-            return position, image, target, _to_tensor(image, params.image_size)
+            tensor = _to_tensor(image, params.image_size, resolved.interpolation)
+            return position, image, target, tensor
         except ItemError as error:
             outcomes[position].error_code, outcomes[position].error = error.code, error.message
             return position, None, None, None
@@ -264,7 +267,8 @@ def explain_items(
     def finish(position: int, explanation: Explanation) -> None:
         began = time.perf_counter()
         outcome = outcomes[position]
-        _render(outcome, images.pop(position), explanation, loaded, params, version_info)
+        image = images.pop(position)
+        _render(outcome, image, explanation, loaded, params, resolved, version_info)
         rendered = time.perf_counter()
         spent.count("render", rendered - began)
         if deliver and outcome.ok:
@@ -282,8 +286,8 @@ def explain_items(
             entries(decoder),
             params,
             slots=slots,
-            mean=loaded.spec.mean,
-            std=loaded.spec.std,
+            mean=resolved.mean,
+            std=resolved.std,
             device=loaded.device,
             progress=progress,
         )
@@ -357,6 +361,7 @@ def _render(
     explanation: Explanation,
     loaded: LoadedModel,
     params: ExplainParams,
+    resolved: ResolvedModel,
     version_info: dict[str, str],
 ) -> None:
     """result.json and the artifacts of one explained item, into `outcome`: its scores as
@@ -380,6 +385,7 @@ def _render(
         source=outcome.source,
         item=outcome.name,
         model=loaded.spec.name,
+        resolved_model=resolved,
         heatmap_max=round(top, 4),
         image_width=image.width,
         image_height=image.height,

@@ -1,7 +1,10 @@
 """Loading the classifier named by a ModelSpec, once per process.
 
-A spec is a torchvision classification model name (`vgg19`), a TorchScript file, or
-`module:callable` returning an `nn.Module`. Loaded models are frozen (no weight gradients)
+A spec is one of the forms explainctl.spec.models parses: a timm or Hugging Face name
+(timm_models.py, hf_models.py), a local file (TorchScript, torch.export) or directory
+(save_pretrained), `module:callable` returning an `nn.Module`, or a torchvision
+classification model name. Each comes with how its inputs are prepared (ResolvedModel)
+and its class names where it has them. Loaded models are frozen (no weight gradients)
 and in eval mode.
 """
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import threading
 import warnings
@@ -17,10 +21,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from explainctl.spec.contracts import ModelSpec, Target
+from explainctl.spec.contracts import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelSpec,
+    ResolvedModel,
+    Target,
+)
 from explainctl.spec.errors import InvalidInput, ModelUnavailable
+from explainctl.spec.methods import ExplainParams
+from explainctl.spec.models import parse_model
+from explainctl_worker.weights import load_weights
 
 
 @dataclass
@@ -29,15 +43,47 @@ class LoadedModel:
     spec: ModelSpec
     device: torch.device
     categories: list[str] | None  # class names by index, when the model has them
+    # Where it came from and how inputs are prepared for it: the model's own configuration
+    # with the spec's mean/std over it (none given: ImageNet's, 224 px, bilinear).
+    resolved: ResolvedModel | None = None
+
+    def __post_init__(self) -> None:
+        own = self.resolved or ResolvedModel(source="module")
+        given = {"mean": self.spec.mean, "std": self.spec.std}
+        self.resolved = own.model_copy(
+            update={
+                **{key: value for key, value in given.items() if value is not None},
+                "labels": own.labels or ("model" if self.categories else None),
+            }
+        )
 
     def with_labels(self, labels: Sequence[str] | None) -> LoadedModel:
         """The same module with a job's own class names (--labels) in place of its own."""
         if not labels:
             return self
-        named = dataclasses.replace(self, categories=list(labels))
+        named = dataclasses.replace(
+            self,
+            categories=list(labels),
+            resolved=self.resolved.model_copy(update={"labels": "job"}),
+        )
         # The output-width probe (explain.num_classes) is the module's: share it.
         named.__dict__["_num_classes"] = self.__dict__.setdefault("_num_classes", {})
         return named
+
+    def prepare(self, params: ExplainParams) -> tuple[ExplainParams, ResolvedModel]:
+        """`params` with the input size filled in (--image-size, else the model's own) and
+        the preprocessing that size completes; InvalidInput where the parameters do not
+        fit the model's size (a mask larger than the input)."""
+        size = params.image_size or self.resolved.image_size
+        resolved = self.resolved.model_copy(update={"image_size": size})
+        if params.image_size == size:
+            return params, resolved
+        try:
+            params = ExplainParams(**{**params.model_dump(), "image_size": size})
+        except ValidationError as error:
+            reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+            raise InvalidInput(f"at the model's input size {size}: {reason}") from None
+        return params, resolved
 
 
 def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
@@ -47,21 +93,35 @@ def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
     return module
 
 
-def _torchvision_model(spec: ModelSpec) -> tuple[nn.Module, list[str] | None]:
+def _torchvision_model(spec: ModelSpec):
     from torchvision import models
 
     weights_enum = models.get_model_weights(spec.name)
     default = weights_enum.DEFAULT
     categories = list(default.meta.get("categories") or []) or None
+    resolved = _torchvision_resolved(default)
     if spec.weights:
-        module = models.get_model(spec.name, weights=None)
-        module.load_state_dict(_read_state_dict(spec.weights))
-        return module, categories
+        module = load_weights(models.get_model(spec.name, weights=None), spec.weights)
+        return module, resolved, categories
     try:
         module = models.get_model(spec.name, weights=default)
     except (OSError, RuntimeError) as error:
         raise _download_failed(spec, error) from None
-    return module, categories
+    return module, resolved, categories
+
+
+def _torchvision_resolved(weights) -> ResolvedModel:
+    """The input size, statistics and resampling of the weights' own eval transform."""
+    transform = weights.transforms()
+    crop = getattr(transform, "crop_size", None)
+    mode = getattr(transform, "interpolation", None)
+    return ResolvedModel(
+        source="torchvision",
+        image_size=int(crop[0]) if crop else 224,
+        mean=tuple(getattr(transform, "mean", None) or IMAGENET_MEAN),
+        std=tuple(getattr(transform, "std", None) or IMAGENET_STD),
+        interpolation=getattr(mode, "value", "bilinear"),
+    )
 
 
 def _download_failed(spec: ModelSpec, error: Exception) -> ModelUnavailable:
@@ -71,18 +131,6 @@ def _download_failed(spec: ModelSpec, error: Exception) -> ModelUnavailable:
         f"cannot download the weights of {spec.name} ({reason}); pass --weights PATH "
         "to a local state dict, or choose another --model"
     )
-
-
-def _read_state_dict(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ModelUnavailable(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable file is the same failure for a user
-        raise ModelUnavailable(f"cannot read weights file {path}: {type(error).__name__}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return state
 
 
 def _callable_model(spec: ModelSpec) -> nn.Module:
@@ -95,7 +143,7 @@ def _callable_model(spec: ModelSpec) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise ModelUnavailable(f"{spec.name} returned {type(module).__name__}, not an nn.Module")
     if spec.weights:
-        module.load_state_dict(_read_state_dict(spec.weights))
+        load_weights(module, spec.weights)
     return module
 
 
@@ -132,7 +180,7 @@ def ensure_weights(spec: ModelSpec) -> None:
     so a missing network shows up as one ModelUnavailable line before any work starts."""
     from torchvision import models
 
-    if spec.weights or os.path.isfile(spec.name) or ":" in spec.name:
+    if spec.weights or os.path.exists(spec.name) or parse_model(spec.name).kind != "local":
         return
     if spec.name not in models.list_models(module=models):
         raise ModelUnavailable(f"unknown model {spec.name!r}")
@@ -142,22 +190,56 @@ def ensure_weights(spec: ModelSpec) -> None:
         raise _download_failed(spec, error) from None
 
 
+def _directory_model(spec: ModelSpec):
+    """A directory `save_pretrained` wrote: timm's (its config.json names an
+    `architecture`) or transformers' (a `model_type`)."""
+    path = spec.name
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, ValueError) as error:
+        raise ModelUnavailable(
+            f"{path} is not a saved model: no readable config.json ({type(error).__name__})"
+        ) from None
+    if isinstance(config, dict) and "architecture" in config:
+        from explainctl_worker import timm_models
+
+        return timm_models.load(f"local-dir:{path}", spec, source="timm")
+    if isinstance(config, dict) and ("model_type" in config or "architectures" in config):
+        from explainctl_worker import hf_models
+
+        return hf_models.load(path, spec, source="hf")
+    raise ModelUnavailable(f"{path}: config.json is neither timm's nor transformers'")
+
+
 def _load(spec: ModelSpec, device: torch.device) -> LoadedModel:
     from torchvision import models
 
-    categories = None
-    if os.path.isfile(spec.name):
-        module = _file_model(spec.name)
-    elif ":" in spec.name:
-        module = _callable_model(spec)
+    source = parse_model(spec.name)
+    categories, resolved = None, None
+    if source.kind == "timm":
+        from explainctl_worker import timm_models
+
+        module, resolved, categories = timm_models.load(source.name, spec, source.revision)
+    elif source.kind == "hf":
+        from explainctl_worker import hf_models
+
+        module, resolved, categories = hf_models.load(source.name, spec, source.revision)
+    elif os.path.isdir(spec.name):
+        module, resolved, categories = _directory_model(spec)
+    elif os.path.isfile(spec.name):
+        module, resolved = _file_model(spec.name), ResolvedModel(source="file")
+    elif source.kind == "callable":
+        module, resolved = _callable_model(spec), ResolvedModel(source="callable")
     elif spec.name in models.list_models(module=models):
-        module, categories = _torchvision_model(spec)
+        module, resolved, categories = _torchvision_model(spec)
     else:
         raise ModelUnavailable(
             f"unknown model {spec.name!r}: use a torchvision classification model name, "
-            "a TorchScript file, or module:callable"
+            "timm:NAME, hf-hub:ORG/NAME, hf:ORG/NAME, a model file or directory, "
+            "or module:callable"
         )
-    return LoadedModel(_freeze(module, device), spec, device, categories)
+    return LoadedModel(_freeze(module, device), spec, device, categories, resolved)
 
 
 class ModelCache:

@@ -7,7 +7,8 @@ bytes per item here (benchmarks/scale.py measures it).
 
 Keys (explainctl.jobs.keys builds them), all under `explainctl:job:<id>:`
   meta      hash: info (JobInfo JSON), total, chunks, sent, submitted, cancelled,
-            finished_at
+            finished_at, resolved (ResolvedModel JSON: what the first worker made of the
+            model)
   items     hash: first index of a run of items -> their [uri] or [uri, target], in order,
             compressed (one field per chunk recorded at submission)
   state     string: byte i is item i's state code (contracts.STATE_CODES)
@@ -59,6 +60,7 @@ from explainctl.spec.contracts import (
     ChunkItem,
     JobInfo,
     JobState,
+    ResolvedModel,
 )
 from explainctl.spec.errors import JobNotFound, ServiceUnavailable
 from explainctl.spec.ids import check_job_id
@@ -91,6 +93,7 @@ class JobStatus:
     cancelled: bool
     finished_at: float | None
     info: JobInfo
+    resolved: ResolvedModel | None = None  # the model as the job's first worker loaded it
 
     def document(self) -> dict:
         """job.json's content, and a sealed job's index entry: what was asked, and how it went."""
@@ -103,6 +106,7 @@ class JobStatus:
             job_id=status["job_id"], state=status["state"], total=status["total"],
             counts=status["counts"], submitted=status["submitted"],
             cancelled=status["cancelled"], finished_at=status["finished_at"], info=info,
+            resolved=status.get("resolved_model"),
         )  # fmt: skip
 
     def as_json(self) -> dict:
@@ -118,6 +122,7 @@ class JobStatus:
             "model": self.info.model.name,
             "output": self.info.output,
             "queue": self.info.queue,
+            "resolved_model": self.resolved.model_dump(mode="json") if self.resolved else None,
         }
 
 
@@ -441,6 +446,21 @@ class JobStore:
             raise JobNotFound(f"no job {job_id} in {self._where()}")
         return JobInfo.model_validate_json(raw)
 
+    def record_resolved(self, job_id: str, resolved: ResolvedModel) -> bool:
+        """Keep what a worker made of the job's model (source, revision, preprocessing) in
+        its record, unless one is there: the first worker's stays, and a job whose records
+        are gone is not brought back. True if this call wrote it."""
+        meta = self._key(check_job_id(job_id), "meta")
+
+        def write(pipe) -> bool:
+            if not pipe.exists(meta) or pipe.hexists(meta, "resolved"):
+                return False
+            pipe.multi()
+            pipe.hset(meta, "resolved", resolved.model_dump_json())
+            return True
+
+        return self.redis.transaction(write, meta, value_from_callable=True)
+
     def live(self, job_id: str) -> bool:
         """Whether the job still has its records (not expired, not unknown)."""
         return bool(self.redis.exists(self._key(check_job_id(job_id), "meta")))
@@ -506,7 +526,11 @@ class JobStore:
         state = job_state(
             counts, total, submitted, cancelled, finished_at is not None, bool(submitter)
         )
-        return JobStatus(job_id, state, total, counts, submitted, cancelled, finished_at, info)
+        resolved = meta.get("resolved")
+        resolved = ResolvedModel.model_validate_json(resolved) if resolved else None
+        return JobStatus(
+            job_id, state, total, counts, submitted, cancelled, finished_at, info, resolved
+        )
 
     def indices(self, job_id: str, *states: str) -> list[int]:
         """The indices of the items in any of `states`, from the state string alone (a few

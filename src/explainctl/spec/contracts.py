@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from explainctl.spec.ids import JOB_ID_PATTERN
 from explainctl.spec.methods import ExplainParams
+from explainctl.spec.models import parse_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,28 +41,49 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """Which classifier to explain and how its inputs are normalised.
 
-    `name` is a torchvision model name (``vgg19``), a TorchScript file path, or
-    ``module:callable`` returning an ``nn.Module``.
+    `name` is one of the forms explainctl.spec.models lists (`vgg19`, `timm:NAME`,
+    `hf:ORG/NAME`, a local file or directory, `module:callable`). `mean` and `std` left
+    out are the model's own (timm's data config, the Hugging Face image processor;
+    ImageNet's for torchvision models and anything else).
     """
 
     name: str = "vgg19"
     weights: str | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
     @field_validator("name")
     @classmethod
-    def _non_empty(cls, value: str) -> str:
+    def _known_form(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("model name must not be empty")
+        parse_model(value)
         return value.strip()
 
     @field_validator("std")
     @classmethod
     def _positive_std(cls, value):
-        if any(not (math.isfinite(s) and s > 0) for s in value):
+        if value is not None and any(not (math.isfinite(s) and s > 0) for s in value):
             raise ValueError("std values must be positive")
         return value
+
+
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+
+
+class ResolvedModel(_Strict):
+    """What a worker made of a ModelSpec: where the model came from and how each image is
+    prepared for it (the model's own configuration, with --mean/--std/--image-size over it).
+    Recorded in every result.json and, by the job's first worker, in its record."""
+
+    source: Literal["torchvision", "timm", "hf", "file", "callable", "module"]
+    revision: str | None = None  # the Hub commit the weights came from, where known
+    image_size: int = Field(224, ge=1)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: Interpolation = "bilinear"
+    # Where the class names came from: the model's own, the job's --labels, or none.
+    labels: Literal["model", "job"] | None = None
 
 
 class Target(_Strict):

@@ -27,6 +27,7 @@ ERROR_CODES: dict[str, str] = {
     "bad-target": "the target class does not exist for this model",
     "model-not-allowed": "the worker does not accept this model (EXPLAINCTL_ALLOWED_MODELS)",
     "model-unavailable": "the worker cannot load the model or its weights",
+    "bad-params": "the job's parameters do not fit the model (a mask larger than its input)",
     "render-error": "the artifacts could not be drawn or encoded",
     "not-queued": "recorded, but the broker refused its chunk (`retry` queues it again)",
     "worker-lost": "its worker was lost EXPLAINCTL_MAX_DELIVERIES times (a poison item)",

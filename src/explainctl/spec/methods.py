@@ -27,9 +27,10 @@ HeatmapScale = Literal["item", "absolute"]
 
 
 def _extremal_mask_size(values: Mapping[str, Any]) -> int:
-    # One parameter per ~7 px of the model input, as in the reference setting.
+    # One parameter per ~7 px of the model input, as in the reference setting. A model's
+    # own input size is known only on the worker: 224 stands in for it here.
     try:
-        side = int(values.get("image_size", 224))
+        side = int(values.get("image_size") or 224)
     except (TypeError, ValueError):
         side = 224  # the field validator reports the bad image_size itself
     return max(2, min(side, round(side / 7)))
@@ -191,7 +192,13 @@ class ExplainParams(BaseModel):
     mask_size: int = param(
         28, "side of the low-resolution mask (extremal: image side / 7)", flag=True, ge=2, le=512
     )
-    image_size: int = param(224, "side of the model input", flag=True, ge=8, le=2048)
+    image_size: int | None = param(
+        None,
+        "side of the model input (none given: the model's own, else 224)",
+        flag=True,
+        ge=8,
+        le=2048,
+    )
     l1_coeff: float = param(0.01, "λ1, weight of the deleted area", flag=True, ge=0)
     tv_coeff: float = param(0.2, "λ2, weight of the total variation", flag=True, ge=0)
     tv_beta: float = param(3.0, "β, exponent of the total variation", ge=1)
@@ -349,7 +356,7 @@ class ExplainParams(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.mask_size > self.image_size:
+        if self.image_size is not None and self.mask_size > self.image_size:
             raise ValueError("mask_size cannot exceed image_size")
         for name, only in readers().items():
             if only is not None and self.method not in only and getattr(self, name) is not None:
@@ -357,7 +364,9 @@ class ExplainParams(BaseModel):
         info = method_info(self.method)
         if info.check is not None and (problem := info.check(self)) is not None:
             raise ValueError(problem)
-        if self.metric_steps is not None and self.metric_steps > self.image_size**2:
+        # Without image_size the worker checks both against the model's own size.
+        known = self.image_size is not None and self.metric_steps is not None
+        if known and self.metric_steps > self.image_size**2:
             raise ValueError("metric_steps: cannot exceed the number of pixels")
         return self
 

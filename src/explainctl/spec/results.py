@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field, create_model, field_validator
 
-from explainctl.spec.contracts import ARTIFACT_FILES, ItemState, _Strict
+from explainctl.spec.contracts import ARTIFACT_FILES, ItemState, ResolvedModel, _Strict
 from explainctl.spec.methods import ExplainParams, Method, method_info
 from explainctl.spec.trust import NOT_REMOVED_RATIO
 
@@ -178,6 +178,8 @@ class ItemResult(ItemScores):
     source: str
     item: str
     model: str
+    # What the worker made of `model`: source, revision, input size, statistics, resampling.
+    resolved_model: ResolvedModel | None = None
     image_width: int
     image_height: int
     params: ExplainParams

@@ -41,6 +41,7 @@ from explainctl.spec.contracts import (
     ChunkItem,
     ChunkPayload,
     ModelSpec,
+    ResolvedModel,
     Target,
     artifact_key,
     item_name,
@@ -51,9 +52,11 @@ from explainctl.spec.errors import (
     FATAL_CODES,
     ErrorCode,
     ExplainctlError,
+    InvalidInput,
     ItemError,
 )
 from explainctl.spec.ids import JOB_ID_PATTERN
+from explainctl.spec.models import model_matches
 from explainctl_worker.artifact import result_json
 from explainctl_worker.decode import DecodeLimits
 from explainctl_worker.explain import ItemInput, ItemOutcome, Timings, explain_items
@@ -76,6 +79,7 @@ class WorkerContext:
     device: torch.device | None = None
     _storages: dict[str, Storage] = field(default_factory=dict)
     _labels: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
+    _resolved: dict[str, ResolvedModel] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -118,6 +122,17 @@ class WorkerContext:
     def read(self, uri: str) -> bytes:
         return read_source(uri, self.source_policy())
 
+    def record_resolved(self, job_id: str, resolved: ResolvedModel) -> None:
+        """Write what this worker made of the job's model into its record, once per
+        process; the record keeps the first worker's (JobStore.record_resolved)."""
+        with self._lock:
+            if job_id in self._resolved:
+                return
+            if len(self._resolved) >= 64:
+                self._resolved.pop(next(iter(self._resolved)))
+            self._resolved[job_id] = resolved
+        self.store.record_resolved(job_id, resolved)
+
     def labels(self, job_id: str) -> tuple[str, ...] | None:
         """The job's class names (--labels), read from its record once per process."""
         with self._lock:
@@ -128,11 +143,12 @@ class WorkerContext:
             return self._labels[job_id]
 
     def model_allowed(self, spec: ModelSpec) -> bool:
-        """EXPLAINCTL_ALLOWED_MODELS, when set, is the complete list (`*`: any); unset, a
-        worker runs torchvision's own models with their published weights only."""
+        """EXPLAINCTL_ALLOWED_MODELS, when set, holds every model the worker may run, as
+        names or fnmatch patterns (`*`: any, `timm:*`, `hf:myorg/*`); unset, a worker runs
+        torchvision's own models with their published weights only."""
         allowed = self.settings.allowed_models
         if allowed:
-            return "*" in allowed or spec.name in allowed
+            return model_matches(spec.name, allowed)
         from torchvision import models
 
         return spec.name in models.list_models(module=models) and spec.weights is None
@@ -399,7 +415,14 @@ def run_chunk(
         except ExplainctlError as error:
             _environment_failed(context, payload, pending, "model-unavailable", str(error), run)
         else:
-            _run_pending(context, payload, pending, loaded, deliveries, run)
+            try:
+                _, resolved = loaded.prepare(payload.params)
+            except InvalidInput as error:
+                failure = _failure("bad-params", str(error))
+                run.finished = store.settle(job, [(i.index, "failed", failure) for i in pending])
+            else:
+                context.record_resolved(job, resolved)
+                _run_pending(context, payload, pending, loaded, deliveries, run)
     if run.finished:
         write_manifest(store, context.storage(payload.output), job)
     if run.handed:
