@@ -11,7 +11,7 @@ from torch import nn
 
 from explainctl.spec.contracts import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, ResolvedModel
 from explainctl.spec.errors import ModelUnavailable
-from explainctl_worker.weights import load_weights, unavailable
+from explainctl_worker.weights import read_state_dict, unavailable
 
 # PIL's resampling filters by number, as image processors record them.
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -48,9 +48,7 @@ def load(repo: str, spec: ModelSpec, revision: str | None = None, *, source: str
     try:
         if spec.weights:
             config = transformers.AutoConfig.from_pretrained(repo, trust_remote_code=False, **at)
-            model = transformers.AutoModelForImageClassification.from_config(
-                config, trust_remote_code=False
-            )
+            architecture = type(transformers.AutoModelForImageClassification.from_config(config))
         else:
             model = transformers.AutoModelForImageClassification.from_pretrained(
                 repo, use_safetensors=True, trust_remote_code=False, **at
@@ -58,17 +56,35 @@ def load(repo: str, spec: ModelSpec, revision: str | None = None, *, source: str
     except Exception as error:  # unknown, offline, not an image classifier: one line each
         raise unavailable(f"Hugging Face model {what}", error) from None
     if spec.weights:
-        load_weights(model, spec.weights)
+        model = _with_weights(architecture, config, spec.weights)
     commit = getattr(model.config, "_commit_hash", None) or revision
     resolved = _resolved(transformers, repo, model.config, at, source, commit)
     return Logits(model), resolved, _labels(model.config)
+
+
+def _with_weights(architecture, config, path: str) -> nn.Module:
+    """The architecture with the state dict at `path`, named as saved files name their
+    tensors or as the module does (transformers renames between the two on loading)."""
+    state = read_state_dict(path)
+    try:
+        model, info = architecture.from_pretrained(
+            None, config=config, state_dict=state, output_loading_info=True
+        )
+    except Exception as error:  # a state dict of another shape: one line
+        raise unavailable(f"weights file {path}", error) from None
+    if missing := info.get("missing_keys"):
+        raise ModelUnavailable(
+            f"weights file {path} does not fit the model: {len(missing)} tensors missing, "
+            f"e.g. {sorted(missing)[0]}"
+        )
+    return model
 
 
 def _resolved(transformers, repo, config, at, source, commit) -> ResolvedModel:
     """The image processor's size, mean, std and resampling; without one, the config's
     image size and ImageNet's statistics."""
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(repo, use_fast=False, **at)
+        processor = transformers.AutoImageProcessor.from_pretrained(repo, **at)
     except (OSError, ValueError, KeyError):
         processor = None
     size = getattr(config, "image_size", None) or 224

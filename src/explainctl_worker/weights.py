@@ -47,5 +47,8 @@ def load_weights(module: nn.Module, path: str) -> nn.Module:
 def unavailable(what: str, error: Exception) -> ModelUnavailable:
     """A model that cannot be fetched or built, in one line: offline, unknown, refused."""
     lines = str(error).strip().splitlines()
-    reason = lines[0][:160] if lines else type(error).__name__
-    return ModelUnavailable(f"cannot load {what} ({type(error).__name__}: {reason})")
+    reason = lines[0].split(". ")[0][:200] if lines else ""
+    return ModelUnavailable(
+        f"cannot load {what} ({type(error).__name__}: {reason}); offline, the Hugging Face "
+        "cache (HF_HOME) must hold it, or pass --weights FILE"
+    )

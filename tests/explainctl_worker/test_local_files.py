@@ -101,3 +101,39 @@ def test_bad_parameters_are_one_line_errors(tmp_path):
         assert done.returncode == code, (extra, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], (extra, done.stderr)
+
+
+def test_hub_models_name_the_right_class_with_their_own_preprocessing(tmp_path):
+    """No normalisation flags: each model's own mean, std, size and resampling make it
+    name its class (ImageNet's statistics would make it name another, as the flags show)."""
+    from tests.support import hub
+
+    image = hub.photo(tmp_path / "photo.png")
+    weights = hub.timm_state_dict(tmp_path, image)
+    vit = hub.hf_directory(tmp_path, image)
+    quick = ["--iterations", "2", "--mask-size", "8", "--no-early-stop"]
+    imagenet = ["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
+    cases = [
+        (["--model", f"timm:{hub.TIMM_NAME}", "--weights", str(weights)], hub.TIMM_PREP,
+         "tabby", "goldfish"),
+        (["--model", str(vit)], hub.HF_PREP, "cat", "apple"),
+    ]  # fmt: skip
+    for number, (model, prep, name, other) in enumerate(cases):
+        # ImageNet's statistics by flag once: they override, and the class changes.
+        runs = [([], name), (imagenet, other)] if number == 0 else [([], name)]
+        for flags, expected in runs:
+            out = tmp_path / f"out-{number}-{len(flags)}"
+            done = cli.run(
+                "explain", str(image), "--out", str(out), *model, *quick, *flags, HF_HUB_OFFLINE="1"
+            )
+            assert done.returncode == 0, done.stderr
+            (result_file,) = out.glob("*/result.json")
+            result = ItemResult.model_validate_json(result_file.read_text())
+            assert result.target_name == expected
+            resolved = result.resolved_model
+            assert (resolved.image_size, resolved.interpolation) == (
+                prep["image_size"],
+                prep["interpolation"],
+            )
+            assert result.params.image_size == prep["image_size"]
+            assert resolved.mean == (prep["mean"] if not flags else hub.IMAGENET[0])

@@ -67,3 +67,7 @@ def test_allowed_models_when_set_is_the_complete_list():
         ("tests.support.models:tiny_classifier",), "tests.support.models:tiny_classifier"
     )
     assert allowed(("*",), "vgg19") and allowed(("*",), "/models/x.pt")
+    # Patterns: a source, or one organisation's Hub models, and nothing beside them.
+    hub = ("timm:*", "hf:myorg/*")
+    assert allowed(hub, "timm:resnet50") and allowed(hub, "hf:myorg/vit@v1")
+    assert not allowed(hub, "hf:other/vit") and not allowed(hub, "vgg19")
