@@ -231,9 +231,11 @@ def test_worker_image_bakes_the_models_it_preloads():
     instructions = checks.dockerfile_instructions(DOCKER / "worker.Dockerfile")
     envs = " ".join(value for instruction, value in instructions if instruction == "ENV")
     assert "EXPLAINCTL_PRELOAD=${MODELS}" in envs and "TORCH_HOME=" in envs
+    # Hub specs (timm:, hf:) in MODELS land in the Hugging Face cache, which the image has.
+    assert "HF_HOME=" in envs
     runs = " ".join(value for instruction, value in instructions if instruction == "RUN")
     assert "ModelCache().get(ModelSpec(name=" in runs and '"${MODELS}"' in runs
-    assert '".[worker]"' in runs
+    assert '".[worker,timm,hf]"' in runs
     client_runs = " ".join(
         value
         for instruction, value in checks.dockerfile_instructions(DOCKER / "client.Dockerfile")

@@ -102,11 +102,12 @@ class JobStatus:
     @classmethod
     def from_document(cls, document: dict) -> JobStatus:
         status, info = document["status"], JobInfo.model_validate(document["info"])
+        resolved = status.get("resolved_model")  # absent from jobs sealed before it existed
         return cls(
             job_id=status["job_id"], state=status["state"], total=status["total"],
             counts=status["counts"], submitted=status["submitted"],
             cancelled=status["cancelled"], finished_at=status["finished_at"], info=info,
-            resolved=status.get("resolved_model"),
+            resolved=ResolvedModel.model_validate(resolved) if resolved else None,
         )  # fmt: skip
 
     def as_json(self) -> dict:

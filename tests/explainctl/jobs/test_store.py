@@ -244,3 +244,20 @@ def test_check_server_refuses_every_evicting_policy(tmp_path):
                 store.check_server()
     finally:
         server.stop()
+
+
+def test_the_first_workers_resolved_model_is_kept_in_the_record(job_store):
+    from explainctl.spec.contracts import ResolvedModel
+
+    job_id = _job(job_store, 2)
+    assert job_store.status(job_id).as_json()["resolved_model"] is None
+    first = ResolvedModel(source="timm", image_size=160, mean=(0.5,) * 3, std=(0.5,) * 3)
+    second = first.model_copy(update={"image_size": 224})
+    assert job_store.record_resolved(job_id, first) is True
+    assert job_store.record_resolved(job_id, second) is False
+    status = job_store.status(job_id)
+    assert status.resolved == first
+    # job.json's document carries it and reads back.
+    assert type(status).from_document(status.document()).resolved == first
+    # A job whose records are gone is not brought back by a late worker.
+    assert job_store.record_resolved(new_job_id(), first) is False
