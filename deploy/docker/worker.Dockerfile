@@ -8,9 +8,10 @@
 # worker never downloads them; with MODELS="" mount your own cache at TORCH_HOME instead
 # (read-only is fine). A job naming another torchvision model still downloads it on first use.
 #
-# The base image must have Python 3.11 or newer (2.5.1-cuda12.4 has 3.11). Its torch and
+# The base image must have Python 3.11 or newer and torch 2.10 or newer (the worker extra
+# asks for it: older loaders could be made to run code from a weights file). Its torch and
 # torchvision are kept: pip is told to reuse them rather than fetch builds for another CUDA.
-ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.10.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ARG MODELS=vgg19
