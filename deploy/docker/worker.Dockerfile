@@ -11,9 +11,10 @@
 # run with HF_HUB_OFFLINE=1 to keep workers off the Hub. A job naming another model still
 # downloads it on first use unless HF_HUB_OFFLINE=1 (then it fails as model-unavailable).
 #
-# The base image must have Python 3.11 or newer (2.5.1-cuda12.4 has 3.11). Its torch and
+# The base image must have Python 3.11 or newer and torch 2.10 or newer (the worker extra
+# asks for it: older loaders could be made to run code from a weights file). Its torch and
 # torchvision are kept: pip is told to reuse them rather than fetch builds for another CUDA.
-ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.10.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ARG MODELS=vgg19

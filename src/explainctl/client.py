@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import secrets
 import time
@@ -19,7 +20,7 @@ from explainctl.io.storage import Storage, open_storage
 from explainctl.io.uri import parse_uri
 from explainctl.jobs import leases
 from explainctl.jobs.manifest import read_manifest, write_job_json, write_manifest
-from explainctl.jobs.queue import make_app, send_items, waiting_chunks
+from explainctl.jobs.queue import make_app, send_items, waiting_chunks, warn_exposure
 from explainctl.jobs.reconcile import reconcile
 from explainctl.jobs.records import item_records
 from explainctl.jobs.store import JobStatus, JobStore, redis_errors
@@ -48,6 +49,7 @@ from explainctl.spec.methods import ExplainParams
 from explainctl.spec.results import ItemRecord
 
 ARTIFACT_MAX_BYTES = 512 * 1024 * 1024
+log = logging.getLogger("explainctl.client")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Client:
         if not settings.broker_url or not settings.output:
             raise InvalidInput("no broker or output configured (embedded.resolve fills them)")
         self.settings = settings
+        warn_exposure(settings.broker_url, lambda line: log.warning("warning: %s", line))
 
     @cached_property
     def store(self) -> JobStore:

@@ -22,6 +22,8 @@ from explainctl.spec.errors import InvalidInput
 
 # A sealed job stays listed (its index entry) this many job TTLs after its records expire.
 INDEX_TTL_FACTOR = 12
+# The shortest signing key accepted (`openssl rand -hex 32` gives 64).
+MIN_KEY_CHARS = 16
 
 
 def _flag(text: str) -> bool:
@@ -115,6 +117,24 @@ class Settings:
         (), "local directories workers may read inputs from (`:`-separated)",
         sep=os.pathsep, shown="any",
     )  # fmt: skip
+    allowed_outputs: tuple[str, ...] = setting(
+        (), "where workers may write a job's output: directories and `s3://bucket/prefix`, "
+        "comma-separated", shown="any",
+    )  # fmt: skip
+    allowed_weights: tuple[str, ...] = setting(
+        (), "weights files (`--weights`) a worker loads, comma-separated path patterns "
+        "(fnmatch: `/models/*.pt`) matched against the file's real path", shown="none",
+    )  # fmt: skip
+    signing_keys: tuple[str, ...] = setting(
+        (), "shared secrets that sign chunk messages (HMAC-SHA256), comma-separated: the first "
+        "signs, every one verifies (rotation); workers holding one refuse what they do not "
+        "verify", shown="",
+    )  # fmt: skip
+    signing_key_file: str = setting(
+        "", "a file of signing keys, one a line, the first signing (read after "
+        "EXPLAINCTL_SIGNING_KEYS); the embedded mode makes `$EXPLAINCTL_HOME/signing.key`",
+        shown="",
+    )  # fmt: skip
     allow_http: bool = setting(
         False, "1 lets workers fetch `http(s)://` inputs, public addresses only"
     )
@@ -174,8 +194,27 @@ class Settings:
                 f"EXPLAINCTL_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed "
                 f"EXPLAINCTL_CHUNK_TIME_LIMIT ({self.chunk_time_limit}s)"
             )
+        self.signing_secrets()  # a key file that cannot be read is found at start
         if not self.queue or not all(c.isalnum() or c in "-_." for c in self.queue):
             raise InvalidInput(f"bad queue name {self.queue!r}")
+
+    def signing_secrets(self) -> tuple[bytes, ...]:
+        """The signing keys, the one that signs first: EXPLAINCTL_SIGNING_KEYS, then the
+        lines of EXPLAINCTL_SIGNING_KEY_FILE."""
+        keys = list(self.signing_keys)
+        if self.signing_key_file:
+            try:
+                text = Path(self.signing_key_file).expanduser().read_text()
+            except (OSError, UnicodeDecodeError) as error:
+                raise InvalidInput(
+                    f"EXPLAINCTL_SIGNING_KEY_FILE: cannot read {self.signing_key_file}: "
+                    f"{getattr(error, 'strerror', None) or error}"
+                ) from None
+            keys += [line.strip() for line in text.splitlines() if line.strip()]
+        # A short key is guessable offline from one signed message.
+        if any(len(key) < MIN_KEY_CHARS for key in keys):
+            raise InvalidInput(f"signing keys must be at least {MIN_KEY_CHARS} characters")
+        return tuple(key.encode() for key in keys)
 
     @property
     def home_dir(self) -> Path:

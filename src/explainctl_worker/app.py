@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from explainctl.config import Settings
 from explainctl.jobs import leases
-from explainctl.jobs.queue import make_app, send_chunk
+from explainctl.jobs.queue import make_app, send_chunk, signing_keys, warn_exposure
 from explainctl.jobs.store import JobStore
 from explainctl.local import embedded
 from explainctl.spec.contracts import (
@@ -40,6 +40,7 @@ log = logging.getLogger("explainctl.worker")
 # A worker started with no broker configured joins this machine's embedded Redis.
 settings = embedded.resolve(Settings.load())
 app = make_app(settings)
+keys = signing_keys(app)
 
 _context: WorkerContext | None = None
 _context_lock = threading.Lock()
@@ -61,6 +62,11 @@ strikes = watchdog.Strikes()
 @worker_init.connect
 def _check_broker(**_) -> None:
     """In the main process, before it consumes: a Redis that may evict keys is refused."""
+    warn_exposure(settings.broker_url, log.warning)
+    if not keys.enabled:
+        log.warning("no signing key (EXPLAINCTL_SIGNING_KEYS or EXPLAINCTL_SIGNING_KEY_FILE): "
+                    "chunk messages are not verified, so whoever can write to Redis steers "
+                    "this worker")  # fmt: skip
     try:
         for warning in JobStore.connect(settings.broker_url).check_server():
             log.warning("%s", warning)
@@ -83,6 +89,8 @@ def _reserve(request, **_) -> None:
     """In the main process, on receipt: the chunk is ours until its pool process starts it."""
     if _reservations is None or request.name != TASK_EXPLAIN_CHUNK or not request.args:
         return
+    if keys.verify(request.args[0]) not in ("verified", "not-checked"):
+        return  # refused once it starts; nothing of it is kept meanwhile
     queue = lease.delivered_queue(request, settings.queue)
     try:
         _reservations.take(request.id, request.args[0], queue)
@@ -112,10 +120,27 @@ def _preload(**_) -> None:
         threading.Thread(target=load, name="preload", daemon=True).start()
 
 
+def _trusted(payload: object) -> bool:
+    """Whether the chunk may run: signed by a key of this worker's, or this worker holds
+    none. A refused message is acknowledged and dropped, one line in the log and a count
+    in the metrics: nothing it names was read, and no item of a genuine job is lost, since
+    items queued in no message are sent again, signed, by the reconciler."""
+    verdict = keys.verify(payload)
+    if verdict in ("verified", "not-checked"):
+        return True
+    named = payload.get("job_id") if isinstance(payload, dict) else None
+    log.error("refusing a chunk message (%s) that names job %.40r: not signed by a key of "
+              "this worker's", verdict, named)  # fmt: skip
+    metrics.record_refused(verdict)
+    return False
+
+
 @app.task(name=TASK_EXPLAIN_CHUNK, bind=True)
 def explain_chunk_task(self, payload: dict) -> None:
     # Started: the reservation taken on receipt gives way to the run's own lease below.
     leases.release(context().store.redis, lease.reservation_key(self.request.id))
+    if not _trusted(payload):
+        return
     if (protocol := sent_protocol(payload)) > PROTOCOL:
         refuse_newer(payload, protocol, context())
         return

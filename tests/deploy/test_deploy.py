@@ -283,8 +283,8 @@ def test_standard_aws_variables_are_known_to_botocore():
     assert not checks.STANDARD_AWS_VARIABLES - known, checks.STANDARD_AWS_VARIABLES - known
 
 
-def test_every_environment_loads_as_valid_settings():
-    """Each place that sets EXPLAINCTL_* values gives Settings values it accepts."""
+def _environments() -> dict[str, dict[str, str]]:
+    """Each place that sets EXPLAINCTL_* values, by where it is."""
     environments = {}
     compose = checks.compose_resolved()
     for name in ("worker", "client"):
@@ -294,8 +294,18 @@ def test_every_environment_loads_as_valid_settings():
     (cronjob,) = checks.find_k8s("CronJob")
     environments["k8s audit"] = checks.container_env(_single_container(cronjob), docs)
     environments["slurm env"] = checks.read_env_file(SLURM / "env.example")
-    for where, env in environments.items():
-        settings = Settings.load(env={k: str(v) for k, v in env.items()})
+    return {where: {k: str(v) for k, v in env.items()} for where, env in environments.items()}
+
+
+def test_every_environment_loads_as_valid_settings(tmp_path):
+    """Each place that sets EXPLAINCTL_* values gives Settings values it accepts."""
+    # A key file lives on the deployed machine: a key of the right shape stands in for it.
+    stand_in = tmp_path / "signing.key"
+    stand_in.write_text("0" * 64 + "\n")
+    for where, env in _environments().items():
+        if env.get("EXPLAINCTL_SIGNING_KEY_FILE"):
+            env = {**env, "EXPLAINCTL_SIGNING_KEY_FILE": str(stand_in)}
+        settings = Settings.load(env=env)
         assert settings.broker_url.startswith("redis://:"), f"{where}: Redis needs its password"
         assert env.get("EXPLAINCTL_BROKER_URL"), where
 
@@ -394,15 +404,95 @@ def test_redis_has_a_password_persistence_and_no_eviction():
 
     compose = checks.compose_resolved()["services"]["redis"]
     assert_flags(compose["command"], "compose redis")
+    # Kubernetes: the same settings from a config file, whose password is a Secret's file
+    # it includes, so no password is on Redis's command line.
     (statefulset,) = checks.find_k8s("StatefulSet", "redis")
     container = _single_container(statefulset)
-    assert_flags(container["args"], "k8s redis")
-    assert "--requirepass $(REDIS_PASSWORD)" in " ".join(container["args"])
+    assert container["command"] == ["redis-server", "/etc/redis/redis.conf"]
+    assert "args" not in container
+    (config,) = checks.find_k8s("ConfigMap", "redis-config")
+    lines = config["data"]["redis.conf"].splitlines()
+    (include,) = [line.split()[1] for line in lines if line.startswith("include ")]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    (pod,) = checks.pod_specs(statefulset)
+    (auth,) = [v for v in pod["volumes"] if v["name"] == "auth"]
+    (item,) = auth["secret"]["items"]
+    assert include == f"{mounts['auth']}/{item['path']}"
+    (secret,) = [
+        doc for _, doc in checks.k8s_documents()
+        if doc["kind"] == "Secret" and doc["metadata"]["name"] == auth["secret"]["secretName"]
+    ]  # fmt: skip
+    lines += secret["stringData"][item["key"]].splitlines()
+    assert_flags([f"--{line}" for line in lines if not line.startswith("include")], "k8s redis")
     assert statefulset["spec"]["volumeClaimTemplates"], "Redis needs a persistent volume"
     # Every broker URL carries the password.
     assert checks.compose_raw()["x-explainctl-env"]["EXPLAINCTL_BROKER_URL"].startswith(
         "redis://:${REDIS_PASSWORD"
     )
+
+
+def test_every_deployment_signs_its_chunks_and_fences_its_workers(tmp_path):
+    """Clients and workers hold a signing key; workers have input and output roots."""
+    for where, env in _environments().items():
+        assert env.get("EXPLAINCTL_SIGNING_KEYS") or env.get("EXPLAINCTL_SIGNING_KEY_FILE"), where
+        if "worker" in where or "slurm" in where:
+            assert env.get("EXPLAINCTL_ALLOWED_ROOTS"), where
+            assert env.get("EXPLAINCTL_ALLOWED_OUTPUTS"), where
+            assert "EXPLAINCTL_ALLOWED_WEIGHTS" not in env, f"{where}: weights are opt-in"
+    # On Kubernetes the key file is the signing Secret, mounted where the setting says.
+    docs = checks.k8s_namespace_docs()
+    (cronjob,) = checks.find_k8s("CronJob")
+    for workload in (_worker_deployment(), cronjob):
+        (pod,) = checks.pod_specs(workload)
+        container = _single_container(workload)
+        key_file = checks.container_env(container, docs)["EXPLAINCTL_SIGNING_KEY_FILE"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (mount,) = [m for m in container["volumeMounts"] if key_file.startswith(m["mountPath"])]
+        assert volumes[mount["name"]]["secret"]["secretName"] == "explainctl-signing"
+
+
+def test_compose_storage_credentials_are_a_bucket_user_not_root():
+    compose = checks.compose_resolved()
+    root = compose["services"]["minio"]["environment"]["MINIO_ROOT_USER"]
+    for name in ("worker", "client"):
+        assert compose["services"][name]["environment"]["AWS_ACCESS_KEY_ID"] != root, name
+    raw = checks.compose_raw()["services"]["minio-init"]["command"][0]
+    assert 'mc admin user add local "$$S3_ACCESS_KEY"' in raw
+    assert "mc admin policy attach local explainctl-audit" in raw
+    assert '"Resource": ["arn:aws:s3:::$$S3_BUCKET/*"]' in raw and "arn:aws:s3:::*" not in raw
+
+
+def test_only_workers_clients_and_keda_reach_redis_on_kubernetes():
+    (policy,) = checks.find_k8s("NetworkPolicy", "redis")
+    (statefulset,) = checks.find_k8s("StatefulSet", "redis")
+    assert (
+        policy["spec"]["podSelector"]["matchLabels"]
+        == statefulset["spec"]["selector"]["matchLabels"]
+    )
+    (rule,) = policy["spec"]["ingress"]
+    label = {"explainctl.io/redis-client": "true"}
+    assert rule["from"][0] == {"podSelector": {"matchLabels": label}}
+    assert rule["from"][1]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "keda"
+    }
+    (cronjob,) = checks.find_k8s("CronJob")
+    pods = [_worker_deployment()["spec"]["template"],
+            cronjob["spec"]["jobTemplate"]["spec"]["template"]]  # fmt: skip
+    for pod in pods:
+        assert label.items() <= pod["metadata"]["labels"].items()
+
+
+def test_workers_run_a_torch_whose_weights_loader_is_safe():
+    import tomllib
+
+    extra = tomllib.loads((checks.ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["worker"]
+    assert "torch>=2.10" in extra
+    (base,) = [v for k, v in checks.dockerfile_instructions(DOCKER / "worker.Dockerfile")
+               if k == "ARG" and v.startswith("BASE_IMAGE=")]  # fmt: skip
+    version = re.match(r"BASE_IMAGE=pytorch/pytorch:(\d+)\.(\d+)", base)
+    assert version and (int(version[1]), int(version[2])) >= (2, 10), base
 
 
 def test_audit_cronjob_fails_once_without_retry():

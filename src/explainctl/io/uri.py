@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -117,6 +118,27 @@ def s3_uri(bucket: str, key: str) -> str:
 
 def is_under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def within_roots(uri: str, roots: Sequence[str]) -> bool:
+    """Whether storage at `uri` lies under one of `roots`: a directory (both resolved, so
+    symlinks and `..` lead nowhere else) or `s3://bucket/prefix` (whole key segments, and
+    none of them `.` or `..`, which some S3 servers fold away)."""
+    location = parse_uri(uri)
+    for root in roots:
+        allowed = parse_uri(root)
+        if allowed.scheme != location.scheme:
+            continue
+        if location.scheme == "file":
+            if is_under(os.path.realpath(location.key), os.path.realpath(allowed.key)):
+                return True
+        elif location.scheme == "s3" and location.bucket == allowed.bucket:
+            key, prefix = location.key.strip("/"), allowed.key.strip("/")
+            if any(part in (".", "..") for part in key.split("/")):
+                return False
+            if not prefix or key == prefix or key.startswith(prefix + "/"):
+                return True
+    return False
 
 
 def key_uri(root: str, key: str) -> str:

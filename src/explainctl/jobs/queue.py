@@ -7,10 +7,12 @@ the queue's boundary, where kombu's and redis's errors become ServiceUnavailable
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 from celery import Celery
@@ -18,8 +20,11 @@ from kombu.compression import decompress
 from kombu.exceptions import OperationalError
 
 from explainctl.config import Settings
+from explainctl.jobs.signing import SigningKeys
 from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK, ChunkItem, ChunkPayload, JobInfo
 from explainctl.spec.errors import ServiceUnavailable
+
+NO_KEYS = SigningKeys()
 
 
 def waiting_chunks(client: redis.Redis, queue: str) -> Iterator[dict]:
@@ -39,11 +44,59 @@ def waiting_chunks(client: redis.Redis, queue: str) -> Iterator[dict]:
             continue  # not a chunk message
 
 
+def broker_exposure(url: str) -> list[str]:
+    """What an operator should hear about a broker URL: Redis on another machine with no
+    password (anyone who reaches it steers the workers), or without TLS."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix" or _loopback(parts.hostname or "localhost"):
+        return []
+    where = f"{parts.hostname}:{parts.port or 6379}"
+    found = []
+    if not parts.password and "password" not in parse_qs(parts.query):
+        found.append(f"the broker {where} has no password: whoever reaches it can queue work "
+                     "and read every job; set `requirepass` and put it in the URL")  # fmt: skip
+    if parts.scheme == "redis":
+        found.append(f"the broker {where} is reached without TLS: use `rediss://` where the "
+                     "network between clients, workers and Redis is not trusted")  # fmt: skip
+    return found
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_warned: set[str] = set()
+
+
+def warn_exposure(url: str, warn: Callable[[str], None]) -> None:
+    """broker_exposure's lines through `warn`, once per URL in this process."""
+    if url in _warned:
+        return
+    _warned.add(url)
+    for line in broker_exposure(url):
+        warn(line)
+
+
+def signing_keys(app: Celery) -> SigningKeys:
+    """The keys `app` signs with (make_app's settings; none for an app made elsewhere)."""
+    return getattr(app, "explainctl_signing", NO_KEYS)
+
+
 def send_chunk(app: Celery, payload: ChunkPayload | dict, queue: str) -> None:
     """Queue one chunk, riding out a broker blip of a few seconds: the one way a chunk is
-    queued, by a submit, a retry, or a worker's reaper re-sending a lost chunk (which
-    holds the message as it was received, a dict, and sends it on unchanged)."""
-    message = payload.wire() if isinstance(payload, ChunkPayload) else payload
+    queued, by a submit, a retry, a worker's hand-back, or a reaper re-sending a lost
+    chunk. A new chunk (a ChunkPayload) is signed with the app's key; a re-sent one (the
+    message as it was received, a dict) goes on unchanged with the signature it came
+    with, so a payload planted in Redis is never signed by whoever re-sends it."""
+    if isinstance(payload, ChunkPayload):
+        message = signing_keys(app).sign(payload.wire())
+    else:
+        message = payload
     try:
         app.send_task(
             TASK_EXPLAIN_CHUNK,
@@ -72,6 +125,7 @@ def send_items(app: Celery, info: JobInfo, items: list[ChunkItem], chunk: int) -
 
 def make_app(settings: Settings) -> Celery:
     app = Celery("explainctl", broker=settings.broker_url, set_as_current=False)
+    app.explainctl_signing = SigningKeys(settings.signing_secrets())
     app.conf.update(
         # JSON only, both ways: a pickled message is refused, so the broker cannot be used
         # to run code on workers.

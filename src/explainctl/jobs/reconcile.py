@@ -26,7 +26,7 @@ from celery import Celery
 from explainctl.jobs import keys, leases
 from explainctl.jobs.queue import send_items, waiting_chunks
 from explainctl.jobs.store import JobStore, redis_errors
-from explainctl.spec.contracts import PROTOCOL
+from explainctl.spec.contracts import OLDEST_READABLE, PROTOCOL
 from explainctl.spec.errors import ExplainctlError
 
 log = logging.getLogger("explainctl.reconcile")
@@ -59,7 +59,7 @@ def _reconcile(store: JobStore, app: Celery, job_id: str, grace: float, flying) 
     """`flying`: in_flight's answer when the caller read it for several jobs, else None."""
     suspects = keys.suspects_key(job_id)
     status = store.status(job_id)
-    if (status.state not in ("queued", "running") or store.protocol(job_id) != PROTOCOL
+    if (status.state not in ("queued", "running") or not OLDEST_READABLE <= store.protocol(job_id) <= PROTOCOL
             or store.sending(job_id)):  # fmt: skip
         # Finished, of a layout this code does not read, or a retry still sending it.
         store.redis.delete(suspects)

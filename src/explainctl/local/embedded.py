@@ -6,6 +6,7 @@ Everything lives under the data directory (EXPLAINCTL_HOME, default
 
     redis/        the server's append-only data, log and `url` (loopback port, password)
     output/       default artifacts directory
+    signing.key   the key that signs its chunk messages (mode 0600)
     workers.json  process IDs of workers started by `explainctl up`
     workers.log   their output
 
@@ -35,6 +36,8 @@ import redis
 from explainctl.config import Settings
 from explainctl.spec.errors import MissingDependency, ServiceUnavailable
 
+SIGNING_KEY = "signing.key"
+
 
 def resolve(settings: Settings) -> Settings:
     """`settings` with the embedded defaults filled in: this home's Redis (started here if
@@ -44,7 +47,29 @@ def resolve(settings: Settings) -> Settings:
         return settings
     broker = settings.broker_url or ensure_redis(settings.home_dir)
     output = settings.output or str(settings.home_dir / "output")
-    return replace(settings, broker_url=broker, output=output)
+    resolved = replace(settings, broker_url=broker, output=output)
+    if not settings.broker_url and not (settings.signing_keys or settings.signing_key_file):
+        # The embedded stack signs its chunks like any other: its local workers, started
+        # with these settings, read the same file.
+        resolved = replace(resolved, signing_key_file=str(ensure_signing_key(settings.home_dir)))
+    return resolved
+
+
+def ensure_signing_key(root: Path) -> Path:
+    """This home's signing key, made on first use, readable by this user alone."""
+    path = root / SIGNING_KEY
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        draft = root / f".{SIGNING_KEY}.{os.getpid()}"
+        # Created with its mode, never readable by others; written in full before it is
+        # linked into place, so no process reads a half-made key, and the first link wins.
+        handle = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(handle, "w") as file:
+            file.write(secrets.token_hex(32) + "\n")
+        with contextlib.suppress(FileExistsError):
+            os.link(draft, path)
+        draft.unlink()
+    return path
 
 
 def _redis_binary() -> str:

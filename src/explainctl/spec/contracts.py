@@ -115,7 +115,11 @@ TASK_EXPLAIN_CHUNK = "explainctl.explain_chunk"
 #   1  until 2026-12-06: a hash field per item for state, attempts and scores
 #   2  state and attempts a byte per item, scores in storage (jobs/records.py), protocol
 #      in messages and records; readers ignore fields they do not know
-PROTOCOL = 2
+#   3  a model's own preprocessing: `mean`, `std` and `image_size` may be null (the
+#      worker resolves them from the model), and messages carry a signature; records as 2
+PROTOCOL = 3
+# The oldest protocol whose records this one reads (3 changed messages, not records).
+OLDEST_READABLE = 2
 
 
 class ChunkItem(_Strict):

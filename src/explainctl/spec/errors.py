@@ -28,6 +28,8 @@ ERROR_CODES: dict[str, str] = {
     "model-not-allowed": "the worker does not accept this model (EXPLAINCTL_ALLOWED_MODELS)",
     "model-unavailable": "the worker cannot load the model or its weights",
     "bad-params": "the job's parameters do not fit the model (a mask larger than its input)",
+    "weights-not-allowed": "a weights file outside the worker's EXPLAINCTL_ALLOWED_WEIGHTS",
+    "output-not-allowed": "the job's output is outside the worker's EXPLAINCTL_ALLOWED_OUTPUTS",
     "render-error": "the artifacts could not be drawn or encoded",
     "not-queued": "recorded, but the broker refused its chunk (`retry` queues it again)",
     "worker-lost": "its worker was lost EXPLAINCTL_MAX_DELIVERIES times (a poison item)",
@@ -39,7 +41,14 @@ ErrorCode = Literal[tuple(ERROR_CODES)]  # type: ignore[valid-type]
 # A worker that meets one (or any failure writing artifacts) hands the items back to the
 # queue without charging an attempt, and leaves after WORKER_STRIKES chunks in a row.
 ENVIRONMENT_CODES: frozenset[str] = frozenset(
-    {"model-not-allowed", "model-unavailable", "storage-error", "device-error"}
+    {
+        "model-not-allowed",
+        "weights-not-allowed",
+        "output-not-allowed",
+        "model-unavailable",
+        "storage-error",
+        "device-error",
+    }
 )
 # Environment codes after which the worker leaves at once: a CUDA error is sticky, every
 # later kernel of the process fails too.

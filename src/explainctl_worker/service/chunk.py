@@ -16,7 +16,9 @@ worker (it is healthy, the chunk was long).
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -30,11 +32,13 @@ from explainctl.io.fetch import HttpPolicy
 from explainctl.io.s3 import S3Settings
 from explainctl.io.sources import SourcePolicy, read_source
 from explainctl.io.storage import Storage, open_storage
+from explainctl.io.uri import one_line, within_roots
 from explainctl.jobs import records
 from explainctl.jobs.manifest import write_manifest
 from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import (
     ITEMS_JSONL,
+    OLDEST_READABLE,
     PROTOCOL,
     RESULT_JSON,
     TERMINAL_STATES,
@@ -94,6 +98,10 @@ class WorkerContext:
         return self.device
 
     def storage(self, root: str) -> Storage:
+        # Every write of a chunk's goes through here: nothing reaches past the outputs.
+        if not self.output_allowed(root):
+            message = f"this worker does not write to {one_line(root)!r}"
+            raise ItemError("output-not-allowed", message)
         with self._lock:
             if root not in self._storages:
                 self._storages[root] = open_storage(root, s3_settings=S3Settings.of(self.settings))
@@ -141,6 +149,24 @@ class WorkerContext:
                     self._labels.pop(next(iter(self._labels)))
                 self._labels[job_id] = self.store.info(job_id).labels
             return self._labels[job_id]
+
+    def output_allowed(self, output: str) -> bool:
+        """EXPLAINCTL_ALLOWED_OUTPUTS, when set, holds every place this worker writes to."""
+        roots = self.settings.allowed_outputs
+        if not roots:
+            return True
+        try:
+            return within_roots(output, roots)
+        except ItemError:
+            return False
+
+    def weights_allowed(self, spec: ModelSpec) -> bool:
+        """A weights file reaches torch.load only where EXPLAINCTL_ALLOWED_WEIGHTS names it
+        (patterns over its real path: a link in an allowed folder leads nowhere else)."""
+        if spec.weights is None:
+            return True
+        real = os.path.realpath(spec.weights)
+        return any(fnmatch.fnmatchcase(real, pattern) for pattern in self.settings.allowed_weights)
 
     def model_allowed(self, spec: ModelSpec) -> bool:
         """EXPLAINCTL_ALLOWED_MODELS, when set, holds every model the worker may run, as
@@ -359,6 +385,12 @@ def run_chunk(
     (default: ADMIT_SHARE of EXPLAINCTL_CHUNK_TIME_LIMIT from now)."""
     store = context.store
     job = payload.job_id
+    if not context.output_allowed(payload.output):
+        # Nothing of the job is read or written here: another worker, whose reach covers
+        # the output, may take its items (or they fail after EXPLAINCTL_MAX_HAND_BACKS).
+        message = f"this worker does not write to {one_line(payload.output)!r}"
+        _outside_reach(context, payload, "output-not-allowed", message)
+        return
     if not store.live(job):
         # A copy delivered after the job's records expired: its manifest holds the job.
         # Without a manifest, Redis lost the job's records (a restart without persistence,
@@ -374,7 +406,7 @@ def run_chunk(
     if (protocol := store.protocol(job)) > PROTOCOL:
         fail_incompatible(context, job, payload.output, [i.index for i in payload.items], protocol)
         return
-    if protocol < PROTOCOL:
+    if protocol < OLDEST_READABLE:
         # Records of the layout before this one: nothing here can read or write them.
         log.error("job %s chunk %d: recorded with protocol %d, which this worker cannot read: "
                   "finish it with workers of that version, or submit it again", job,
@@ -408,6 +440,9 @@ def run_chunk(
     elif not context.model_allowed(payload.model):
         message = f"this worker does not accept model {payload.model.name!r}"
         _environment_failed(context, payload, pending, "model-not-allowed", message, run)
+    elif not context.weights_allowed(payload.model):
+        message = f"this worker does not load weights {one_line(payload.model.weights)!r}"
+        _environment_failed(context, payload, pending, "weights-not-allowed", message, run)
     else:
         try:
             loaded = context.models.get(payload.model, context.torch_device())
@@ -465,8 +500,20 @@ def fail_incompatible(
                f"upgrade the workers, then `explainctl retry {job}`")  # fmt: skip
     log.error("job %s: %s", job, message)
     failure = _failure("worker-incompatible", message)
-    if context.store.settle(job, [(index, "failed", failure) for index in indices]):
+    finished = context.store.settle(job, [(index, "failed", failure) for index in indices])
+    if finished and context.output_allowed(output):
         write_manifest(context.store, context.storage(output), job)
+
+
+def _outside_reach(context, payload: ChunkPayload, code: ErrorCode, message: str) -> None:
+    """A chunk this worker may not touch at all: its items go back whole, no attempt
+    taken, or fail in Redis alone once EXPLAINCTL_MAX_HAND_BACKS workers refused them
+    (the failure is not written to an output this worker must not write)."""
+    if payload.handed_back < context.settings.max_hand_backs:
+        raise HandBack(list(payload.items), code, message)
+    log.error("job %s chunk %d: %s; its items fail", payload.job_id, payload.chunk, message)
+    failure = _failure(code, message)
+    context.store.settle(payload.job_id, [(i.index, "failed", failure) for i in payload.items])
 
 
 def _environment_failed(context, payload, pending, code: ErrorCode, message: str, run) -> None:

@@ -38,6 +38,11 @@ QUEUE_WAIT = Histogram(
     "Time from a chunk being queued to a worker starting it",
     buckets=(0.1, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 7200, 14400),
 )
+REFUSED = Counter(
+    "explainctl_chunks_refused_total",
+    "Chunk messages refused unread: unsigned, or signed by no key this worker holds",
+    ["reason"],
+)
 GPU_MEMORY = Gauge("explainctl_gpu_memory_bytes", "GPU memory held by torch", ["kind"])
 REDIS_MEMORY = Gauge(
     "explainctl_redis_memory_bytes",
@@ -78,3 +83,7 @@ def record_chunk(sent_at: float | None, started: float, device) -> None:
 
         GPU_MEMORY.labels(kind="allocated").set(torch.cuda.memory_allocated(device))
         GPU_MEMORY.labels(kind="reserved").set(torch.cuda.memory_reserved(device))
+
+
+def record_refused(reason: str) -> None:
+    REFUSED.labels(reason=reason).inc()

@@ -115,3 +115,38 @@ def test_items_that_broke_enough_devices_fail_and_old_records_are_left_alone(job
     job_store.redis.hdel(f"explainctl:job:{other.job_id}:meta", "protocol")
     run_chunk(other, _context(job_store))
     assert job_store.states(other.job_id, [0, 1]) == ["queued", "queued"]
+
+
+def test_an_output_outside_the_workers_reach_is_handed_back_untouched(job_store, tmp_path):
+    outside = tmp_path / "elsewhere"
+    payload = _chunk(job_store, tmp_path, str(outside))
+    fenced = _context(job_store, allowed_outputs=(str(tmp_path / "outputs"),))
+    with pytest.raises(HandBack) as back:
+        run_chunk(payload, fenced)
+    assert back.value.code == "output-not-allowed" and len(back.value.items) == 2
+    assert {(r.state, r.attempts) for r in job_store.entries(payload.job_id)} == {("queued", 0)}
+    # The last worker refusing it fails the items in Redis, and writes nothing there still.
+    last = payload.model_copy(update={"handed_back": 8})
+    run_chunk(last, fenced)
+    records = list(job_store.entries(payload.job_id))
+    assert {(r.state, r.error_code) for r in records} == {("failed", "output-not-allowed")}
+    assert not outside.exists()
+
+
+def test_a_weights_file_is_loaded_only_where_the_allow_list_names_it(job_store, tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not read")
+    payload = _chunk(job_store, tmp_path, str(tmp_path / "out"))
+    payload = payload.model_copy(update={"model": payload.model.model_copy(
+        update={"weights": str(weights)})})  # fmt: skip
+    with pytest.raises(HandBack) as back:
+        run_chunk(payload, _context(job_store))
+    assert back.value.code == "weights-not-allowed"
+    # A link inside an allowed folder is judged by where it leads.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "w.pt").symlink_to(weights)
+    linked = payload.model.model_copy(update={"weights": str(tmp_path / "models" / "w.pt")})
+    context = _context(job_store, allowed_weights=(f"{tmp_path}/models/*.pt",))
+    assert not context.weights_allowed(linked)
+    assert context.weights_allowed(linked.model_copy(update={"weights": None}))
+    assert _context(job_store, allowed_weights=(f"{tmp_path}/*.pt",)).weights_allowed(linked)

@@ -1,0 +1,59 @@
+"""The queue's trust boundary, end to end: a real worker holding signing keys refuses chunks
+written to Redis by anyone without them, and runs a genuine job signed with a key it is
+rotating out."""
+
+import json
+import socket
+import urllib.request
+
+from PIL import Image
+
+from explainctl.config import Settings
+from explainctl.jobs.queue import make_app, send_chunk
+from explainctl.jobs.store import JobStore
+from explainctl.spec.contracts import ChunkItem, ChunkPayload, ModelSpec
+from explainctl.spec.ids import new_job_id
+from explainctl.spec.methods import ExplainParams
+from tests.support import cli
+
+TINY = ["--model", "tests.support.models:tiny_classifier", "--image-size", "32",
+        "--mask-size", "4", "--iterations", "3"]  # fmt: skip
+OLD, NEW, FORGED = "old-key-" + "a" * 24, "new-key-" + "b" * 24, "forged-" + "c" * 24
+
+
+def test_a_chunk_written_to_redis_without_the_key_does_nothing(tmp_path, start_workers,
+                                                                worker_env):  # fmt: skip
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (20, 20), "white").save(tmp_path / "in" / "a.png")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (worker,) = start_workers(1, EXPLAINCTL_SIGNING_KEYS=f"{NEW},{OLD}",
+                              EXPLAINCTL_METRICS_PORT=str(port))  # fmt: skip
+    broker, queue = worker_env["EXPLAINCTL_BROKER_URL"], worker_env["EXPLAINCTL_QUEUE"]
+    forged_jobs = [new_job_id(), new_job_id()]
+    for job_id, keys in zip(forged_jobs, [(), (FORGED,)], strict=True):
+        payload = ChunkPayload(
+            job_id=job_id, chunk=0, model=ModelSpec(name="tests.support.models:tiny_classifier"),
+            params=ExplainParams(iterations=1), output=str(tmp_path / f"forged-{job_id}"),
+            items=[ChunkItem(index=0, uri=str(tmp_path / "in" / "a.png"))],
+        )  # fmt: skip
+        send_chunk(make_app(Settings.load(env={}, broker_url=broker, signing_keys=keys)),
+                   payload, queue)  # fmt: skip
+    # Queued after the forged ones, so the worker met them first; the client signs with
+    # the key the worker is rotating out, which still verifies.
+    done = cli.run("submit", str(tmp_path / "in"), "--wait", "--json", *TINY,
+                   **{**worker_env, "EXPLAINCTL_SIGNING_KEYS": OLD})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["state"] == "completed"
+    log = worker.log()
+    assert "refusing a chunk message (unsigned)" in log
+    assert "refusing a chunk message (bad-signature)" in log
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        metrics = page.read().decode()
+    assert 'explainctl_chunks_refused_total{reason="unsigned"} 1.0' in metrics
+    assert 'explainctl_chunks_refused_total{reason="bad-signature"} 1.0' in metrics
+    store = JobStore.connect(broker)
+    for job_id in forged_jobs:
+        assert not (tmp_path / f"forged-{job_id}").exists()
+        assert not store.live(job_id)
