@@ -1,5 +1,8 @@
 """The config file as one layer of Settings.load: flag > environment > file > default."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from explainctl.config import Settings
@@ -91,3 +94,18 @@ def test_text_values_read_as_their_variable_would(tmp_path):
     settings = Settings.load(env={"EXPLAINCTL_CONFIG": str(path)})
     assert (settings.preload, settings.allowed_roots) == (("a", "b"), ("/x", "/y"))
     assert settings.slots == 3
+
+
+def test_the_readmes_example_file_loads_as_it_says(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = re.search(r"```toml\n(# ~/.config/explainctl/config.toml\n.*?)```", readme, re.S)
+    path = tmp_path / "config.toml"
+    path.write_text(example.group(1))
+    gpu = Settings.load(env={"EXPLAINCTL_CONFIG": str(path)}, profile="gpu")
+    assert (gpu.queue, gpu.allowed_models) == ("gpu-a100", ("resnet50", "vgg19"))
+    assert gpu.broker_url.startswith("redis://:") and gpu.output == "s3://audits/explainctl"
+    laptop = Settings.load(env={"EXPLAINCTL_CONFIG": str(path)}, profile="laptop")
+    assert (laptop.broker_url, laptop.output) == ("", "")
+    overridden = Settings.load(env={"EXPLAINCTL_CONFIG": str(path), "EXPLAINCTL_QUEUE": "other"},
+                               profile="gpu")  # fmt: skip
+    assert overridden.queue == "other"
