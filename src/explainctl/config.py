@@ -23,6 +23,9 @@ from typing import Any
 
 from explainctl.spec.errors import InvalidInput
 
+# Which config file, and which of its profiles: read by Settings.load, not settings themselves.
+CONFIG_VARIABLE = "EXPLAINCTL_CONFIG"
+PROFILE_VARIABLE = "EXPLAINCTL_PROFILE"
 # A sealed job stays listed (its index entry) this many job TTLs after its records expire.
 INDEX_TTL_FACTOR = 12
 
@@ -140,10 +143,10 @@ class Settings:
         **flags: Any,
     ) -> Settings:
         """Settings from the config file (`config_path`), its `profile` if one is chosen
-        (argument, else EXPLAINCTL_PROFILE), then `env` (default os.environ), then flags
+        (argument, else PROFILE_VARIABLE), then `env` (default os.environ), then flags
         that are not None: each layer overrides the ones before it."""
         env = os.environ if env is None else env
-        values = read_config(config_path(env, config), profile or env.get("EXPLAINCTL_PROFILE"))
+        values = read_config(config_path(env, config), profile or env.get(PROFILE_VARIABLE))
         for item in fields(cls):
             variable = cls.variable(item.name)
             raw = env.get(variable)
@@ -227,7 +230,7 @@ def _parser(item) -> Callable[[str], Any]:
 def config_path(env: Mapping[str, str], given: str | None = None) -> tuple[Path, bool]:
     """The config file and whether someone named it (--config, EXPLAINCTL_CONFIG): a named
     file must exist; the default one, $XDG_CONFIG_HOME/explainctl/config.toml, may not."""
-    named = given or env.get("EXPLAINCTL_CONFIG")
+    named = given or env.get(CONFIG_VARIABLE)
     if named:
         return Path(named).expanduser(), True
     base = env.get("XDG_CONFIG_HOME") or os.path.join(
