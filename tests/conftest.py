@@ -7,6 +7,20 @@ from collections.abc import Iterator
 
 import pytest
 
+# --------------------------------------------------------------------------- config file
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_config_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """An empty config home for the session and every process it starts, so the
+    developer's own ~/.config/explainctl/config.toml cannot change what tests see."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
+        mp.delenv("EXPLAINCTL_CONFIG", raising=False)
+        mp.delenv("EXPLAINCTL_PROFILE", raising=False)
+        yield
+
+
 # --------------------------------------------------------------------------- S3 (moto)
 
 # Fake credentials: moto accepts any, and setting them keeps boto3 from finding real ones.

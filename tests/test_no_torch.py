@@ -23,10 +23,13 @@ def test_client_modules_import_without_torch():
 
 
 def test_explain_without_worker_extra_says_what_to_install(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")  # the inputs are checked first
     code = (
         "import sys; sys.modules['torch'] = None; sys.argv = ['explainctl', 'explain', 'x.png',"
         f" '--out', {str(tmp_path)!r}]; from explainctl.cli.commands import main; main()"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
     assert done.returncode == 4
     assert "explainctl[worker]" in done.stderr and "Traceback" not in done.stderr

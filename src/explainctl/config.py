@@ -1,11 +1,13 @@
-"""All configuration in one place: command-line flags over environment variables over defaults.
+"""All configuration in one place: command-line flags over environment variables over the
+config file over defaults.
 
 Each setting is one field of `Settings`, declared with `setting(...)`: its default, doc
-line, environment variable (EXPLAINCTL_<NAME> unless it says otherwise) and CLI flag.
-Loading from the environment, passing settings to child processes (`environment()`), the
-CLI's option help and the README's configuration table (`markdown_table`, checked by a
-test) all read those declarations. Loading settings starts nothing: the embedded Redis is
-started by `explainctl.local.embedded.resolve`, explicitly. S3 uses boto3's own configuration
+line, environment variable (EXPLAINCTL_<NAME> unless it says otherwise), CLI flag and key
+in the config file (the field's name). Loading from the file and the environment, passing
+settings to child processes (`environment()`), the CLI's option help and the README's
+configuration table (`markdown_table`, checked by a test) all read those declarations.
+Loading settings reads the file and starts nothing: the embedded Redis is started by
+`explainctl.local.embedded.resolve`, explicitly. S3 uses boto3's own configuration
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE...); only how long its calls are repeated
 is set here (explainctl.io.s3.S3Settings.of).
 """
@@ -13,6 +15,7 @@ is set here (explainctl.io.s3.S3Settings.of).
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,6 +23,9 @@ from typing import Any
 
 from explainctl.spec.errors import InvalidInput
 
+# Which config file, and which of its profiles: read by Settings.load, not settings themselves.
+CONFIG_VARIABLE = "EXPLAINCTL_CONFIG"
+PROFILE_VARIABLE = "EXPLAINCTL_PROFILE"
 # A sealed job stays listed (its index entry) this many job TTLs after its records expire.
 INDEX_TTL_FACTOR = 12
 # The shortest signing key accepted (`openssl rand -hex 32` gives 64).
@@ -148,10 +154,19 @@ class Settings:
         return "EXPLAINCTL_" + name.upper()
 
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
-        """Settings from `env` (default os.environ), overridden by flags that are not None."""
+    def load(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        config: str | None = None,
+        profile: str | None = None,
+        **flags: Any,
+    ) -> Settings:
+        """Settings from the config file (`config_path`), its `profile` if one is chosen
+        (argument, else PROFILE_VARIABLE), then `env` (default os.environ), then flags
+        that are not None: each layer overrides the ones before it."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
+        values = read_config(config_path(env, config), profile or env.get(PROFILE_VARIABLE))
         for item in fields(cls):
             variable = cls.variable(item.name)
             raw = env.get(variable)
@@ -249,6 +264,81 @@ def _parser(item) -> Callable[[str], Any]:
     if kind is bool:
         return _flag
     return kind
+
+
+def config_path(env: Mapping[str, str], given: str | None = None) -> tuple[Path, bool]:
+    """The config file and whether someone named it (--config, EXPLAINCTL_CONFIG): a named
+    file must exist; the default one, $XDG_CONFIG_HOME/explainctl/config.toml, may not."""
+    named = given or env.get(CONFIG_VARIABLE)
+    if named:
+        return Path(named).expanduser(), True
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(
+        env.get("HOME") or os.path.expanduser("~"), ".config"
+    )
+    return Path(base) / "explainctl" / "config.toml", False
+
+
+def read_config(where: tuple[Path, bool], profile: str | None = None) -> dict[str, Any]:
+    """The settings a config file gives: its top-level keys, then those of
+    `[profiles.PROFILE]` over them. Keys are Settings' field names."""
+    path, named = where
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        if named:
+            raise InvalidInput(f"config file {path}: not found") from None
+        if profile:
+            raise InvalidInput(f"profile {profile!r} asked for, but there is no {path}") from None
+        return {}
+    except OSError as error:
+        raise InvalidInput(f"config file {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise InvalidInput(f"config file {path}: not valid TOML: {error}") from None
+    profiles = document.pop("profiles", {})
+    if not isinstance(profiles, dict) or not all(isinstance(p, dict) for p in profiles.values()):
+        raise InvalidInput(f"config file {path}: `profiles` must hold [profiles.NAME] tables")
+    values = _config_values(document, f"config file {path}")
+    # Every profile is checked, chosen or not: a typo shows the day the file is written.
+    tables = {
+        name: _config_values(table, f"config file {path} [profiles.{name}]")
+        for name, table in profiles.items()
+    }
+    if profile:
+        if profile not in tables:
+            known = ", ".join(sorted(tables)) or "none"
+            raise InvalidInput(f"config file {path}: no profile {profile!r} (profiles: {known})")
+        values.update(tables[profile])
+    return values
+
+
+def _config_values(table: dict[str, Any], where: str) -> dict[str, Any]:
+    items = {item.name: item for item in fields(Settings)}
+    values = {}
+    for key, value in table.items():
+        if key not in items:
+            raise InvalidInput(f"{where}: {key!r} is not a setting (see the README's table)")
+        values[key] = _config_value(items[key], value, where)
+    return values
+
+
+def _config_value(item, value: Any, where: str) -> Any:
+    """A TOML value as the setting's type: a list setting takes an array or the text its
+    variable would hold; an integer is no boolean; text is parsed as in the environment."""
+    kind = type(item.default)
+    if kind is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    if isinstance(value, str) and kind is not bool:
+        try:
+            return _parser(item)(value)
+        except ValueError:
+            pass
+    elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    wanted = {tuple: "a list of strings", bool: "true or false", int: "an integer"}
+    raise InvalidInput(
+        f"{where}: {item.name} = {value!r} is not valid ({wanted.get(kind, 'a string')})"
+    )
 
 
 def describe(name: str) -> str:

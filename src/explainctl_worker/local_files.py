@@ -49,6 +49,7 @@ def explain_paths(
     params: ExplainParams,
     *,
     target: Target | None = None,
+    targets: Sequence[Target | None] | None = None,
     batch_size: int | None = None,
     limits: DecodeLimits | None = None,
     on_progress: Callable[[int], None] | None = None,
@@ -57,14 +58,18 @@ def explain_paths(
     """Explain local image files through `batch_size` slots (default: slot.choose_slots),
     writing OUT/<name>/ for each; yields outcomes in the order of `paths`.
 
-    on_progress receives the number of image-iterations done since the last call.
+    `targets`, where given, holds each path's own target (a list's `target` column); None
+    there, or no `targets`, means `target`. on_progress receives the number of
+    image-iterations done since the last call.
     """
     limits = limits or DecodeLimits()
     policy = SourcePolicy(max_bytes=limits.max_bytes)  # the user's own files: no roots
     names = local_item_names(paths)
+    fallback = target or Target()
+    own = targets if targets is not None else [None] * len(paths)
     items = [
-        ItemInput(name, os.path.abspath(path), _reader(path, policy), target or Target())
-        for name, path in zip(names, paths, strict=True)
+        ItemInput(name, os.path.abspath(path), _reader(path, policy), mine or fallback)
+        for name, path, mine in zip(names, paths, own, strict=True)
     ]
 
     # Slots are refilled across the whole list; results are yielded a window at a time

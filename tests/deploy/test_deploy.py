@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from explainctl.config import Settings
+from explainctl.config import CONFIG_VARIABLE, PROFILE_VARIABLE, Settings
 from tests.deploy import checks
 from tests.deploy.checks import (
     COMPOSE_DIR,
@@ -35,7 +35,7 @@ from tests.deploy.checks import (
 )
 from tests.support import cli
 
-SETTINGS_VARIABLES = set(Settings().environment())
+SETTINGS_VARIABLES = {*Settings().environment(), CONFIG_VARIABLE, PROFILE_VARIABLE}
 DEFAULTS = Settings()
 
 

@@ -27,11 +27,12 @@ def _embedded_env(tmp_path) -> dict[str, str]:
 def test_demo_runs_the_pipeline_and_writes_a_report_a_browser_renders(tmp_path):
     env = _embedded_env(tmp_path)
     try:
-        done = cli.run("demo", *TINY, timeout=300, **env)
+        done = cli.run("demo", *TINY, "--json", timeout=300, **env)
         assert done.returncode == 0, done.stderr[-3000:]
-        report = done.stdout.strip().splitlines()[-1].removeprefix("report: ")
-        assert report.startswith(str(tmp_path / "home" / "output"))
-        job_id = report.split("/")[-2]
+        shown = json.loads(done.stdout)  # the one line
+        report, job_id = shown["report"], shown["job_id"]
+        assert report == str(tmp_path / "home" / "output" / job_id / "report.html")
+        assert (shown["state"], shown["counts"]["done"]) == ("completed", 3)
 
         status = json.loads(cli.run("status", job_id, "--json", **env).stdout)
         assert status["state"] == "completed" and status["counts"]["done"] == 3
@@ -53,7 +54,9 @@ def test_demo_runs_the_pipeline_and_writes_a_report_a_browser_renders(tmp_path):
         )
         assert (shot.reshape(-1, 3).std(axis=1) > 30).mean() > 0.01
     finally:
-        cli.run("down", **env)
+        down = cli.run("down", **env)
+    # The demo stopped its own worker; the embedded Redis it started stays for `down`.
+    assert down.stdout == "stopped 0 workers and the embedded Redis\n", down.stdout
 
 
 def test_offline_demo_says_what_to_do_in_one_line(tmp_path):
@@ -87,8 +90,12 @@ def test_up_submit_wait_down_with_nothing_configured(tmp_path):
     for n in range(3):
         Image.new("RGB", (30, 20), (n * 80, 100, 200)).save(images / f"i{n}.png")
     try:
-        up = cli.run("up", **env)
-        assert up.returncode == 0 and "workers: 1 running" in up.stdout, up.stderr
+        up = cli.run("up", "--json", **env)
+        assert up.returncode == 0, up.stderr
+        started = json.loads(up.stdout)
+        assert started["workers"] == 1 and started["home"] == str(tmp_path / "home")
+        assert started["output"] == str(tmp_path / "home" / "output")
+        assert started["broker"].startswith("redis://127.0.0.1:") and "@" not in started["broker"]
         url = (tmp_path / "home" / "redis" / "url").read_text().strip()
         assert oct((tmp_path / "home" / "redis" / "url").stat().st_mode)[-3:] == "600"
         try:
@@ -102,8 +109,9 @@ def test_up_submit_wait_down_with_nothing_configured(tmp_path):
         assert json.loads(waited.stdout)["counts"]["done"] == 3
         assert (tmp_path / "home" / "output" / job["job_id"] / "items.jsonl").exists()
     finally:
-        down = cli.run("down", **env)
-    assert down.returncode == 0 and "stopped 1 workers and the embedded Redis" in down.stdout
+        down = cli.run("down", "--json", **env)
+    assert down.returncode == 0, down.stderr
+    assert json.loads(down.stdout) == {"workers_stopped": 1, "redis_stopped": True}
     pids = (
         json.loads((tmp_path / "home" / "workers.json").read_text())
         if (tmp_path / "home" / "workers.json").exists()

@@ -45,7 +45,8 @@ def test_cancel_retry_results_download(tmp_path, start_workers, worker_env):
     assert status["state"] == "queued" and status["counts"]["queued"] == 6
 
     # No worker yet: cancelling leaves nothing to run.
-    assert cli.run("cancel", job, **worker_env).stdout.startswith("cancelled 6")
+    cancelled = _json(cli.run("cancel", job, "--json", **worker_env))
+    assert cancelled == {"job_id": job, "cancelled": 6, "finished": None}
     assert _json(cli.run("status", job, "--json", **worker_env))["state"] == "cancelled"
     start_workers(1)
     waited = cli.run("wait", job, "--json", "--interval", "0.2", **worker_env)
@@ -53,7 +54,7 @@ def test_cancel_retry_results_download(tmp_path, start_workers, worker_env):
     listed = [line for line in cli.run("jobs", **worker_env).stdout.splitlines() if job in line]
     assert " 6/6 " in listed[0]  # cancelled items are settled too
 
-    assert cli.run("retry", job, **worker_env).stdout.startswith("requeued 6")
+    assert _json(cli.run("retry", job, "--json", **worker_env)) == {"job_id": job, "requeued": 6}
     waited = cli.run("wait", job, "--json", "--interval", "0.2", **worker_env)
     counts = json.loads(waited.stdout)["counts"]
     assert waited.returncode == 1 and counts["done"] == 5 and counts["failed"] == 1
@@ -76,8 +77,8 @@ def test_cancel_retry_results_download(tmp_path, start_workers, worker_env):
     assert [r["attempts"] for r in records if r["state"] == "failed"] == [1]
     assert {r["attempts"] for r in records if r["state"] == "done"} == {1}
 
-    copied = cli.run("download", job, str(tmp_path / "copy"), **worker_env)
-    assert copied.returncode == 0 and copied.stdout.startswith("copied 30 files")
+    copied = _json(cli.run("download", job, str(tmp_path / "copy"), "--json", **worker_env))
+    assert copied == {"job_id": job, "copied": 30, "directory": str(tmp_path / "copy")}
     assert Image.open(tmp_path / "copy" / "000000-img0" / "overlay.png").size == (24, 24)
 
     listed = [
@@ -189,9 +190,14 @@ def test_a_finished_job_expires_and_every_command_still_answers(
     assert job in [
         json.loads(line)["job_id"] for line in cli.run("jobs", "--json", **env).stdout.splitlines()
     ]
-    assert cli.run("download", job, str(tmp_path / "copy"), **env).returncode == 0
+    copied = cli.run("download", job, str(tmp_path / "copy"), **env)
+    assert copied.returncode == 0 and copied.stdout.startswith("copied 12 files"), copied.stdout
     assert (tmp_path / "copy" / listed[0]["item"] / "mask.npy").exists()
-    assert cli.run("report", job, "--out", str(tmp_path / "r.html"), **env).returncode == 0
+    page = str(tmp_path / "r.html")
+    assert _json(cli.run("report", job, "--out", page, "--json", **env)) == {
+        "job_id": job,
+        "report": page,
+    }
 
     # Once the index entry is gone too, job.json in storage still answers `status`, and
     # `prune` forgets the job.
@@ -229,7 +235,11 @@ def test_worker_metrics(tmp_path, start_workers, worker_env):
 
     folder = _folder(tmp_path, good=3, broken=1)
     port = free_port()
-    start_workers(1, EXPLAINCTL_METRICS_PORT=str(port))
+    (worker,) = start_workers(
+        1,
+        [cli.EXPLAINCTL, "worker", "--loglevel", "INFO", "--json"],
+        EXPLAINCTL_METRICS_PORT=str(port),
+    )
     cli.run("submit", str(folder), "--wait", *TINY, **worker_env)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     samples = dict(
@@ -243,6 +253,14 @@ def test_worker_metrics(tmp_path, start_workers, worker_env):
     # Redis memory as the worker read it after its chunk: the job's records are in it.
     assert float(samples['explainctl_redis_memory_bytes{kind="used"}']) > 0
     assert 'explainctl_redis_memory_bytes{kind="maxmemory"}' in samples
+
+    # --json: a line as it starts and one as it stops, among the logs.
+    assert worker.stop() == 0
+    events = [json.loads(line) for line in worker.log().splitlines() if line.startswith('{"event"')]
+    assert [e["event"] for e in events] == ["started", "stopped"]
+    assert events[0]["queue"] == worker_env["EXPLAINCTL_QUEUE"] and events[0]["gpus"] == []
+    assert events[0]["metrics_port"] == port and "@" not in events[0]["broker"]
+    assert events[1]["exit_code"] == 0
 
 
 def test_methods_and_metrics_through_the_queue(tmp_path, start_workers, worker_env):

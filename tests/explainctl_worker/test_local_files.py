@@ -137,3 +137,34 @@ def test_hub_models_name_the_right_class_with_their_own_preprocessing(tmp_path):
             )
             assert result.params.image_size == prep["image_size"]
             assert resolved.mean == (prep["mean"] if not flags else hub.IMAGENET[0])
+
+
+def test_explain_takes_directories_lists_and_stdin_like_submit(tmp_path):
+    rng = np.random.default_rng(0)
+    for folder in ("a", "b"):  # the same stem twice: each gets its own OUT/ folder
+        (tmp_path / "photos" / folder).mkdir(parents=True)
+        pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "photos" / folder / "cat.png")
+    Image.fromarray(evidence_image()).save(tmp_path / "listed.png")
+    Image.fromarray(evidence_image()).save(tmp_path / "piped.png")
+    (tmp_path / "audit.csv").write_text("uri,target\nlisted.png,1\n")
+    (tmp_path / "names").write_text(f"{tmp_path / 'photos' / 'a' / 'cat.png'}\n")
+    out = tmp_path / "out"
+    tiny = ["--model", "tests.support.models:tiny_classifier", "--image-size", "32",
+            "--mask-size", "4", "--iterations", "3"]  # fmt: skip
+    done = cli.run(
+        "explain", str(tmp_path / "photos"), str(tmp_path / "audit.csv"), f"@{tmp_path / 'names'}",
+        "-", "--out", str(out), "--json", "--target", "0", *tiny,
+        input=f"{tmp_path / 'piped.png'}\n",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(line["item"], line["target_index"]) for line in lines] == [
+        ("cat", 0),
+        ("cat-2", 0),
+        ("listed", 1),  # the list's own target over --target
+        ("cat-3", 0),  # a file named twice is explained twice, into folders of its own
+        ("piped", 0),
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["cat", "cat-2", "cat-3", "listed", "piped"]
+    assert lines[0]["source"].endswith("photos/a/cat.png")

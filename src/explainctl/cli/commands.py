@@ -5,6 +5,7 @@ Errors are domain exceptions; `main` turns them into one line on stderr and an e
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -42,10 +43,56 @@ from explainctl.spec.results import RESULT_COLUMNS, SORT_KEYS, sort_value, summa
 app = typer.Typer(
     help="Explain image classifiers' decisions with meaningful-perturbation masks.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+# The config file and profile asked for before the command (--config, --profile), read
+# by every Settings.load of this invocation.
+_chosen: dict[str, str | None] = {"config": None, "profile": None}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            help="Config file (or EXPLAINCTL_CONFIG; default "
+            "$XDG_CONFIG_HOME/explainctl/config.toml): settings under the environment.",
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile",
+            help="Use the profiles.NAME table of the config file (or EXPLAINCTL_PROFILE).",
+        ),
+    ] = None,
+    version_: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    _chosen.update(config=config, profile=profile)
+
+
+def _settings(**flags):
+    from explainctl.config import Settings
+
+    return Settings.load(config=_chosen["config"], profile=_chosen["profile"], **flags)
+
+
+def _print_json(value: dict) -> None:
+    print(json.dumps(value), flush=True)
+
 
 # Options shared by every command that runs the method.
 ModelOpt = Annotated[
@@ -106,7 +153,13 @@ def _progress() -> Progress:
 @app.command()
 @with_method_options
 def explain(
-    images: Annotated[list[str], typer.Argument(help="Image files to explain.")],
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Images, directories, lists of paths (.txt/.csv, @FILE), or - (paths on "
+            "stdin); local only."
+        ),
+    ],
     out: Annotated[str, typer.Option("--out", help="Directory for OUT/<image>/ artifacts.")],
     model: ModelOpt = "vgg19",
     weights: WeightsOpt = None,
@@ -127,23 +180,34 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
     method_flags: dict | None = None,
 ) -> None:
-    """Explain local images on this machine, writing OUT/<image>/ for each."""
+    """Explain local images on this machine, writing OUT/<image>/ for each.
+
+    Examples:
+
+      explainctl explain cat.jpg dog.png --out results/
+
+      explainctl explain photos/ --out results/ --model resnet50 --target tabby --json
+
+      find shoots -name '*.png' | explainctl explain - --out results/ --iterations 100
+    """
     params = params_from(method_flags)
     spec = build_model_spec(model, weights, mean, std)
     wanted = _target(target)
+    items = _local_inputs(images)
     names = read_labels(labels)
     local_files, model_mod = _worker_side()
     loaded = model_mod.ModelCache().get(spec, model_mod.pick_device(device)).with_labels(names)
 
     failed = 0
     with _progress() as bar:
-        task = bar.add_task("explaining", total=len(images) * params.iterations)
+        task = bar.add_task("explaining", total=len(items) * params.iterations)
         outcomes = local_files.explain_paths(
-            images,
+            [item.uri for item in items],
             out,
             loaded,
             params,
             target=wanted,
+            targets=[None if i.target is None else _target(i.target) for i in items],
             batch_size=batch_size,
             on_progress=lambda n: bar.advance(task, n),
         )
@@ -155,6 +219,36 @@ def explain(
                 print(_outcome_line(outcome), flush=True)
     if failed:
         raise typer.Exit(1)
+
+
+def _local_inputs(args: list[str]) -> list:
+    """explain's arguments expanded as submit's are. This machine reads the images itself,
+    so anything on S3 or the web is refused, argument or list entry, before a model loads."""
+    from explainctl.inputs import expand_inputs
+
+    for arg in args:
+        _refuse_remote(arg.removeprefix("@"))
+    items = list(expand_inputs(args, stdin=sys.stdin))
+    for item in items:
+        _refuse_remote(item.uri)
+    if not items:
+        raise InvalidInput(f"no images in {' '.join(args)}")
+    return items
+
+
+def _refuse_remote(text: str) -> None:
+    from explainctl.io.uri import one_line, parse_uri
+    from explainctl.spec.errors import ItemError
+
+    try:
+        scheme = parse_uri(text).scheme
+    except ItemError:
+        return  # not a URI at all: expand_inputs says what is wrong with it
+    if scheme in ("s3", "http"):
+        raise InvalidInput(
+            f"explain reads local files only, not {one_line(text)}: queue it with "
+            "`explainctl submit`"
+        )
 
 
 def _outcome_json(outcome, out: str) -> dict:
@@ -190,11 +284,9 @@ JobArg = Annotated[str, typer.Argument(help="Job ID.")]
 
 def _client(broker: str | None = None, output: str | None = None, queue: str | None = None):
     from explainctl.client import Client
-    from explainctl.config import Settings
     from explainctl.local import embedded
 
-    settings = Settings.load(broker_url=broker, output=output, queue=queue)
-    return Client(embedded.resolve(settings))
+    return Client(embedded.resolve(_settings(broker_url=broker, output=output, queue=queue)))
 
 
 @app.command()
@@ -230,7 +322,18 @@ def submit(
     as_json: JsonOpt = False,
     method_flags: dict | None = None,
 ) -> None:
-    """Queue images for the workers; prints the job ID."""
+    """Queue images for the workers; prints the job ID.
+
+    Examples:
+
+      explainctl submit photos/ --wait
+
+      explainctl submit s3://audits/2026-11/ --model resnet50 --json
+
+      explainctl submit audit.csv --chunk-size 32   (columns uri,target)
+
+      ls shots/*.jpg | explainctl submit - --target tabby
+    """
     from explainctl.inputs import expand_inputs
 
     params = params_from(method_flags)
@@ -288,6 +391,18 @@ def status(job: JobArg, broker: BrokerOpt = None, as_json: JsonOpt = False) -> N
 def _follow(
     client, job_id: str, as_json: bool = False, interval: float = 1.0, check: bool = True
 ) -> None:
+    final = _watch(client, job_id, interval)
+    if as_json:
+        print(json.dumps(final.as_json()))
+    else:
+        counts = ", ".join(f"{n} {s}" for s, n in final.counts.items() if n)
+        print(f"{final.job_id} {final.state}: {counts}")
+    if check and (final.counts["failed"] or final.counts["cancelled"]):
+        raise typer.Exit(1)
+
+
+def _watch(client, job_id: str, interval: float = 1.0):
+    """Follow a job with a progress bar on stderr until it ends; returns its last status."""
     final = None
     with Progress(
         TextColumn("{task.description}"),
@@ -314,13 +429,7 @@ def _follow(
                 rate=f"{rate:.2f} img/s",
             )
             final = current
-    if as_json:
-        print(json.dumps(final.as_json()))
-    else:
-        counts = ", ".join(f"{n} {s}" for s, n in final.counts.items() if n)
-        print(f"{final.job_id} {final.state}: {counts}")
-    if check and (final.counts["failed"] or final.counts["cancelled"]):
-        raise typer.Exit(1)
+    return final
 
 
 @app.command()
@@ -390,18 +499,24 @@ def download(
     directory: Annotated[str, typer.Argument(help="Where to put <item>/ folders.")],
     broker: BrokerOpt = None,
     output: OutputOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Copy a job's artifacts to a local directory."""
     copied = _client(broker, output).download(job, directory)
-    print(f"copied {copied} files to {directory}")
+    if as_json:
+        _print_json({"job_id": job, "copied": copied, "directory": directory})
+    else:
+        print(f"copied {copied} files to {directory}")
 
 
 @app.command()
-def cancel(job: JobArg, broker: BrokerOpt = None) -> None:
+def cancel(job: JobArg, broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
     """Stop a job: queued items are not run; finished ones are kept. A job that has
     already finished is left as it is."""
     cancelled = _client(broker).cancel(job)
-    if cancelled.finished:
+    if as_json:
+        _print_json({"job_id": job, "cancelled": cancelled.count, "finished": cancelled.finished})
+    elif cancelled.finished:
         print(f"job {job} already finished ({cancelled.finished}): nothing to cancel")
     else:
         print(f"cancelled {cancelled.count} queued items of {job}")
@@ -412,10 +527,14 @@ def retry(
     job: JobArg,
     failed: Annotated[bool, typer.Option("--failed", help="Only failed items.")] = False,
     broker: BrokerOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Queue a job's failed (and cancelled) items again."""
     count = _client(broker).retry(job, failed_only=failed)
-    print(f"requeued {count} items of {job}")
+    if as_json:
+        _print_json({"job_id": job, "requeued": count})
+    else:
+        print(f"requeued {count} items of {job}")
 
 
 @app.command()
@@ -469,16 +588,22 @@ def worker(
         ),
     ] = None,
     loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="A JSON line when the workers start and one when they stop (logs: stderr).",
+        ),
+    ] = False,
 ) -> None:
     """Run worker processes that explain queued chunks, restarting any that die (needs
     the worker extra)."""
     import importlib.util
 
-    from explainctl.config import Settings
     from explainctl.local import embedded
 
     settings = embedded.resolve(
-        Settings.load(
+        _settings(
             broker_url=broker,
             queue=queue,
             device=device,
@@ -494,7 +619,29 @@ def worker(
         raise MissingDependency(
             f"workers need the worker extra (pip install 'explainctl[worker]'): {error}"
         ) from None
-    raise typer.Exit(launcher.run_workers(settings, launcher.parse_gpus(gpus), loglevel, name=name))
+    chosen = launcher.parse_gpus(gpus)
+    if as_json:
+        _print_json(
+            {
+                "event": "started",
+                "broker": _where(settings.broker_url),
+                "queue": settings.queue,
+                "gpus": chosen,
+                "device": "cuda" if chosen else settings.device,
+                "preload": list(settings.preload),
+                "metrics_port": settings.metrics_port or None,
+            }
+        )
+    code = launcher.run_workers(settings, chosen, loglevel, name=name)
+    if as_json:
+        _print_json({"event": "stopped", "exit_code": code})
+    raise typer.Exit(code)
+
+
+def _where(url: str) -> str:
+    """A broker URL without its password, for printing."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 @app.command()
@@ -519,11 +666,16 @@ def report(
     ] = GALLERY_ITEMS,
     broker: BrokerOpt = None,
     output: OutputOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write a job's self-contained HTML audit report: the findings over every item, and a
     gallery of the first --limit items that match --flag, --class and --state."""
     gallery = Gallery(flag=flag, class_name=class_name, state=state, limit=limit)
-    print(_client(broker, output).report(job, out, gallery))
+    written = _client(broker, output).report(job, out, gallery)
+    if as_json:
+        _print_json({"job_id": job, "report": written})
+    else:
+        print(written)
 
 
 @app.command()
@@ -560,34 +712,47 @@ def compare(
 def up(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Local workers to start.")] = 1,
     device: DeviceOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Start the embedded Redis and local workers in the background."""
-    from explainctl.config import Settings
     from explainctl.local import embedded
 
-    settings = embedded.resolve(Settings.load(device=device))
+    settings = embedded.resolve(_settings(device=device))
     running = embedded.running_workers(settings.home_dir)
     if not running:
         running = embedded.start_workers(workers, settings.environment(), settings.home_dir)
+    log = settings.home_dir / "workers.log"
+    if as_json:
+        _print_json(
+            {
+                "broker": _where(settings.broker_url),
+                "home": str(settings.home_dir),
+                "workers": len(running),
+                "log": str(log),
+                "output": settings.output,
+            }
+        )
+        return
     print(f"broker: {settings.broker_url.split('@')[-1]} (embedded under {settings.home_dir})")
-    print(f"workers: {len(running)} running, log {settings.home_dir / 'workers.log'}")
+    print(f"workers: {len(running)} running, log {log}")
     print(f"output: {settings.output}")
 
 
 @app.command()
-def down() -> None:
+def down(as_json: JsonOpt = False) -> None:
     """Stop the local workers (warm) and the embedded Redis."""
-    from explainctl.config import Settings
     from explainctl.local import embedded
 
-    settings = Settings.load()
+    settings = _settings()
     if embedded.running_workers(settings.home_dir):
         err.print("waiting for running chunks to finish (warm shutdown)...", highlight=False)
     # Long enough for a chunk to finish: a warm stop must not become a kill mid-chunk.
     stopped = embedded.stop_workers(settings.home_dir, timeout=settings.chunk_time_limit + 60)
-    root = settings.home_dir
-    redis_stopped = embedded.stop_redis(root)
-    print(f"stopped {stopped} workers" + (" and the embedded Redis" if redis_stopped else ""))
+    redis_stopped = embedded.stop_redis(settings.home_dir)
+    if as_json:
+        _print_json({"workers_stopped": stopped, "redis_stopped": redis_stopped})
+    else:
+        print(f"stopped {stopped} workers" + (" and the embedded Redis" if redis_stopped else ""))
 
 
 @app.command()
@@ -600,6 +765,9 @@ def demo(
     device: DeviceOpt = None,
     broker: BrokerOpt = None,
     output: OutputOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object at the end: the job and its report.")
+    ] = False,
     method_flags: dict | None = None,
 ) -> None:
     """Explain the bundled example photos end to end and write the audit report.
@@ -607,22 +775,36 @@ def demo(
     For a quick run on a laptop CPU: --iterations 50 --image-size 160, or a smaller
     --model such as resnet18.
     """
-    from explainctl.config import Settings
     from explainctl.local.demo import run_demo
 
     params = params_from(method_flags)
     spec = build_model_spec(model, weights, mean, std)
-    settings = Settings.load(broker_url=broker, output=output)  # run_demo starts Redis
-    result = run_demo(settings, spec, params, lambda c, j: _follow(c, j, check=False), device)
-    print(f"report: {result.report}")
+    settings = _settings(broker_url=broker, output=output)  # run_demo starts Redis
+    # With --json the bar alone: the one JSON line comes at the end.
+    follow = _watch if as_json else functools.partial(_follow, check=False)
+    result = run_demo(settings, spec, params, follow, device)
+    if as_json:
+        _print_json(
+            {
+                "job_id": result.job_id,
+                "state": result.state,
+                "counts": result.counts,
+                "report": result.report,
+            }
+        )
+    else:
+        print(f"report: {result.report}")
     if result.counts["failed"]:
         raise typer.Exit(1)
 
 
 @app.command()
-def version() -> None:
-    """Print the version."""
-    print(__version__)
+def version(as_json: JsonOpt = False) -> None:
+    """Print the version (also: explainctl --version)."""
+    if as_json:
+        _print_json({"version": __version__, "python": sys.version.split()[0]})
+    else:
+        print(__version__)
 
 
 def _usage_error(error: Exception) -> bool:

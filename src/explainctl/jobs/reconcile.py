@@ -59,8 +59,8 @@ def _reconcile(store: JobStore, app: Celery, job_id: str, grace: float, flying) 
     """`flying`: in_flight's answer when the caller read it for several jobs, else None."""
     suspects = keys.suspects_key(job_id)
     status = store.status(job_id)
-    if (status.state not in ("queued", "running") or not OLDEST_READABLE <= store.protocol(job_id) <= PROTOCOL
-            or store.sending(job_id)):  # fmt: skip
+    readable = OLDEST_READABLE <= store.protocol(job_id) <= PROTOCOL
+    if status.state not in ("queued", "running") or not readable or store.sending(job_id):
         # Finished, of a layout this code does not read, or a retry still sending it.
         store.redis.delete(suspects)
         return 0

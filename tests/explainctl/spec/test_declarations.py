@@ -57,6 +57,14 @@ def test_every_command_that_runs_a_method_has_every_method_flag(command):
     assert "--param" in options
 
 
+def test_every_command_answers_json():
+    """So that a new command cannot be added without its machine-readable answer."""
+    click_app = typer.main.get_command(app)
+    assert len(click_app.commands) >= 17
+    for name in click_app.commands:
+        assert "--json" in _options(name), f"{name}: no --json"
+
+
 def test_help_gives_each_methods_own_default():
     assert default_help("iterations") == "Default 60 (original 500, paper 300, extremal 800)."
     assert default_help("areas").startswith("extremal only.")
