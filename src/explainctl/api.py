@@ -21,13 +21,14 @@ Triple = Sequence[float]
 
 
 def frame(rows: list[dict[str, Any]], columns: Sequence[str]):
-    """`rows` as a pandas DataFrame when pandas is installed, else a pyarrow Table."""
+    """`rows` as a pandas DataFrame when pandas is installed (nullable dtypes, so a class
+    index stays an integer where other rows have none), else a pyarrow Table."""
     try:
         import pandas
     except ImportError:
         pass
     else:
-        return pandas.DataFrame(rows, columns=list(columns))
+        return pandas.DataFrame(rows, columns=list(columns)).convert_dtypes()
     try:
         import pyarrow
     except ImportError:
