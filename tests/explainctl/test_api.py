@@ -13,7 +13,6 @@ from explainctl import api
 from explainctl.spec.contracts import Target
 from explainctl.spec.errors import InvalidInput
 
-
 # Makes packages uninstalled for the code after it: their import raises
 # ModuleNotFoundError, as it would on a machine without them.
 UNINSTALL = """

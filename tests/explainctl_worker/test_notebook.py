@@ -109,7 +109,7 @@ def test_attribute_is_captum_shaped_on_the_inputs_device():
     attribution = explainctl.Attribution(tiny_classifier(), mask_size=8, iterations=5)
     scores = attribution.attribute(inputs, target=torch.tensor([1, 4]))
     assert scores.shape == (2, 1, 32, 32) and scores.device == inputs.device
-    assert scores.dtype == torch.float32 and 0 <= scores.min() and scores.max() <= 1
+    assert scores.dtype == torch.float32 and scores.min() >= 0 and scores.max() <= 1
     with pytest.raises(InvalidInput, match=r"\(N, 3, H, W\)"):
         attribution.attribute(torch.rand(3, 32, 32))
     with pytest.raises(InvalidInput, match="1 targets given for 2 images"):
@@ -127,13 +127,12 @@ def test_quantus_scores_the_masks_with_a_faithfulness_and_a_robustness_metric():
     a = explainctl.explain_func(model, x, y, **kwargs)
     assert a.shape == (2, 1, 16, 16) and a.dtype == np.float32
 
+    data = {"model": model, "x_batch": x, "y_batch": y, "a_batch": None, "device": "cpu"}
+    explainer = {"explain_func": explainctl.explain_func, "explain_func_kwargs": kwargs}
+    quiet = {"disable_warnings": True, "display_progressbar": False}
     faithful = quantus.FaithfulnessCorrelation(
-        nr_runs=3, subset_size=16, return_aggregate=False, disable_warnings=True, display_progressbar=False
-    )(model=model, x_batch=x, y_batch=y, a_batch=None, explain_func=explainctl.explain_func,
-      explain_func_kwargs=kwargs, device="cpu")  # fmt: skip
-    robust = quantus.MaxSensitivity(
-        nr_samples=2, disable_warnings=True, display_progressbar=False
-    )(model=model, x_batch=x, y_batch=y, a_batch=None, explain_func=explainctl.explain_func,
-      explain_func_kwargs=kwargs, device="cpu")  # fmt: skip
+        nr_runs=3, subset_size=16, return_aggregate=False, **quiet
+    )(**data, **explainer)
+    robust = quantus.MaxSensitivity(nr_samples=2, **quiet)(**data, **explainer)
     assert len(faithful) == 2 and np.isfinite(faithful).all()
     assert len(robust) == 2 and np.isfinite(robust).all()
