@@ -26,8 +26,11 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Two test processes (pytest-xdist): most tests wait on real services, workers and faults.
+# Each takes a Redis database of its own; the modules that share hosts or a Slurm cluster
+# run whole in one process (their xdist_group).
 test: install lint browser slurm
-	bash scripts/test.sh
+	bash scripts/test.sh -n 2 --dist loadgroup
 
 # The fault-injection and hostile-input suites alone; they print the reliability table.
 reliability: install browser slurm

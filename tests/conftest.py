@@ -106,6 +106,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     given = os.environ.get("EXPLAINCTL_TEST_REDIS_URL")
     if given:
+        given = _database_of_this_process(given)
         client = redis.Redis.from_url(given)
         client.flushdb()
         yield given
@@ -116,6 +117,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+def _database_of_this_process(url: str) -> str:
+    """`url` for this process: under pytest-xdist each worker process (gw0, gw1, ...) takes
+    the database after the last one's, since each empties its own."""
+    import os
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return url
+    base, _, database = url.rpartition("/")
+    return f"{base}/{int(database or 0) + int(worker[2:])}"
 
 
 @pytest.fixture
@@ -164,11 +177,34 @@ def start_workers(worker_env, tmp_path):
         return new
 
     yield start
+    for worker in started:  # all at once: each warm shutdown takes a few seconds
+        if worker.process is not None and worker.process.poll() is None:
+            worker.terminate()
     for worker in started:
         worker.stop()
 
 
 # --------------------------------------------------------------------------- Reliability
+
+
+def pytest_runtest_setup(item):
+    from tests.support import reliability
+
+    reliability.RUNNING = tuple(item.location[:2])
+
+
+def pytest_sessionfinish(session):
+    from tests.support import reliability
+
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: hand the rows back
+        session.config.workeroutput["reliability"] = reliability.exported()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    from tests.support import reliability
+
+    reliability.gather(getattr(node, "workeroutput", {}).get("reliability", {}))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

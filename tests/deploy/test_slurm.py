@@ -30,7 +30,8 @@ from tests.support import cli, reliability
 from tests.support.reliability import audit
 from tests.support.slurm import SlurmCluster, unavailable
 
-pytestmark = [pytest.mark.reliability, pytest.mark.slurm]
+# One process runs them all (pytest-xdist): they share the session's Slurm cluster.
+pytestmark = [pytest.mark.reliability, pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 if (why := unavailable()) is not None:
     reliability.skipped("Slurm allocations (tests/deploy/test_slurm.py)", why)

@@ -81,7 +81,7 @@ def test_the_only_worker_killed_mid_chunk(tmp_path, start_workers, worker_env):
     env = {**worker_env, "EXPLAINCTL_LEASE_SECONDS": "4"}
     images(tmp_path / "in", 4)
     (victim,) = start_workers(1, **env)
-    job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(1500))
+    job = submit(env, str(tmp_path / "in"), "--chunk-size", "2", *tiny(600))
     until(lambda: status(env, job)["counts"]["running"] > 0)
     admin = JobStore.connect(env["EXPLAINCTL_BROKER_URL"]).redis
     queue = env["EXPLAINCTL_QUEUE"]
@@ -136,7 +136,7 @@ def test_worker_killed_with_a_chunk_received_but_not_started(tmp_path, start_wor
 def test_worker_sigterm_mid_chunk_is_a_warm_shutdown(tmp_path, start_workers, worker_env):
     images(tmp_path / "in", 4)
     (worker,) = start_workers(1)
-    job = submit(worker_env, str(tmp_path / "in"), "--chunk-size", "4", *tiny(4000))
+    job = submit(worker_env, str(tmp_path / "in"), "--chunk-size", "4", *tiny(1500))
     until(lambda: status(worker_env, job)["counts"]["running"] > 0)
     worker.terminate()
     assert worker.process.wait(120) == 0, worker.log()[-2000:]

@@ -19,7 +19,8 @@ from tests.support.hosts import Host, Network, wait_for_port
 from tests.support.reliability import audit
 from tests.support.services import redis_binary
 
-pytestmark = pytest.mark.reliability
+# One process runs them all (pytest-xdist): they share the module's hosts.
+pytestmark = [pytest.mark.reliability, pytest.mark.xdist_group("hosts")]
 
 if (why := Network.available()) is not None:
     reliability.skipped("several hosts (tests/e2e/test_hosts.py)", why)

@@ -10,6 +10,7 @@ column: `audit` fails the test outright.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -27,6 +28,9 @@ from explainctl.spec.results import SCORE_FIELDS
 ROWS: list[Row] = []
 # Suites that could not run here, with why: the table says so instead of growing shorter.
 SKIPPED: list[tuple[str, str]] = []
+# The running test's place (file, line), set by conftest: rows are ordered by it, so the
+# table reads the same whether one process ran the suite or several (pytest-xdist).
+RUNNING: tuple[str, int] = ("", 0)
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Row:
     lost: int
     re_executed: int  # items started more than once: the cost a fault adds on a GPU
     disagreeing: int = 0  # done items whose result.json in storage is not their record
+    where: tuple[str, int] = ("", 0)  # the test that made it
 
     def markdown(self) -> str:
         return (
@@ -105,7 +110,7 @@ def audit(store: JobStore, job_id: str, fault: str, inputs: Iterable[str | Path]
     lost += len(failed - expected_failed) + max(0, status.counts["cancelled"] - expected_cancelled)
     re_executed = sum(r.attempts > 1 for r in records)
     row = Row(fault, len(wanted), len(done), len(failed & expected_failed), lost, re_executed,
-              disagreeing)  # fmt: skip
+              disagreeing, RUNNING)  # fmt: skip
     ROWS.append(row)
     return row
 
@@ -116,7 +121,21 @@ def skipped(suite: str, why: str) -> None:
 
 def table() -> str:
     missing = [f"| {suite}: **not run** ({why}) |{' – |' * 6}" for suite, why in SKIPPED]
-    return "\n".join([HEADER, *(row.markdown() for row in ROWS), *missing])
+    rows = sorted(ROWS, key=lambda row: row.where)  # stable: a test's rows keep their order
+    return "\n".join([HEADER, *(row.markdown() for row in rows), *missing])
+
+
+def exported() -> dict:
+    """This process's rows and skipped suites, as a pytest-xdist worker hands them back."""
+    return {"rows": [dataclasses.astuple(row) for row in ROWS], "skipped": SKIPPED}
+
+
+def gather(output: dict) -> None:
+    """Add a pytest-xdist worker's `exported()` to this (the controller's) table."""
+    for values in output.get("rows", []):
+        *counts, where = values
+        ROWS.append(Row(*counts, where=tuple(where)))
+    SKIPPED.extend(tuple(entry) for entry in output.get("skipped", []))
 
 
 def write(path: str | None) -> None:
