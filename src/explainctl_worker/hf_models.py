@@ -35,6 +35,10 @@ def _transformers():
         import transformers
     except ImportError:
         raise ModelUnavailable("hf: models need transformers: install explainctl[hf]") from None
+    # Its loading bars and notices would interleave with the CLI's own progress and a
+    # worker's log; a failure still reaches the user, as one ModelUnavailable line.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

@@ -9,7 +9,7 @@ import boto3
 import numpy as np
 from PIL import Image
 
-from explainctl.spec.contracts import ARTIFACT_FILES
+from explainctl.spec.contracts import ARTIFACT_FILES, IMAGENET_MEAN
 from explainctl.spec.results import ItemRecord
 from tests.support import browser, cli
 
@@ -114,6 +114,13 @@ def test_submit_to_s3_with_two_workers(s3_bucket, start_workers, worker_env, tmp
     assert job_json["status"]["counts"] == final["counts"]
     assert job_json["info"]["params"]["iterations"] == 5
     assert job_json["info"]["labels"] == names
+    # The first worker recorded what it made of the model: a module:callable has no
+    # configuration of its own, so ImageNet's statistics and the job's input size.
+    resolved = final["resolved_model"]
+    assert resolved == job_json["status"]["resolved_model"], job_json["status"]
+    assert resolved["source"] == "callable" and resolved["labels"] == "job"
+    assert resolved["image_size"] == int(TINY[TINY.index("--image-size") + 1])
+    assert tuple(resolved["mean"]) == IMAGENET_MEAN
 
     # The audit report of that job, with images fetched from S3, in a real browser.
     page = tmp_path / "report.html"
