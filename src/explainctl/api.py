@@ -8,6 +8,7 @@ is imported only when a call needs torch, so `import explainctl` stays light. Th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -366,7 +367,9 @@ class Client:
         )
         if target is not None:
             text = str(wanted.index) if wanted.index is not None else wanted.name
-            items = (i if i.target is not None else InputItem(i.uri, text) for i in items)
+            items = (
+                i if i.target is not None else dataclasses.replace(i, target=text) for i in items
+            )
         done = self.library.submit(
             items, spec, checked, chunk_size=chunk_size, labels=_labels(labels)
         )

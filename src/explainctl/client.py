@@ -192,7 +192,7 @@ class Client:
     ) -> Submitted:
         """Record and send the items of `entries`, numbered from `first`, in chunks."""
         items = (
-            ChunkItem(index=index, uri=entry.uri, target=entry.target)
+            ChunkItem(index=index, uri=entry.uri, target=entry.target, label=entry.label)
             for index, entry in enumerate(entries, start=first)
         )
         total = first

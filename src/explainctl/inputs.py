@@ -41,11 +41,13 @@ class InputItem:
 
     `uri` is normalised: ``s3://bucket/key``, an absolute local path, or an http(s) URL.
     `target` is the raw text of a list file's ``target`` column (an index or a class
-    name, checked with `Target.parse`), or None for "top-1".
+    name, checked with `Target.parse`), or None for "top-1". `label` is the item's ground
+    truth as its list or dataset gives it (an index or a class name), or None.
     """
 
     uri: str
     target: str | None = None
+    label: str | None = None
 
 
 # Resolves an entry of a list file that has no scheme; gets (text, where-for-errors).
@@ -311,6 +313,7 @@ def _csv_items(
 ) -> Iterator[InputItem]:
     uri_col = header.index("uri")
     target_col = header.index("target") if "target" in header else None
+    label_col = header.index("label") if "label" in header else None
     reader = csv.reader(_prepend(first, rest))
     try:
         next(reader)  # the header
@@ -322,12 +325,16 @@ def _csv_items(
             uri = row[uri_col].strip() if uri_col < len(row) else ""
             if not uri:
                 raise InvalidInput(f"{where}: empty 'uri' value")
-            target = None
-            if target_col is not None and target_col < len(row):
-                target = row[target_col].strip() or None
-            yield _item(uri, target, where, relative)
+            target, label = _cell(row, target_col), _cell(row, label_col)
+            yield _item(uri, target, where, relative, label)
     except csv.Error as err:
         raise InvalidInput(f"{name}:{offset + reader.line_num}: unreadable CSV: {err}") from None
+
+
+def _cell(row: list[str], column: int | None) -> str | None:
+    if column is None or column >= len(row):
+        return None
+    return row[column].strip() or None
 
 
 def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
@@ -335,7 +342,9 @@ def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
     yield from rest
 
 
-def _item(text: str, target: str | None, where: str, relative: _Relative) -> InputItem:
+def _item(
+    text: str, target: str | None, where: str, relative: _Relative, label: str | None = None
+) -> InputItem:
     """One entry of a list. An unusable URI or target is passed on as it is: the worker
     fails that item alone with its code, and one bad line cannot sink a long audit."""
     if not _SCHEME_RE.match(text):
@@ -343,6 +352,6 @@ def _item(text: str, target: str | None, where: str, relative: _Relative) -> Inp
     try:
         location = parse_uri(text)
     except ItemError:
-        return InputItem(text, target)
+        return InputItem(text, target, label)
     uri = f"s3://{location.bucket}/{location.key}" if location.scheme == "s3" else location.key
-    return InputItem(uri, target)
+    return InputItem(uri, target, label)

@@ -38,6 +38,8 @@ class ItemInput:
     source: str  # where it came from (path or URI), recorded in result.json
     load: Callable[[], bytes]  # reads the encoded image; may raise ItemError
     target: Target = field(default_factory=Target)
+    # Ground truth: the class the input's dataset names (an index or a class name), or None.
+    label: str | None = None
     # Called as the item's turn comes, before its read: False skips it (another copy of
     # its chunk settled it); may raise ItemError. A job worker counts the attempt here, so
     # a worker that dies is charged only for the items it had begun.

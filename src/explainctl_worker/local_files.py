@@ -50,6 +50,7 @@ def explain_paths(
     *,
     target: Target | None = None,
     targets: Sequence[Target | None] | None = None,
+    labels: Sequence[str | None] | None = None,
     batch_size: int | None = None,
     limits: DecodeLimits | None = None,
     on_progress: Callable[[int], None] | None = None,
@@ -59,7 +60,8 @@ def explain_paths(
     writing OUT/<name>/ for each; yields outcomes in the order of `paths`.
 
     `targets`, where given, holds each path's own target (a list's `target` column); None
-    there, or no `targets`, means `target`. on_progress receives the number of
+    there, or no `targets`, means `target`. `labels`, where given, holds each path's
+    ground truth (a list's `label` column). on_progress receives the number of
     image-iterations done since the last call.
     """
     limits = limits or DecodeLimits()
@@ -67,9 +69,10 @@ def explain_paths(
     names = local_item_names(paths)
     fallback = target or Target()
     own = targets if targets is not None else [None] * len(paths)
+    truths = labels if labels is not None else [None] * len(paths)
     items = [
-        ItemInput(name, os.path.abspath(path), _reader(path, policy), mine or fallback)
-        for name, path, mine in zip(names, paths, own, strict=True)
+        ItemInput(name, os.path.abspath(path), _reader(path, policy), mine or fallback, truth)
+        for name, path, mine, truth in zip(names, paths, own, truths, strict=True)
     ]
 
     # Slots are refilled across the whole list; results are yielded a window at a time

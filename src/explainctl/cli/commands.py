@@ -5,6 +5,7 @@ Errors are domain exceptions; `main` turns them into one line on stderr and an e
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -208,6 +209,7 @@ def explain(
             params,
             target=wanted,
             targets=[None if i.target is None else _target(i.target) for i in items],
+            labels=[i.label for i in items],
             batch_size=batch_size,
             on_progress=lambda n: bar.advance(task, n),
         )
@@ -343,7 +345,9 @@ def submit(
     client = _client(broker, output, queue)
     items = expand_inputs(inputs, stdin=sys.stdin)
     if target is not None:
-        items = (i if i.target is not None else type(i)(i.uri, target) for i in items)
+        items = (
+            i if i.target is not None else dataclasses.replace(i, target=target) for i in items
+        )
     if resume is not None:
         done = client.resume(resume, items)
     else:

@@ -74,6 +74,7 @@ def _record(entry: Entry, fields: dict) -> ItemRecord:
         "index": entry.index,
         "uri": entry.uri,
         "target": entry.target,
+        "label": entry.label,
         "item": item_name(entry.index, entry.uri),
         "state": entry.state,
         "attempts": entry.attempts,

@@ -126,6 +126,8 @@ class ChunkItem(_Strict):
     index: int = Field(ge=0)
     uri: str
     target: str | None = None
+    # Ground truth: the class the input's dataset names (raw text: an index or a name).
+    label: str | None = None
 
 
 class ChunkPayload(_Strict):

@@ -295,6 +295,7 @@ def _explain_group(
             source=item.uri,
             load=lambda uri=item.uri: context.read(uri),
             target=target,
+            label=item.label,
             start=lambda item=item: start(item),
         )
         for item, target in runnable
