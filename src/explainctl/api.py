@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from explainctl.cli.options import build_params, validated
-from explainctl.spec.contracts import DEFAULT_CHUNK_SIZE, ModelSpec, Target
+from explainctl.spec.contracts import DEFAULT_CHUNK_SIZE, GROUND_TRUTH, ModelSpec, Target
 from explainctl.spec.errors import InvalidInput, MissingDependency
 from explainctl.spec.results import RESULT_COLUMNS
 
@@ -367,6 +367,7 @@ class Client:
         )
         if target is not None:
             text = str(wanted.index) if wanted.index is not None else wanted.name
+            text = GROUND_TRUTH if wanted.ground_truth else text
             items = (
                 i if i.target is not None else dataclasses.replace(i, target=text) for i in items
             )

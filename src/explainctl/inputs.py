@@ -27,7 +27,7 @@ from explainctl.io.uri import Location, parse_uri
 from explainctl.io.uri import one_line as _one_line
 from explainctl.spec.errors import InvalidInput, ItemError
 
-__all__ = ["LIST_EXTENSIONS", "InputItem", "expand_inputs"]
+__all__ = ["LIST_EXTENSIONS", "InputItem", "expand_inputs", "list_entry"]
 
 # A local file with one of these suffixes holds URIs rather than being an image itself.
 LIST_EXTENSIONS = (".txt", ".csv", ".lst", ".uris")
@@ -42,12 +42,15 @@ class InputItem:
     `uri` is normalised: ``s3://bucket/key``, an absolute local path, or an http(s) URL.
     `target` is the raw text of a list file's ``target`` column (an index or a class
     name, checked with `Target.parse`), or None for "top-1". `label` is the item's ground
-    truth as its list or dataset gives it (an index or a class name), or None.
+    truth as its list or dataset gives it (an index or a class name), or None. `data`
+    holds a dataset row's encoded image (explainctl.datasets): `uri` is then the row's
+    source id, and the client stages the bytes for the workers.
     """
 
     uri: str
     target: str | None = None
     label: str | None = None
+    data: bytes | None = None
 
 
 # Resolves an entry of a list file that has no scheme; gets (text, where-for-errors).
@@ -114,6 +117,11 @@ def _plan(arg: str, client: _S3ClientFactory) -> Callable[[], Iterator[InputItem
         raise InvalidInput(f"empty input argument: {arg!r}")
     if arg.startswith("@"):
         return _plan_list(arg, arg[1:], client)
+    # Imported here: explainctl.datasets builds on this module's items.
+    from explainctl.datasets import dataset_plan
+
+    if (dataset := dataset_plan(arg)) is not None:
+        return dataset
 
     location = _parse_arg(arg)
     if location.scheme == "http":
@@ -340,6 +348,11 @@ def _cell(row: list[str], column: int | None) -> str | None:
 def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
     yield first
     yield from rest
+
+
+def list_entry(text: str, target: str | None, label: str | None, base: str) -> InputItem:
+    """An image named in a list or a dataset's column: a URI, or a path relative to `base`."""
+    return _item(text, target, text, lambda entry, where: os.path.join(base, entry), label)
 
 
 def _item(

@@ -140,10 +140,12 @@ class Entry:
     error_code: str | None = None
     error: str | None = None
     label: str | None = None
+    staged: str | None = None  # where a dataset row's image was staged (ChunkItem.staged)
 
     @property
     def item(self) -> ChunkItem:
-        return ChunkItem(index=self.index, uri=self.uri, target=self.target, label=self.label)
+        return ChunkItem(index=self.index, uri=self.uri, target=self.target, label=self.label,
+                         staged=self.staged)  # fmt: skip
 
 
 def job_state(
@@ -174,7 +176,7 @@ def _error(fields: dict | None) -> str:
 
 # What the `items` field holds of each item, in this order; a list stops at its last value
 # that is set, so records written before a field existed read it as None.
-_ITEM_FIELDS = ("uri", "target", "label")
+_ITEM_FIELDS = ("uri", "target", "label", "staged")
 
 
 def _stored_items(items: Sequence[ChunkItem]) -> str:
@@ -599,7 +601,8 @@ class JobStore:
                 if index in wanted:
                     yield Entry(
                         index, fields["uri"], fields["target"], wanted[index],
-                        tries[index - start], label=fields["label"], **error_of.get(index, {}),
+                        tries[index - start], label=fields["label"], staged=fields["staged"],
+                        **error_of.get(index, {}),
                     )  # fmt: skip
 
     def cancel(self, job_id: str) -> int | None:
