@@ -8,12 +8,13 @@ is imported only when a call needs torch, so `import explainctl` stays light. Th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from explainctl.cli.options import build_params, validated
-from explainctl.spec.contracts import DEFAULT_CHUNK_SIZE, ModelSpec, Target
+from explainctl.spec.contracts import DEFAULT_CHUNK_SIZE, GROUND_TRUTH, ModelSpec, Target
 from explainctl.spec.errors import InvalidInput, MissingDependency
 from explainctl.spec.results import RESULT_COLUMNS
 
@@ -366,7 +367,10 @@ class Client:
         )
         if target is not None:
             text = str(wanted.index) if wanted.index is not None else wanted.name
-            items = (i if i.target is not None else InputItem(i.uri, text) for i in items)
+            text = GROUND_TRUTH if wanted.ground_truth else text
+            items = (
+                i if i.target is not None else dataclasses.replace(i, target=text) for i in items
+            )
         done = self.library.submit(
             items, spec, checked, chunk_size=chunk_size, labels=_labels(labels)
         )

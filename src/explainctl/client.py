@@ -9,6 +9,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -35,6 +36,8 @@ from explainctl.spec.contracts import (
     JobInfo,
     JobState,
     ModelSpec,
+    image_kind,
+    item_name,
     job_key,
 )
 from explainctl.spec.errors import (
@@ -191,15 +194,14 @@ class Client:
         self, info: JobInfo, entries: Iterable[InputItem], first: int, chunks: int, token: str
     ) -> Submitted:
         """Record and send the items of `entries`, numbered from `first`, in chunks."""
-        items = (
-            ChunkItem(index=index, uri=entry.uri, target=entry.target)
-            for index, entry in enumerate(entries, start=first)
-        )
         total = first
         renewed = time.monotonic()
         try:
-            for chunk in _chunks(items, info.chunk_size):
+            for batch in _chunks(enumerate(entries, start=first), info.chunk_size):
+                chunk, failures = self._stage(info, batch)
                 number = self.store.add_chunk(info.job_id, chunk)
+                if failures:  # settled before the chunk is sent: no worker runs them
+                    self.store.settle(info.job_id, failures)
                 if refusal := self._send_or_fail(info, chunk, number):
                     raise refusal
                 self.store.mark_sent(info.job_id, number + 1)
@@ -229,6 +231,41 @@ class Client:
         if self.store.mark_submitted(info.job_id):
             write_manifest(self.store, self.storage(info.output), info.job_id)
         return Submitted(info.job_id, total, chunks, info.output)
+
+    def _stage(
+        self, info: JobInfo, batch: list[tuple[int, InputItem]]
+    ) -> tuple[list[ChunkItem], list[tuple[int, str, dict]]]:
+        """The chunk's items, a dataset row's image bytes first written to the job's
+        `inputs/` (workers read them there, under the same limits as any input), and the
+        failures of rows that cannot be: no image, or over EXPLAINCTL_MAX_IMAGE_BYTES."""
+        limit = self.settings.max_image_bytes
+        items, failures, uploads = [], [], []
+        for index, entry in batch:
+            staged = None
+            if entry.data is not None:
+                size = len(entry.data)
+                if size == 0:
+                    failure = {"error_code": "empty", "error": "the dataset row has no image"}
+                    failures.append((index, "failed", failure))
+                elif size > limit:
+                    message = f"the image is {size} bytes, above the limit of {limit}"
+                    failures.append(
+                        (index, "failed", {"error_code": "too-large", "error": message})
+                    )
+                else:
+                    kind = image_kind(entry.data)
+                    staged = f"inputs/{item_name(index, entry.uri)}.{kind}"
+                    media = "application/octet-stream" if kind == "bin" else f"image/{kind}"
+                    uploads.append((job_key(info.job_id, staged), entry.data, media))
+            items.append(ChunkItem(index=index, uri=entry.uri, target=entry.target,
+                                   label=entry.label, staged=staged))  # fmt: skip
+        if uploads:
+            storage = self.storage(info.output)
+            # One request per row: in threads, so a remote store's latency is paid once a chunk.
+            with ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage") as pool:
+                for done in [pool.submit(storage.put, *upload) for upload in uploads]:
+                    done.result()
+        return items, failures
 
     @staticmethod
     def _absolute_output(output: str) -> str:

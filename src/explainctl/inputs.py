@@ -27,7 +27,7 @@ from explainctl.io.uri import Location, parse_uri
 from explainctl.io.uri import one_line as _one_line
 from explainctl.spec.errors import InvalidInput, ItemError
 
-__all__ = ["LIST_EXTENSIONS", "InputItem", "expand_inputs"]
+__all__ = ["LIST_EXTENSIONS", "InputItem", "expand_inputs", "list_entry"]
 
 # A local file with one of these suffixes holds URIs rather than being an image itself.
 LIST_EXTENSIONS = (".txt", ".csv", ".lst", ".uris")
@@ -41,11 +41,16 @@ class InputItem:
 
     `uri` is normalised: ``s3://bucket/key``, an absolute local path, or an http(s) URL.
     `target` is the raw text of a list file's ``target`` column (an index or a class
-    name, checked with `Target.parse`), or None for "top-1".
+    name, checked with `Target.parse`), or None for "top-1". `label` is the item's ground
+    truth as its list or dataset gives it (an index or a class name), or None. `data`
+    holds a dataset row's encoded image (explainctl.datasets): `uri` is then the row's
+    source id, and the client stages the bytes for the workers.
     """
 
     uri: str
     target: str | None = None
+    label: str | None = None
+    data: bytes | None = None
 
 
 # Resolves an entry of a list file that has no scheme; gets (text, where-for-errors).
@@ -112,6 +117,11 @@ def _plan(arg: str, client: _S3ClientFactory) -> Callable[[], Iterator[InputItem
         raise InvalidInput(f"empty input argument: {arg!r}")
     if arg.startswith("@"):
         return _plan_list(arg, arg[1:], client)
+    # Imported here: explainctl.datasets builds on this module's items.
+    from explainctl.datasets import dataset_plan
+
+    if (dataset := dataset_plan(arg)) is not None:
+        return dataset
 
     location = _parse_arg(arg)
     if location.scheme == "http":
@@ -311,6 +321,7 @@ def _csv_items(
 ) -> Iterator[InputItem]:
     uri_col = header.index("uri")
     target_col = header.index("target") if "target" in header else None
+    label_col = header.index("label") if "label" in header else None
     reader = csv.reader(_prepend(first, rest))
     try:
         next(reader)  # the header
@@ -322,12 +333,16 @@ def _csv_items(
             uri = row[uri_col].strip() if uri_col < len(row) else ""
             if not uri:
                 raise InvalidInput(f"{where}: empty 'uri' value")
-            target = None
-            if target_col is not None and target_col < len(row):
-                target = row[target_col].strip() or None
-            yield _item(uri, target, where, relative)
+            target, label = _cell(row, target_col), _cell(row, label_col)
+            yield _item(uri, target, where, relative, label)
     except csv.Error as err:
         raise InvalidInput(f"{name}:{offset + reader.line_num}: unreadable CSV: {err}") from None
+
+
+def _cell(row: list[str], column: int | None) -> str | None:
+    if column is None or column >= len(row):
+        return None
+    return row[column].strip() or None
 
 
 def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
@@ -335,7 +350,14 @@ def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
     yield from rest
 
 
-def _item(text: str, target: str | None, where: str, relative: _Relative) -> InputItem:
+def list_entry(text: str, target: str | None, label: str | None, base: str) -> InputItem:
+    """An image named in a list or a dataset's column: a URI, or a path relative to `base`."""
+    return _item(text, target, text, lambda entry, where: os.path.join(base, entry), label)
+
+
+def _item(
+    text: str, target: str | None, where: str, relative: _Relative, label: str | None = None
+) -> InputItem:
     """One entry of a list. An unusable URI or target is passed on as it is: the worker
     fails that item alone with its code, and one bad line cannot sink a long audit."""
     if not _SCHEME_RE.match(text):
@@ -343,6 +365,6 @@ def _item(text: str, target: str | None, where: str, relative: _Relative) -> Inp
     try:
         location = parse_uri(text)
     except ItemError:
-        return InputItem(text, target)
+        return InputItem(text, target, label)
     uri = f"s3://{location.bucket}/{location.key}" if location.scheme == "s3" else location.key
-    return InputItem(uri, target)
+    return InputItem(uri, target, label)

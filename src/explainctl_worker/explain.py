@@ -38,6 +38,8 @@ class ItemInput:
     source: str  # where it came from (path or URI), recorded in result.json
     load: Callable[[], bytes]  # reads the encoded image; may raise ItemError
     target: Target = field(default_factory=Target)
+    # Ground truth: the class the input's dataset names (an index or a class name), or None.
+    label: str | None = None
     # Called as the item's turn comes, before its read: False skips it (another copy of
     # its chunk settled it); may raise ItemError. A job worker counts the attempt here, so
     # a worker that dies is charged only for the items it had begun.
@@ -95,11 +97,26 @@ def _prepare(item: ItemInput, loaded: LoadedModel, params: ExplainParams, limits
     image = decode_image(item.load(), limits)
     try:
         target = resolve_target(
-            item.target, loaded.categories, num_classes(loaded, params.image_size)
+            _wanted(item), loaded.categories, num_classes(loaded, params.image_size)
         )
     except ExplainctlError as error:
         raise ItemError("bad-target", str(error)) from None
     return image, -1 if target is None else target
+
+
+def _wanted(item: ItemInput) -> Target:
+    """The class the item asks for: `--target label` means its ground truth's."""
+    if not item.target.ground_truth:
+        return item.target
+    if item.label is None:
+        raise ItemError("bad-target", "--target label, but the item has no ground-truth label")
+    try:
+        truth = Target.parse(item.label)
+    except ValueError:
+        truth = Target()
+    if truth.index is None and truth.name is None:
+        raise ItemError("bad-target", f"its label {item.label!r} names no class")
+    return truth
 
 
 def _to_tensor(image: Image.Image, size: int, interpolation: str = "bilinear") -> torch.Tensor:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from explainctl.io.sources import SourcePolicy, read_source
-from explainctl.spec.contracts import Target
+from explainctl.spec.contracts import Target, is_source_id, item_name
 from explainctl.spec.methods import ExplainParams
 from explainctl_worker.decode import DecodeLimits
 from explainctl_worker.explain import ItemInput, ItemOutcome, Timings, explain_items
@@ -20,7 +20,9 @@ def local_item_names(paths: Sequence[str]) -> list[str]:
     names: list[str] = []
     seen: set[str] = set()
     for path in paths:
-        stem = Path(path).stem or "image"
+        # A dataset row's source id: its file or split and its row (`test-42`).
+        stem = item_name(0, path).partition("-")[2] if is_source_id(path) else Path(path).stem
+        stem = stem or "image"
         base = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip(".") or "image"
         name, suffix = base, 2
         while name in seen:
@@ -50,6 +52,8 @@ def explain_paths(
     *,
     target: Target | None = None,
     targets: Sequence[Target | None] | None = None,
+    labels: Sequence[str | None] | None = None,
+    data: Sequence[bytes | None] | None = None,
     batch_size: int | None = None,
     limits: DecodeLimits | None = None,
     on_progress: Callable[[int], None] | None = None,
@@ -59,7 +63,9 @@ def explain_paths(
     writing OUT/<name>/ for each; yields outcomes in the order of `paths`.
 
     `targets`, where given, holds each path's own target (a list's `target` column); None
-    there, or no `targets`, means `target`. on_progress receives the number of
+    there, or no `targets`, means `target`. `labels`, where given, holds each path's
+    ground truth (a list's `label` column); `data` a dataset row's image bytes in place
+    of reading the path (which is then the row's source id). on_progress receives the number of
     image-iterations done since the last call.
     """
     limits = limits or DecodeLimits()
@@ -67,9 +73,17 @@ def explain_paths(
     names = local_item_names(paths)
     fallback = target or Target()
     own = targets if targets is not None else [None] * len(paths)
+    truths = labels if labels is not None else [None] * len(paths)
+    held = data if data is not None else [None] * len(paths)
     items = [
-        ItemInput(name, os.path.abspath(path), _reader(path, policy), mine or fallback)
-        for name, path, mine in zip(names, paths, own, strict=True)
+        ItemInput(
+            name,
+            path if raw is not None else os.path.abspath(path),
+            _reader(path, policy) if raw is None else (lambda raw=raw: raw),
+            mine or fallback,
+            truth,
+        )
+        for name, path, mine, truth, raw in zip(names, paths, own, truths, held, strict=True)
     ]
 
     # Slots are refilled across the whole list; results are yielded a window at a time

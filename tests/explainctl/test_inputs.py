@@ -193,6 +193,15 @@ def test_csv_list_with_uri_target_and_extra_columns(tmp_path):
     ]
 
 
+def test_csv_label_column_is_the_items_ground_truth(tmp_path):
+    touch(tmp_path / "list.csv").write_text("uri,label,target\na.jpg,tabby,\nb.jpg, 3 ,1\nc.jpg\n")
+    assert list(expand_inputs([str(tmp_path / "list.csv")])) == [
+        InputItem(str(tmp_path / "a.jpg"), None, "tabby"),
+        InputItem(str(tmp_path / "b.jpg"), "1", "3"),
+        InputItem(str(tmp_path / "c.jpg"), None, None),
+    ]
+
+
 def test_csv_header_detected_in_txt_and_stdin(tmp_path):
     touch(tmp_path / "l.txt").write_text("# header next\nuri\na.jpg\n")
     assert uris([str(tmp_path / "l.txt")]) == [str(tmp_path / "a.jpg")]

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from explainctl.spec.contracts import ModelSpec, Target
+from explainctl.spec.errors import ItemError
 from explainctl.spec.methods import ExplainParams
-from explainctl_worker.explain import ItemInput, Timings, explain_items
+from explainctl_worker.explain import ItemInput, Timings, _wanted, explain_items
 from explainctl_worker.model import LoadedModel
 from tests.support.models import tiny_classifier
 
@@ -92,3 +93,17 @@ def test_a_jobs_labels_name_the_target_and_resolve_targets_by_name():
     assert unknown.error_code == "bad-target" and "kind 99" in unknown.error
     # The module's output-width probe is shared, not run again per job.
     assert named.__dict__["_num_classes"] is loaded.__dict__["_num_classes"]
+
+
+@pytest.mark.parametrize(
+    ("label", "wanted"), [("7", Target(index=7)), ("Tabby", Target(name="Tabby"))]
+)
+def test_target_label_asks_for_the_items_ground_truth(label, wanted):
+    assert _wanted(ItemInput("x", "mem://x", bytes, Target.parse("label"), label)) == wanted
+
+
+@pytest.mark.parametrize("label", [None, "top1", "label", "-3"])
+def test_target_label_without_a_usable_label_is_a_bad_target(label):
+    with pytest.raises(ItemError) as caught:
+        _wanted(ItemInput("x", "mem://x", bytes, Target.parse("label"), label))
+    assert caught.value.code == "bad-target"

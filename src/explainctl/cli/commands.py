@@ -5,6 +5,7 @@ Errors are domain exceptions; `main` turns them into one line on stderr and an e
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -115,7 +116,10 @@ LabelsOpt = Annotated[
 ]
 TargetOpt = Annotated[
     str | None,
-    typer.Option("--target", help="Class index or name to explain (default: top-1)."),
+    typer.Option(
+        "--target",
+        help="Class index or name to explain (default: top-1); `label`: each item's ground truth.",
+    ),
 ]
 
 
@@ -124,7 +128,7 @@ def _target(text: str | None) -> Target:
         return Target.parse(text)
     except ValueError:
         raise InvalidInput(
-            f"--target takes a class index >= 0, a class name, or top1, not {text!r}"
+            f"--target takes a class index >= 0, a class name, top1 or label, not {text!r}"
         ) from None
 
 
@@ -156,7 +160,8 @@ def explain(
     images: Annotated[
         list[str],
         typer.Argument(
-            help="Images, directories, lists of paths (.txt/.csv, @FILE), or - (paths on "
+            help="Images, directories, lists of paths (.txt/.csv, @FILE), datasets (.parquet, "
+            "a saved Hugging Face dataset, hf://datasets/..., .tar shards), or - (paths on "
             "stdin); local only."
         ),
     ],
@@ -208,6 +213,8 @@ def explain(
             params,
             target=wanted,
             targets=[None if i.target is None else _target(i.target) for i in items],
+            labels=[i.label for i in items],
+            data=[i.data for i in items],
             batch_size=batch_size,
             on_progress=lambda n: bar.advance(task, n),
         )
@@ -295,7 +302,9 @@ def submit(
     inputs: Annotated[
         list[str],
         typer.Argument(
-            help="Images, directories, s3:// prefixes, lists of URIs (.txt/.csv, @FILE), or -."
+            help="Images, directories, s3:// prefixes, lists of URIs (.txt/.csv, @FILE), "
+            "datasets (.parquet, a saved Hugging Face dataset, hf://datasets/ORG/NAME/SPLIT, "
+            ".tar shards; ?image=COL&label=COL&limit=N), or -."
         ),
     ],
     model: ModelOpt = "vgg19",
@@ -343,7 +352,9 @@ def submit(
     client = _client(broker, output, queue)
     items = expand_inputs(inputs, stdin=sys.stdin)
     if target is not None:
-        items = (i if i.target is not None else type(i)(i.uri, target) for i in items)
+        items = (
+            i if i.target is not None else dataclasses.replace(i, target=target) for i in items
+        )
     if resume is not None:
         done = client.resume(resume, items)
     else:

@@ -63,17 +63,19 @@ def item_records(
     try:
         for entry in store.entries(job_id, states):
             fields = done.take(entry.index) if entry.state == "done" else {}
-            yield _record(entry, fields)
+            yield _record(entry, fields, storage, job_id)
     finally:
         done.close()
 
 
-def _record(entry: Entry, fields: dict) -> ItemRecord:
+def _record(entry: Entry, fields: dict, storage: Storage, job_id: str) -> ItemRecord:
     """The item's record: Redis's entry, over the fields its part holds."""
     held = {
+        "staged": storage.uri(job_key(job_id, entry.staged)) if entry.staged else None,
         "index": entry.index,
         "uri": entry.uri,
         "target": entry.target,
+        "label": entry.label,
         "item": item_name(entry.index, entry.uri),
         "state": entry.state,
         "attempts": entry.attempts,

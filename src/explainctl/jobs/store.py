@@ -9,8 +9,9 @@ Keys (explainctl.jobs.keys builds them), all under `explainctl:job:<id>:`
   meta      hash: info (JobInfo JSON), total, chunks, sent, submitted, cancelled,
             finished_at, resolved (ResolvedModel JSON: what the first worker made of the
             model)
-  items     hash: first index of a run of items -> their [uri] or [uri, target], in order,
-            compressed (one field per chunk recorded at submission)
+  items     hash: first index of a run of items -> their [uri, target, label, staged]
+            (trailing nulls left out), in order, compressed (one field per chunk recorded
+            at submission)
   state     string: byte i is item i's state code (contracts.STATE_CODES)
   attempts  string: byte i is how many times a worker started item i
   errors    hash: index -> a failed item's error_code and error
@@ -138,10 +139,13 @@ class Entry:
     attempts: int
     error_code: str | None = None
     error: str | None = None
+    label: str | None = None
+    staged: str | None = None  # where a dataset row's image was staged (ChunkItem.staged)
 
     @property
     def item(self) -> ChunkItem:
-        return ChunkItem(index=self.index, uri=self.uri, target=self.target)
+        return ChunkItem(index=self.index, uri=self.uri, target=self.target, label=self.label,
+                         staged=self.staged)  # fmt: skip
 
 
 def job_state(
@@ -170,17 +174,31 @@ def _error(fields: dict | None) -> str:
     return json.dumps({k: fields[k] for k in ("error_code", "error") if k in fields})
 
 
+# What the `items` field holds of each item, in this order; a list stops at its last value
+# that is set, so records written before a field existed read it as None.
+_ITEM_FIELDS = ("uri", "target", "label", "staged")
+
+
 def _stored_items(items: Sequence[ChunkItem]) -> str:
-    """An `items` field: [[uri], [uri, target], ...] as JSON, zlib-compressed (the URIs of
-    a chunk share their prefix: 100-character URIs take about a third), in base64."""
-    plain = [[i.uri] if i.target is None else [i.uri, i.target] for i in items]
+    """An `items` field: [[uri], [uri, target], [uri, null, label], ...] as JSON,
+    zlib-compressed (the URIs of a chunk share their prefix: 100-character URIs take about
+    a third), in base64."""
+    plain = []
+    for item in items:
+        values = [getattr(item, name) for name in _ITEM_FIELDS]
+        while values[-1] is None:
+            values.pop()
+        plain.append(values)
     return base64.b64encode(zlib.compress(json.dumps(plain).encode(), 9)).decode()
 
 
-def _entry_items(raw: str) -> list[tuple[str, str | None]]:
-    """(uri, target) of each item of an `items` field (_stored_items)."""
+def _entry_items(raw: str) -> list[dict[str, str | None]]:
+    """The fields (_ITEM_FIELDS) of each item of an `items` field (_stored_items)."""
     stored = json.loads(zlib.decompress(base64.b64decode(raw)))
-    return [(item[0], item[1] if len(item) > 1 else None) for item in stored]
+    return [
+        {name: item[at] if at < len(item) else None for at, name in enumerate(_ITEM_FIELDS)}
+        for item in stored
+    ]
 
 
 @contextlib.contextmanager
@@ -358,10 +376,7 @@ class JobStore:
     def chunk_items(self, job_id: str, start: int, stop: int) -> list[ChunkItem]:
         """The recorded items with indices in [start, stop)."""
         runs = _Runs(self.redis, self._key(job_id, "items"))
-        return [
-            ChunkItem(index=index, uri=uri, target=target)
-            for index, (uri, target) in runs.between(start, stop)
-        ]
+        return [ChunkItem(index=index, **fields) for index, fields in runs.between(start, stop)]
 
     def new_chunk_number(self, job_id: str) -> int:
         return int(self.redis.hincrby(self._key(job_id, "meta"), "chunks", 1)) - 1
@@ -552,8 +567,8 @@ class JobStore:
             window = wanted[start : start + _BATCH]
             chosen = set(window)
             found += [
-                ChunkItem(index=index, uri=uri, target=target)
-                for index, (uri, target) in runs.between(window[0], window[-1] + 1)
+                ChunkItem(index=index, **fields)
+                for index, fields in runs.between(window[0], window[-1] + 1)
                 if index in chosen
             ]
         return found
@@ -582,10 +597,11 @@ class JobStore:
             failed = [i for i, state in wanted.items() if state == "failed"]
             errors = self.redis.hmget(self._key(job_id, "errors"), failed) if failed else []
             error_of = {i: json.loads(e) for i, e in zip(failed, errors, strict=True) if e}
-            for index, (uri, target) in runs.between(start, stop):
+            for index, fields in runs.between(start, stop):
                 if index in wanted:
                     yield Entry(
-                        index, uri, target, wanted[index], tries[index - start],
+                        index, fields["uri"], fields["target"], wanted[index],
+                        tries[index - start], label=fields["label"], staged=fields["staged"],
                         **error_of.get(index, {}),
                     )  # fmt: skip
 
@@ -651,11 +667,11 @@ class _Runs:
     def __init__(self, client: redis.Redis, key: str):
         self.redis, self.key = client, key
         self.firsts = sorted(int(field) for field in client.hkeys(key))
-        self._read: dict[int, list[tuple[str, str | None]]] = {}
+        self._read: dict[int, list[dict[str, str | None]]] = {}
 
-    def between(self, start: int, stop: int) -> Iterator[tuple[int, tuple[str, str | None]]]:
-        """(index, (uri, target)) of the recorded items in [start, stop), in order; the
-        runs they lie in are read in one round trip."""
+    def between(self, start: int, stop: int) -> Iterator[tuple[int, dict[str, str | None]]]:
+        """(index, fields) of the recorded items in [start, stop), in order (fields:
+        _ITEM_FIELDS by name); the runs they lie in are read in one round trip."""
         position = max(0, bisect.bisect_right(self.firsts, start) - 1)
         firsts = self.firsts[position : bisect.bisect_left(self.firsts, stop)]
         # A run reaching past `stop` is kept for the next window, the rest let go.

@@ -91,7 +91,7 @@ _UNREADABLE = (ExplainctlError, OSError, ValueError, Image.DecompressionBombErro
 
 def _sources(record: ItemRecord) -> list[tuple[str, str | None]]:
     return [
-        ("original", record.uri),
+        ("original", record.staged or record.uri),
         ("mask", record.artifacts.get(MASK_PNG)),
         ("overlay", record.artifacts.get(OVERLAY_PNG)),
         ("perturbed", record.artifacts.get(PERTURBED_PNG)),

@@ -68,6 +68,9 @@ class ModelSpec(_Strict):
         return value
 
 
+# `--target label`: explain each item's ground-truth class rather than the prediction.
+GROUND_TRUTH = "label"
+
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
 
 
@@ -87,16 +90,20 @@ class ResolvedModel(_Strict):
 
 
 class Target(_Strict):
-    """The class to explain: the top-1 class when both fields are empty."""
+    """The class to explain: the top-1 class when every field is empty; the item's own
+    ground truth (its dataset's label) with `ground_truth` (`--target label`)."""
 
     index: int | None = Field(None, ge=0)
     name: str | None = None
+    ground_truth: bool = False
 
     @classmethod
     def parse(cls, text: str | None) -> Target:
         if text is None or text.strip() == "" or text.strip().lower() == "top1":
             return cls()
         text = text.strip()
+        if text.lower() == GROUND_TRUTH:
+            return cls(ground_truth=True)
         if text.lstrip("-").isdigit():
             return cls(index=int(text))
         return cls(name=text)
@@ -126,6 +133,11 @@ class ChunkItem(_Strict):
     index: int = Field(ge=0)
     uri: str
     target: str | None = None
+    # Ground truth: the class the input's dataset names (raw text: an index or a name).
+    label: str | None = None
+    # A dataset row's image, staged by the client under the job (`inputs/<item>.<ext>`,
+    # relative to `<output>/<job_id>/`): what the worker reads; `uri` is the row's source id.
+    staged: str | None = Field(None, pattern=r"^inputs/[\w.-]+$")
 
 
 class ChunkPayload(_Strict):
@@ -177,12 +189,46 @@ REPORT_HTML = "report.html"
 ITEM_NAME = re.compile(r"\d{6,}-[\w-]+")
 
 
+# Source ids of dataset rows (explainctl.datasets): `parquet:/data/test.parquet#row=42`,
+# `hf-disk:/data/ds/test#row=42`, `hf://datasets/ORG/NAME/CONFIG/SPLIT#row=42`,
+# `wds:/data/shard-000.tar#key=abc`; `#id=VALUE` where the rows have an id column.
+HF_HUB_PREFIX = "hf://datasets/"
+DATASET_SCHEMES = ("parquet:", "hf-disk:", HF_HUB_PREFIX, "wds:")
+
+
+def source_id(where: str, fragment: str) -> str:
+    return f"{where}#{fragment}"
+
+
+def is_source_id(uri: str) -> bool:
+    return uri.startswith(DATASET_SCHEMES) and "#" in uri
+
+
 def item_name(index: int, uri: str) -> str:
-    """Folder of an item among its job's artifacts: `000042-cat`, unique and path-safe."""
+    """Folder of an item among its job's artifacts: `000042-cat`, unique and path-safe (a
+    dataset row's: its file or split, then its row, id or key: `000042-test-42`)."""
+    fragment = ""
+    if is_source_id(uri):
+        uri, _, fragment = uri.rpartition("#")
+        fragment = "-" + fragment.partition("=")[2]
     tail = uri.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
-    stem = tail.rsplit(".", 1)[0] if "." in tail else tail
+    stem = (tail.rsplit(".", 1)[0] if "." in tail else tail) + fragment
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:60].strip("_")
     return f"{index:06d}-{safe or 'image'}"
+
+
+_SIGNATURES = (
+    (b"\x89PNG", "png"), (b"\xff\xd8", "jpeg"), (b"GIF8", "gif"), (b"BM", "bmp"),
+    (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"),
+)  # fmt: skip
+
+
+def image_kind(data: bytes) -> str:
+    """The format of encoded image bytes, from their signature ("bin" if none is known):
+    the extension a staged input is stored under."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((kind for magic, kind in _SIGNATURES if data.startswith(magic)), "bin")
 
 
 def artifact_key(job_id: str, item: str, filename: str, attempt: int | None = None) -> str:

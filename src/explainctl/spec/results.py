@@ -200,6 +200,10 @@ class _RecordState(_Strict):
     item: str
     state: ItemState
     target: str | None = None
+    # The input's ground truth as its dataset gave it (a class index or name), or None.
+    label: str | None = None
+    # Where the client staged a dataset row's image (`uri` is then the row's source id).
+    staged: str | None = None
     # Written only from ErrorCode (explainctl.spec.errors); read as text, so a record from a
     # newer worker with a code this client does not know still lists.
     error_code: str | None = None

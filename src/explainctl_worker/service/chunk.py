@@ -48,6 +48,7 @@ from explainctl.spec.contracts import (
     ResolvedModel,
     Target,
     artifact_key,
+    is_source_id,
     item_name,
     job_key,
 )
@@ -207,6 +208,17 @@ def _failure(code: ErrorCode, message: str) -> dict:
     return {"error_code": code, "error": message}
 
 
+def _read_input(context: WorkerContext, payload: ChunkPayload, item: ChunkItem) -> bytes:
+    """The item's image: a dataset row's from where its client staged it, in the job's own
+    storage (what the worker may write, it may read); anything else from its URI."""
+    if item.staged is not None:
+        return context.storage(payload.output).get(job_key(payload.job_id, item.staged))
+    if is_source_id(item.uri):
+        # Its submit failed it before staging (too large, no image); a retry cannot run it.
+        raise ItemError("not-found", "this dataset row's image was never staged (see its submit)")
+    return context.read(item.uri)
+
+
 def _store_artifacts(
     context: WorkerContext, payload: ChunkPayload, outcome: ItemOutcome, attempt: int
 ) -> None:
@@ -293,8 +305,9 @@ def _explain_group(
         ItemInput(
             name=item_name(item.index, item.uri),
             source=item.uri,
-            load=lambda uri=item.uri: context.read(uri),
+            load=lambda item=item: _read_input(context, payload, item),
             target=target,
+            label=item.label,
             start=lambda item=item: start(item),
         )
         for item, target in runnable

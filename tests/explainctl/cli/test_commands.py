@@ -112,3 +112,18 @@ def test_explain_refuses_remote_entries_of_a_list(tmp_path):
     listing.write_text("s3://bucket/cat.jpg\n")
     done = cli.run("explain", str(listing), "--out", str(tmp_path / "o"))
     assert done.returncode == 2 and "not s3://bucket/cat.jpg" in done.stderr, done.stderr
+
+
+def test_explain_a_saved_dataset_locally_explains_each_rows_label(tmp_path):
+    from tests.support import datasets as built
+
+    root = built.saved_dataset(tmp_path / "pets", names=tuple(f"kind {n}" for n in range(10)))
+    done = cli.run("explain", f"{root}/train?limit=2", "--out", str(tmp_path / "out"),
+                   "--target", "label", "--json", "--model", "tests.support.models:tiny_classifier",
+                   "--image-size", "32", "--mask-size", "8", "--iterations", "3")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(line["item"], line["target_index"]) for line in lines] == [
+        ("train-0", 0), ("train-1", 1)]  # fmt: skip
+    assert lines[1]["source"] == f"hf-disk:{root}/train#row=1"
+    assert (tmp_path / "out" / "train-1" / "mask.npy").exists()

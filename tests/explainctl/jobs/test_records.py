@@ -117,3 +117,16 @@ def test_storage_refusing_the_part_moves_nothing(job_store, tmp_path):
     with pytest.raises(ItemError):
         records.settle(job_store, storage, job_id, 0, [(0, "done", _done(storage, job_id, 0, 1))])
     assert job_store.states(job_id, [0]) == ["running"]
+
+
+def test_an_items_ground_truth_is_in_its_record(job_store, tmp_path):
+    storage = open_storage(str(tmp_path / "out"))
+    job_id = new_job_id()
+    info = JobInfo(job_id=job_id, created=time.time(), model=ModelSpec(), params=ExplainParams(),
+                   output=storage.root, queue="explain", chunk_size=2)  # fmt: skip
+    job_store.create(info)
+    job_store.add_chunk(job_id, [ChunkItem(index=0, uri="/a.png", label="tabby"),
+                                 ChunkItem(index=1, uri="/b.png", target="2")])  # fmt: skip
+    first, second = item_records(job_store, storage, job_id)
+    assert (first.label, first.target, second.label, second.target) == ("tabby", None, None, "2")
+    assert first.model_dump(mode="json")["label"] == "tabby"

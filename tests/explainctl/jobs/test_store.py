@@ -261,3 +261,31 @@ def test_the_first_workers_resolved_model_is_kept_in_the_record(job_store):
     assert type(status).from_document(status.document()).resolved == first
     # A job whose records are gone is not brought back by a late worker.
     assert job_store.record_resolved(new_job_id(), first) is False
+
+
+def test_targets_and_labels_travel_with_their_items_and_old_records_still_read(job_store):
+    job_id = _job(job_store, 0)
+    items = [
+        ChunkItem(index=0, uri="/a.png"),
+        ChunkItem(index=1, uri="/b.png", target="7"),
+        ChunkItem(index=2, uri="/c.png", label="tabby"),
+        ChunkItem(index=3, uri="/d.png", target="top1", label="3"),
+    ]
+    job_store.add_chunk(job_id, items)
+    assert job_store.chunk_items(job_id, 0, 4) == items
+    assert job_store.items_at(job_id, [2]) == [items[2]]
+    assert [(e.target, e.label) for e in job_store.entries(job_id)] == [
+        (None, None), ("7", None), (None, "tabby"), ("top1", "3")]  # fmt: skip
+    assert [e.item for e in job_store.entries(job_id)] == items
+    # A record written before labels existed: [uri] and [uri, target] only.
+    job_store.redis.hset(job_key(job_id, "items"), "0", _stored([["/a.png"], ["/b.png", "7"]]))
+    assert [(e.uri, e.target, e.label) for e in job_store.entries(job_id)][:2] == [
+        ("/a.png", None, None), ("/b.png", "7", None)]  # fmt: skip
+
+
+def _stored(plain: list) -> str:
+    import base64
+    import json
+    import zlib
+
+    return base64.b64encode(zlib.compress(json.dumps(plain).encode())).decode()
