@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from explainctl.spec.contracts import MAX_PIXELS
 from explainctl.spec.errors import InvalidInput
 
 # A sealed job stays listed (its index entry) this many job TTLs after its records expire.
@@ -110,7 +111,7 @@ class Settings:
         shown="",
     )  # fmt: skip
     max_image_bytes: int = setting(50 * 1024 * 1024, "largest encoded image a worker reads")
-    max_pixels: int = setting(50_000_000, "largest image (width × height) a worker decodes")
+    max_pixels: int = setting(MAX_PIXELS, "largest image (width × height) a worker decodes")
     allowed_roots: tuple[str, ...] = setting(
         (), "local directories workers may read inputs from (`:`-separated)",
         sep=os.pathsep, shown="any",

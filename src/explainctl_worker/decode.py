@@ -15,9 +15,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from explainctl.config import Settings
+from explainctl.spec.contracts import INPUT_FORMATS
 from explainctl.spec.errors import ItemError
 
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+ALLOWED_FORMATS: tuple[str, ...] = INPUT_FORMATS
 
 # Modes whose samples do not fit in a byte; Pillow's own convert() clips them instead of
 # rescaling, which turns any 16-bit photo into a near-white silhouette.

@@ -23,8 +23,17 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from explainctl.io.storage import Storage
+from explainctl.io.uri import key_uri, redacted
 from explainctl.jobs.store import Entry, JobStore
-from explainctl.spec.contracts import PARTS, item_name, job_key, part_key, part_span
+from explainctl.spec.contracts import (
+    ARTIFACT_NAMES,
+    PARTS,
+    artifact_key,
+    item_name,
+    job_key,
+    part_key,
+    part_span,
+)
 from explainctl.spec.errors import ItemError, ServiceUnavailable
 from explainctl.spec.results import ItemRecord
 
@@ -82,6 +91,22 @@ def _record(entry: Entry, fields: dict) -> ItemRecord:
     }
     scores = {k: v for k, v in fields.items() if k in ItemRecord.model_fields}
     return ItemRecord(**{**scores, **held})
+
+
+def derived(record: ItemRecord, output: str, job_id: str) -> ItemRecord:
+    """`record` as a reader may trust it: its folder and its artifacts' URIs derived from
+    the job's output, the job, the item and the attempt (contracts.artifact_key), its URI
+    redacted. Never the URIs a record gives: a manifest is a file anyone who can write the
+    output can edit, and no reader (download, report, compare) may be sent by it to
+    /etc/passwd or another bucket. Only names of ARTIFACT_NAMES are kept."""
+    item = item_name(record.index, record.uri)
+    artifacts = {
+        name: key_uri(output, artifact_key(job_id, item, name, record.attempt))
+        for name in record.artifacts
+        if name in ARTIFACT_NAMES
+    }
+    update = {"uri": redacted(record.uri), "item": item, "artifacts": artifacts}
+    return record.model_copy(update=update)
 
 
 class _DoneRecords:

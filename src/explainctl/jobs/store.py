@@ -50,6 +50,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from explainctl.config import INDEX_TTL_FACTOR
+from explainctl.io.uri import redacted
 from explainctl.jobs.keys import JOB_PARTS, JOBS_KEY, JobPart, Script, job_key
 from explainctl.spec.contracts import (
     ITEM_STATES,
@@ -166,8 +167,10 @@ def _error(fields: dict | None) -> str:
 
 def _stored_items(items: Sequence[ChunkItem]) -> str:
     """An `items` field: [[uri], [uri, target], ...] as JSON, zlib-compressed (the URIs of
-    a chunk share their prefix: 100-character URIs take about a third), in base64."""
-    plain = [[i.uri] if i.target is None else [i.uri, i.target] for i in items]
+    a chunk share their prefix: 100-character URIs take about a third), in base64. The
+    URIs are redacted (io.uri.redacted): a presigned URL's signature is not written down,
+    so a chunk sent again from the records (a retry, a lost message) fetches without it."""
+    plain = [[redacted(i.uri)] if i.target is None else [redacted(i.uri), i.target] for i in items]
     return base64.b64encode(zlib.compress(json.dumps(plain).encode(), 9)).decode()
 
 
