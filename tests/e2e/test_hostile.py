@@ -2,16 +2,19 @@
 code and one line, the worker stays up, the good items finish; no pickle is ever run and
 no secret is ever written anywhere."""
 
+import csv
 import io
 import json
 import struct
 import uuid
 import zlib
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import numpy as np
 import pytest
 import redis
+from botocore.config import Config
 from PIL import Image
 
 from explainctl.config import Settings
@@ -206,19 +209,41 @@ def test_secrets_never_leave_the_environment(tmp_path, s3_bucket, start_workers,
         for n in range(3):
             Image.new("RGB", (20, 20), (n * 60, 20, 90)).save(tmp_path / "in" / f"{n}.png")
         (tmp_path / "in" / "bad.png").write_bytes(b"nope")
-        (worker,) = start_workers(1, **env)
+        # A presigned URL and one with user info: their tokens travel in the chunk message
+        # only. The S3 server is on loopback, so the worker refuses to fetch it: the item
+        # fails, and its record and error are written down all the same.
+        s3 = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+        s3.put_object(
+            Bucket=s3_bucket, Key="shared/cat.png", Body=_png(np.zeros((9, 9, 3), np.uint8))
+        )
+        presigned = s3.generate_presigned_url(
+            "get_object", Params={"Bucket": s3_bucket, "Key": "shared/cat.png"}, ExpiresIn=600
+        )
+        signature = parse_qs(urlsplit(presigned).query)["X-Amz-Signature"][0]
+        basic = f"https://auditor:{aws_secret}@images.example.com/dog.png"
+        inputs = [str(p) for p in sorted((tmp_path / "in").iterdir())] + [presigned, basic]
+        listing = tmp_path / "inputs.csv"
+        listing.write_text("uri,target\n" + "".join(f"{u},\n" for u in inputs))
+        # Class names that would be formulas in a spreadsheet: `results --csv` defuses them.
+        labels = tmp_path / "labels.txt"
+        labels.write_text("".join(f'=HYPERLINK("http://evil.example/{n}","c{n}")\n'
+                                  for n in range(10)))  # fmt: skip
+        (worker,) = start_workers(1, EXPLAINCTL_ALLOW_HTTP="1", **env)
         output = f"s3://{s3_bucket}/audit"
-        done = cli.run("submit", str(tmp_path / "in"), "--output", output, "--wait", "--json",
-                       *TINY, **env)  # fmt: skip
+        done = cli.run("submit", str(listing), "--output", output, "--wait", "--json",
+                       "--labels", str(labels), *TINY, **env)  # fmt: skip
         job = json.loads(done.stdout)["job_id"]
         written = [done.stdout, done.stderr, worker.log()]
         for command in (["results", job, "--json"], ["status", job, "--json"],
                         ["results", job, "--csv"], ["jobs"]):  # fmt: skip
             ran = cli.run(*command, **env)
             written += [ran.stdout, ran.stderr]
+        table = list(csv.reader(io.StringIO(cli.run("results", job, "--csv", **env).stdout)))
+        cells = [cell for row in table[1:] for cell in row]
+        assert any(cell.startswith("'=HYPERLINK(") for cell in cells)
+        assert not any(cell.startswith(("=", "+", "@", "\t", "\r")) for cell in cells)
         cli.run("report", job, "--out", str(tmp_path / "report.html"), **env)
         written.append((tmp_path / "report.html").read_text())
-        s3 = boto3.session.Session().client("s3")
         for entry in s3.list_objects_v2(Bucket=s3_bucket, Prefix="audit/")["Contents"]:
             written.append(s3.get_object(Bucket=s3_bucket, Key=entry["Key"])["Body"].read()
                            .decode("latin-1"))  # fmt: skip
@@ -226,8 +251,11 @@ def test_secrets_never_leave_the_environment(tmp_path, s3_bucket, start_workers,
         for key in client.scan_iter("*"):  # job records and queued messages
             written.append(repr(client.dump(key)))
         assert len(written) > 20
+        assert any(f"http://{urlsplit(presigned).netloc}/{s3_bucket}/shared/cat.png" in text
+                   for text in written)  # fmt: skip  # the redacted form is what is kept
         for text in written:
             assert redis_secret not in text and aws_secret not in text
+            assert signature not in text and "X-Amz-Signature" not in text
     finally:
         server.stop()
 
