@@ -399,6 +399,12 @@ class Client:
             os.close(top)
         return copied
 
+    def _read_artifact(self, uri: str) -> bytes:
+        try:
+            return read_uri(uri, max_bytes=ARTIFACT_MAX_BYTES)
+        except ItemError as error:
+            raise ServiceUnavailable(f"cannot read {uri}: {error.message}") from None
+
     def report(self, job_id: str, out: str | None = None, gallery: Gallery | None = None) -> str:
         """Write the job's HTML audit report to `out` (a file), or next to its artifacts;
         returns where it went. `gallery` chooses the items it shows images of."""

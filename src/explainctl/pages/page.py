@@ -40,5 +40,5 @@ def render_page(template: str, title: str, data: dict[str, Any]) -> str:
     )
     # Hashed before the data goes in: the data block is not a script that runs, and the
     # job's strings must not choose what the policy allows.
-    policy = html.escape(content_policy(page))
+    policy = html.escape(content_policy(page), quote=False).replace('"', "&quot;")
     return page.replace("{{CSP}}", policy).replace("{{DATA}}", blob)

@@ -23,6 +23,7 @@ from explainctl.spec.contracts import (
 from explainctl.spec.errors import ItemError
 from explainctl.spec.ids import new_job_id
 from explainctl.spec.methods import ExplainParams
+from explainctl.spec.results import ItemRecord
 
 SCORES = {"target_index": 3, "target_name": "cat", "prob_before": 0.9, "prob_after": 0.1,
           "mask_area": 0.2, "iterations": 40, "stop_reason": "converged", "seconds": 1.5,
@@ -117,3 +118,34 @@ def test_storage_refusing_the_part_moves_nothing(job_store, tmp_path):
     with pytest.raises(ItemError):
         records.settle(job_store, storage, job_id, 0, [(0, "done", _done(storage, job_id, 0, 1))])
     assert job_store.states(job_id, [0]) == ["running"]
+
+
+def test_a_reader_derives_artifact_uris_and_never_follows_a_forged_record(tmp_path):
+    output = str(tmp_path / "out")
+    job_id = new_job_id()
+    forged = ItemRecord(
+        index=7, uri="https://u:pw@host/cat.png?sig=s3cret", item="../../etc", state="done",
+        attempt=2, artifacts={"overlay.png": "/etc/passwd", "mask.npy": "s3://other/m.npy",
+                              "run.sh": "/tmp/run.sh"},
+    )  # fmt: skip
+    trusted = records.derived(forged, output, job_id)
+    storage = open_storage(output)
+    assert trusted.item == item_name(7, "https://host/cat.png") == "000007-cat"
+    assert trusted.uri == "https://host/cat.png"
+    assert trusted.artifacts == {
+        name: storage.uri(artifact_key(job_id, "000007-cat", name, 2))
+        for name in ("overlay.png", "mask.npy")
+    }
+    bucket = records.derived(forged, "s3://audit/runs", job_id)
+    assert bucket.artifacts["mask.npy"] == f"s3://audit/runs/{job_id}/000007-cat/attempt-2/mask.npy"
+
+
+def test_redis_holds_the_redacted_uri(job_store):
+    job_id = new_job_id()
+    info = JobInfo(job_id=job_id, created=time.time(), model=ModelSpec(), params=ExplainParams(),
+                   output="/tmp/out", queue="explain", chunk_size=2)  # fmt: skip
+    job_store.create(info)
+    job_store.add_chunk(job_id, [ChunkItem(index=0, uri="https://h/a.png?X-Amz-Signature=f00d"),
+                                 ChunkItem(index=1, uri="s3://b/odd?key#.png")])  # fmt: skip
+    assert [e.uri for e in job_store.entries(job_id)] == ["https://h/a.png", "s3://b/odd?key#.png"]
+    assert [i.uri for i in job_store.chunk_items(job_id, 0, 2)][0] == "https://h/a.png"
