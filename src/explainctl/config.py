@@ -119,6 +119,9 @@ class Settings:
     allow_http: bool = setting(
         False, "1 lets workers fetch `http(s)://` inputs, public addresses only"
     )
+    http_deadline: int = setting(
+        60, "seconds one http(s) input may take to fetch in all (a slow drip is cut off)"
+    )
     http_allowed_hosts: tuple[str, ...] = setting(
         (), "the only hosts http(s) inputs may come from, comma-separated", shown="any"
     )

@@ -112,7 +112,9 @@ class WorkerContext:
             max_bytes=self.settings.max_image_bytes,
             allowed_roots=self.settings.allowed_roots or None,
             http=HttpPolicy(
-                enabled=self.settings.allow_http, allowed_hosts=self.settings.http_allowed_hosts
+                enabled=self.settings.allow_http,
+                allowed_hosts=self.settings.http_allowed_hosts,
+                deadline=self.settings.http_deadline,
             ),
         )
 
