@@ -21,7 +21,7 @@ from explainctl.config import Settings
 from explainctl.jobs.queue import make_app
 from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK
-from tests.support import cli
+from tests.support import cli, hostile
 from tests.support.reliability import audit
 from tests.support.services import RedisServer
 
@@ -48,6 +48,10 @@ def _bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + ihdr + idat + end
 
 
+ODD_KEYS = ["odd keys/a space.png", "odd keys/one+two.png", "odd keys/100%.png",
+            "odd keys/tag#1.png", "odd keys/what?.png", "odd keys/東京 ünï.png"]  # fmt: skip
+
+
 def _inputs(folder, bucket: str) -> tuple[list[tuple[str, str]], dict[str, str | None]]:
     """(uri, target) rows and the expected outcome of each: an error code, or None = done."""
     rng = np.random.default_rng(3)
@@ -71,6 +75,10 @@ def _inputs(folder, bucket: str) -> tuple[list[tuple[str, str]], dict[str, str |
     frames = [Image.new("RGB", (30, 30), c) for c in ("red", "green", "blue")]
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
     files["animated.gif"] = gif.getvalue()
+    files["bomb.tif"] = hostile.tiff_bomb()
+    files["bomb.gif"] = hostile.gif_bomb()
+    files["bomb.webp"] = hostile.webp_bomb()
+    files["scans.jpg"] = hostile.many_scan_jpeg()
     for name, data in files.items():
         (folder / name).write_bytes(data)
     (folder.parent / "outside.png").write_bytes(files["good.png"])
@@ -80,6 +88,8 @@ def _inputs(folder, bucket: str) -> tuple[list[tuple[str, str]], dict[str, str |
         "cmyk.jpg": None, "animated.gif": None,  # explained: the first frame
         "empty.png": "empty", "text.jpg": "unsupported-format", "truncated.png": "corrupt",
         "truncated.jpg": "corrupt", "bomb.png": "too-many-pixels", "big.png": "too-large",
+        "bomb.tif": "too-many-pixels", "bomb.gif": "too-many-pixels",
+        "bomb.webp": "too-many-pixels", "scans.jpg": "unsupported-format",
     }  # fmt: skip
     rows = [(str(folder / name), "") for name in expected]
     rows += [
@@ -103,6 +113,13 @@ def _inputs(folder, bucket: str) -> tuple[list[tuple[str, str]], dict[str, str |
         "http://localhost:6379/x.png": "blocked-address",
         "target-5000": "bad-target",
     })  # fmt: skip
+    # S3 keys that need care in a URL: spaces, "+", "%", "#", "?" and letters beyond ASCII;
+    # each is the object's name, read and explained.
+    s3 = boto3.session.Session().client("s3")
+    for key in ODD_KEYS:
+        s3.put_object(Bucket=bucket, Key=key, Body=files["good.png"])
+        rows.append((f"s3://{bucket}/{key}", ""))
+        expected[f"s3://{bucket}/{key}"] = None
     return rows, expected
 
 
@@ -133,7 +150,7 @@ def test_every_bad_input_fails_alone(tmp_path, s3_bucket, start_workers, worker_
             assert record.state == "done"
     assert seen == expected
     assert worker.process.poll() is None  # the worker stayed up through all of it
-    row = audit(store, job, "bad and hostile inputs (21 kinds)", [u for u, _ in rows],
+    row = audit(store, job, f"bad and hostile inputs ({len(rows)} kinds)", [u for u, _ in rows],
                 expected_failed=failed)  # fmt: skip
     assert row.lost == 0
 
