@@ -18,12 +18,12 @@ from explainctl.inputs import InputItem
 from explainctl.io.s3 import S3Settings
 from explainctl.io.sources import read_uri
 from explainctl.io.storage import Storage, open_storage
-from explainctl.io.uri import parse_uri
+from explainctl.io.uri import parse_uri, redacted
 from explainctl.jobs import leases
 from explainctl.jobs.manifest import read_manifest, write_job_json, write_manifest
 from explainctl.jobs.queue import make_app, send_items, waiting_chunks, warn_exposure
 from explainctl.jobs.reconcile import reconcile
-from explainctl.jobs.records import item_records
+from explainctl.jobs.records import derived, item_records
 from explainctl.jobs.store import JobStatus, JobStore, redis_errors
 from explainctl.pages.report import Gallery, build_report
 from explainctl.spec.contracts import (
@@ -84,6 +84,38 @@ class _Records:
 
     def __iter__(self) -> Iterator[ItemRecord]:
         return iter(self.client.results(self.job_id))
+
+
+def _open_folder(top: int, name: str, directory: str) -> int:
+    """The folder `name` in the directory open as `top`, made if missing; refused if it is
+    a symlink or anything but a folder."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, dir_fd=top)
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+    except OSError:
+        raise InvalidInput(
+            f"refusing to write into {os.path.join(directory, name)}: not a plain folder "
+            "(a symlink?)"
+        ) from None
+
+
+def _write_in(folder: int, filename: str, data: bytes) -> None:
+    """Write `filename` in the folder open as `folder` as a new file renamed over whatever
+    was there, so a symlink or hard link planted at that name is replaced, never written
+    through."""
+    temporary = f".{filename}.{secrets.token_hex(6)}.part"
+    handle = os.open(
+        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder
+    )
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temporary, filename, src_dir_fd=folder, dst_dir_fd=folder)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=folder)
+        raise
 
 
 class Client:
@@ -161,22 +193,33 @@ class Client:
         info = status.info
         recorded, chunks, sent = self.store.progress(job_id)
         size = info.chunk_size
-        for number in range(sent, chunks):
-            items = self.store.chunk_items(
-                job_id, number * size, min((number + 1) * size, recorded)
-            )
-            if items and not self._was_sent(info, number, items):
-                self._send(info, items, number)
-            self.store.mark_sent(job_id, number + 1)
         iterator = iter(inputs)
+        # The records hold redacted URIs (io.uri.redacted): the inputs are matched on that
+        # form, and the chunks recorded but not sent go with the URIs as given, so a
+        # presigned input keeps its signature in the message.
         skipped = list(itertools.islice(iterator, recorded))
-        last = self.store.chunk_items(job_id, recorded - 1, recorded) if recorded else []
-        if len(skipped) < recorded or (last and skipped[-1].uri != last[0].uri):
+        first_unsent = sent * size
+        held = self.store.chunk_items(job_id, first_unsent, recorded)
+        checked = held or (
+            self.store.chunk_items(job_id, recorded - 1, recorded) if recorded else []
+        )
+        if len(skipped) < recorded or any(
+            redacted(skipped[item.index].uri) != item.uri for item in checked
+        ):
             self.store.release_submitter(job_id)
             raise InvalidInput(
                 f"these inputs are not the ones job {job_id} was submitted with "
-                f"(its item {recorded - 1} differs or is missing)"
+                f"(its items from {first_unsent} differ or are missing)"
             )
+        for number in range(sent, chunks):
+            items = [
+                item.model_copy(update={"uri": skipped[item.index].uri})
+                for item in held
+                if number * size <= item.index < (number + 1) * size
+            ]
+            if items and not self._was_sent(info, number, items):
+                self._send(info, items, number)
+            self.store.mark_sent(job_id, number + 1)
         return self._queue(info, iterator, recorded, chunks, token)
 
     def _was_sent(self, info: JobInfo, number: int, items: list[ChunkItem]) -> bool:
@@ -349,12 +392,16 @@ class Client:
             time.sleep(interval)
 
     def results(self, job_id: str) -> Iterator[ItemRecord]:
-        """Item records from Redis, or from the manifest when Redis no longer has the job."""
+        """Item records from Redis, or from the manifest when Redis no longer has the job;
+        their artifacts' URIs derived from the job's output (records.derived)."""
         check_job_id(job_id)
         if not self.store.live(job_id):
-            _, records = read_manifest(self.storage(self._output_of(job_id)), job_id)
-            return records
-        return item_records(self.store, self.storage(self.store.info(job_id).output), job_id)
+            output = self._output_of(job_id)
+            _, records = read_manifest(self.storage(output), job_id)
+        else:
+            output = self.store.info(job_id).output
+            records = item_records(self.store, self.storage(output), job_id)
+        return (derived(record, output, job_id) for record in records)
 
     def jobs(self, limit: int = 20) -> list[JobStatus]:
         return [self.store.status(job_id) for job_id in self.store.recent(limit)]
@@ -364,19 +411,32 @@ class Client:
         return self.store.prune()
 
     def download(self, job_id: str, directory: str) -> int:
-        """Copy a job's artifacts and manifest into DIRECTORY/<item>/; returns files copied."""
+        """Copy a job's artifacts and manifest into DIRECTORY/<item>/; returns files copied.
+        Nothing is written through a symlink found inside DIRECTORY (a folder or file an
+        attacker planted there could otherwise aim the copy anywhere the user can write)."""
         check_job_id(job_id)
         copied = 0
-        for record in self.results(job_id):
-            for filename, uri in record.artifacts.items():
-                # Names may come from a manifest file anyone could edit: nothing may escape DIR.
-                if not (ITEM_NAME.fullmatch(record.item) and filename in ARTIFACT_NAMES):
+        os.makedirs(directory, exist_ok=True)
+        top = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for record in self.results(job_id):
+                if not record.artifacts:
+                    continue
+                # The item and names are derived (records.derived); checked all the same.
+                if (
+                    not ITEM_NAME.fullmatch(record.item)
+                    or not set(record.artifacts) <= ARTIFACT_NAMES
+                ):
                     raise InvalidInput(f"refusing an unsafe artifact name in job {job_id}")
-                target = os.path.join(directory, record.item, filename)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with open(target, "wb") as handle:
-                    handle.write(self._read_artifact(uri))
-                copied += 1
+                folder = _open_folder(top, record.item, directory)
+                try:
+                    for filename, uri in record.artifacts.items():
+                        _write_in(folder, filename, self._read_artifact(uri))
+                        copied += 1
+                finally:
+                    os.close(folder)
+        finally:
+            os.close(top)
         return copied
 
     def _read_artifact(self, uri: str) -> bytes:
@@ -392,11 +452,20 @@ class Client:
         status = self.status(job_id)
         summary = {**status.as_json(), "info": status.info.model_dump(mode="json")}
         output = status.info.output
+        roots = self.settings.allowed_roots or None
+
+        def original(uri: str) -> bytes:
+            # Where the input was is the record's say: read it only as a worker here would
+            # (its roots, its byte cap; never over http), nowhere else.
+            return read_uri(uri, max_bytes=self.settings.max_image_bytes, allowed_roots=roots)
+
         page = build_report(
             summary,
             _Records(self, job_id),
             lambda uri: read_uri(uri, max_bytes=ARTIFACT_MAX_BYTES),
             gallery or Gallery(),
+            max_pixels=self.settings.max_pixels,
+            read_original=original,
         ).encode()
         if out:
             with open(out, "wb") as handle:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from explainctl.spec.contracts import MAX_PIXELS
 from explainctl.spec.errors import InvalidInput
 
 # Which config file, and which of its profiles: read by Settings.load, not settings themselves.
@@ -118,7 +119,7 @@ class Settings:
         shown="",
     )  # fmt: skip
     max_image_bytes: int = setting(50 * 1024 * 1024, "largest encoded image a worker reads")
-    max_pixels: int = setting(50_000_000, "largest image (width × height) a worker decodes")
+    max_pixels: int = setting(MAX_PIXELS, "largest image (width × height) a worker decodes")
     allowed_roots: tuple[str, ...] = setting(
         (), "local directories workers may read inputs from (`:`-separated)",
         sep=os.pathsep, shown="any",
@@ -143,6 +144,9 @@ class Settings:
     )  # fmt: skip
     allow_http: bool = setting(
         False, "1 lets workers fetch `http(s)://` inputs, public addresses only"
+    )
+    http_deadline: int = setting(
+        60, "seconds one http(s) input may take to fetch in all (a slow drip is cut off)"
     )
     http_allowed_hosts: tuple[str, ...] = setting(
         (), "the only hosts http(s) inputs may come from, comma-separated", shown="any"

@@ -15,9 +15,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from explainctl.config import Settings
+from explainctl.spec.contracts import INPUT_FORMATS
 from explainctl.spec.errors import ItemError
 
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+ALLOWED_FORMATS: tuple[str, ...] = INPUT_FORMATS
 
 # Modes whose samples do not fit in a byte; Pillow's own convert() clips them instead of
 # rescaling, which turns any 16-bit photo into a near-white silhouette.
@@ -28,6 +29,12 @@ _WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _BMP_INFO_HEADER_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
 
 _MAX_DETAIL_CHARS = 160
+
+# A progressive JPEG is decoded once per scan over the whole image: a 40 kB file of 3,000
+# scans takes seconds at 1024 × 1024, minutes at the pixel cap. Encoders write about ten;
+# libjpeg's own tools suggest refusing a few hundred.
+MAX_JPEG_SCANS = 100
+_JPEG_SOS = b"\xff\xda"  # in entropy-coded data a 0xff byte is always stuffed: only markers
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,11 @@ def _decode(data: bytes, limits: DecodeLimits) -> Image.Image:
             )
         if img.format == "PNG":
             _verify_png(data)
+        if img.format == "JPEG" and (scans := data.count(_JPEG_SOS)) > MAX_JPEG_SCANS:
+            raise ItemError(
+                "unsupported-format",
+                f"a JPEG of {scans} scans; at most {MAX_JPEG_SCANS} are decoded",
+            )
         # load() raises on short data only while ImageFile.LOAD_TRUNCATED_IMAGES is False,
         # which is deliberately left at Pillow's default here.
         img.load()

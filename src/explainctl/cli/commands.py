@@ -454,6 +454,19 @@ def wait(
     _follow(_client(broker), job, as_json=as_json, interval=interval)
 
 
+# What makes a spreadsheet read a cell as a formula (or, tab and CR, shift it into one).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert_cell(cell: object) -> object:
+    """A CSV cell a spreadsheet shows as text: a string that would start a formula (a class
+    name or URI from the job: `=HYPERLINK(...)`) gets a leading single quote. Numbers stay
+    numbers, negative ones included."""
+    if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS):
+        return "'" + cell
+    return cell
+
+
 @app.command()
 def results(
     job: JobArg,
@@ -483,9 +496,8 @@ def results(
         for r in records:
             row = r.model_dump()
             artifacts = r.artifacts.get("overlay.png", "").rsplit("/", 1)[0]
-            writer.writerow(
-                [*("" if row[c] is None else row[c] for c in RESULT_COLUMNS), artifacts]
-            )
+            cells = [*("" if row[c] is None else row[c] for c in RESULT_COLUMNS), artifacts]
+            writer.writerow([_inert_cell(cell) for cell in cells])
         return
     for r in records:
         if as_json:

@@ -19,12 +19,15 @@ only scheme://host[:port]/path: query strings and user info can carry tokens.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import ipaddress
 import re
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +88,9 @@ class HttpPolicy:
     (169.254.0.0/16, fe80::/10) or a known cloud metadata address: those stay blocked
     whatever the policy, since reaching them from a worker leaks its credentials.
 
-    `timeout` bounds each connect and each read, not the whole transfer.
+    `timeout` bounds each connect and each read; `deadline` the whole fetch, redirects
+    included: a server that drips a byte a second passes every read's timeout, and would
+    hold the worker's item for hours.
     """
 
     enabled: bool = False
@@ -93,6 +98,7 @@ class HttpPolicy:
     allow_private: bool = False
     max_redirects: int = 5
     timeout: float = 10.0
+    deadline: float = 60.0
 
     def __post_init__(self) -> None:
         # A bare string would be iterated as single characters and allow-list nonsense.
@@ -103,9 +109,10 @@ class HttpPolicy:
         redirects = self.max_redirects
         if isinstance(redirects, bool) or not isinstance(redirects, int) or redirects < 0:
             raise InvalidInput(f"max_redirects must be a non-negative integer, got {redirects!r}")
-        timeout = self.timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-            raise InvalidInput(f"timeout must be a positive number of seconds, got {timeout!r}")
+        for name in ("timeout", "deadline"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise InvalidInput(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -338,6 +345,9 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
             assert last is not None  # _checked_addresses never returns an empty list
             raise last
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Kept: the connection forgets its socket once a response says it will close, and
+        # the deadline must still be able to shut it.
+        self.held_sock = self.sock
 
 
 class _PinnedHTTPSConnection(_PinnedHTTPConnection):
@@ -346,14 +356,49 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
     def connect(self) -> None:
         super().connect()
         self.sock = _tls_context().wrap_socket(self.sock, server_hostname=self.host)
+        self.held_sock = self.sock
+
+
+def _cut(conn: http.client.HTTPConnection, cut: threading.Event) -> None:
+    """Past the deadline: shut the socket, which wakes the read blocked on it."""
+    cut.set()
+    held = getattr(conn, "held_sock", None)
+    if held is not None:
+        with contextlib.suppress(OSError):
+            held.shutdown(socket.SHUT_RDWR)
 
 
 def _get(
-    target: _Target, addresses: list[IPAddress], policy: HttpPolicy, max_bytes: int
+    target: _Target, addresses: list[IPAddress], policy: HttpPolicy, max_bytes: int, ends: float
 ) -> tuple[str | None, bytes | None]:
-    """One GET: (None, body) on success, (Location or None, None) for a redirect."""
+    """One GET: (None, body) on success, (Location or None, None) for a redirect; cut off
+    at `ends` (time.monotonic()), however slowly the server sends."""
     cls = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
-    conn = cls(target.host, target.port, addresses=addresses, timeout=policy.timeout)
+    left = ends - time.monotonic()
+    if left <= 0:  # redirects used it up
+        raise ItemError("fetch-error", f"{target.shown}: not fetched within {policy.deadline:g} s")
+    conn = cls(target.host, target.port, addresses=addresses, timeout=min(policy.timeout, left))
+    cut = threading.Event()
+    timer = threading.Timer(max(left, 0.0), _cut, args=(conn, cut))
+    timer.daemon = True
+    timer.start()
+    try:
+        return _exchange(conn, target, max_bytes, cut, policy)
+    finally:
+        timer.cancel()
+        conn.close()
+
+
+def _exchange(
+    conn: http.client.HTTPConnection,
+    target: _Target,
+    max_bytes: int,
+    cut: threading.Event,
+    policy: HttpPolicy,
+) -> tuple[str | None, bytes | None]:
+    def late() -> ItemError:
+        return ItemError("fetch-error", f"{target.shown}: not fetched within {policy.deadline:g} s")
+
     try:
         conn.putrequest("GET", target.request_target, skip_accept_encoding=True)
         conn.putheader("User-Agent", "explainctl")
@@ -372,14 +417,17 @@ def _get(
                 "too-large",
                 f"{target.shown}: Content-Length {response.length} exceeds {max_bytes} bytes",
             )
-        return None, _read_bounded(target, response, max_bytes)
+        body = _read_bounded(target, response, max_bytes)
+        if cut.is_set():  # a close-delimited body ends early, without an error
+            raise late()
+        return None, body
     except http.client.InvalidURL as err:
         raise ItemError("bad-uri", f"{target.shown}: {_one_line(str(err))}") from None
     except (OSError, http.client.HTTPException) as err:
+        if cut.is_set():
+            raise late() from None
         detail = _one_line(str(err)) or "no detail"
         raise ItemError("fetch-error", f"{target.shown}: {type(err).__name__}: {detail}") from None
-    finally:
-        conn.close()
 
 
 def _check_status(target: _Target, status: int, reason: str) -> None:
@@ -398,7 +446,8 @@ def _read_bounded(target: _Target, response: http.client.HTTPResponse, max_bytes
     chunks: list[bytes] = []
     total = 0
     while total <= max_bytes:
-        chunk = response.read(min(_READ_CHUNK, max_bytes + 1 - total))
+        # read1: what has arrived, so a cut-off socket ends the loop at once.
+        chunk = response.read1(min(_READ_CHUNK, max_bytes + 1 - total))
         if not chunk:
             break
         chunks.append(chunk)
@@ -436,6 +485,7 @@ def fetch_http(
         )
     current = url
     redirects = 0
+    ends = time.monotonic() + policy.deadline
     while True:
         try:
             target = _parse(current)
@@ -445,7 +495,7 @@ def fetch_http(
                     f"{target.shown}: host {target.host} is not in this worker's allowed hosts",
                 )
             addresses = _checked_addresses(target, policy, resolver)
-            location, body = _get(target, addresses, policy, max_bytes)
+            location, body = _get(target, addresses, policy, max_bytes, ends)
             if body is not None:
                 return body
             if not location:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
+from explainctl.spec.contracts import is_source_id
 from explainctl.spec.errors import InvalidInput, ItemError
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -31,6 +32,26 @@ def one_line(text: str, limit: int = 300) -> str:
     flat = "".join(c if c.isprintable() else " " for c in str(text))
     flat = " ".join(flat.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def redacted(uri: str) -> str:
+    """`uri` as it may be written down or shown: without the user info, query and fragment
+    of a URL (presigned URLs and basic auth carry their secrets there), so
+    `https://u:pw@host/a.png?X-Amz-Signature=...` becomes `https://host/a.png`. An S3 URI
+    loses only user info: `?` and `#` in its key are part of the object's name. A plain
+    path is left as it is. Records, manifests, result.json, pages, output and logs hold
+    this form; only the chunk message carries the URI as given, for the worker's fetch."""
+    if not isinstance(uri, str) or is_source_id(uri):
+        return uri  # a dataset row's id is explainctl's own, and its `#row=` names the row
+    match = _SCHEME_RE.match(uri)
+    if match is None:
+        return uri
+    scheme, rest = uri[: match.end()], uri[match.end() :]
+    if match.group(1).lower() != "s3":
+        rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+    authority, slash, path = rest.partition("/")
+    # Bucket names and hosts never hold "@": whatever comes before the last one is user info.
+    return f"{scheme}{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def parse_uri(text: str) -> Location:

@@ -17,14 +17,24 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from explainctl.io.storage import Storage
+from explainctl.io.uri import key_uri, redacted
 from explainctl.jobs.store import Entry, JobStore
-from explainctl.spec.contracts import PARTS, item_name, job_key, part_key, part_span
+from explainctl.spec.contracts import (
+    ARTIFACT_NAMES,
+    PARTS,
+    artifact_key,
+    item_name,
+    job_key,
+    part_key,
+    part_span,
+)
 from explainctl.spec.errors import ItemError, ServiceUnavailable
 from explainctl.spec.results import ItemRecord
 
@@ -84,6 +94,32 @@ def _record(entry: Entry, fields: dict, storage: Storage, job_id: str) -> ItemRe
     }
     scores = {k: v for k, v in fields.items() if k in ItemRecord.model_fields}
     return ItemRecord(**{**scores, **held})
+
+
+def derived(record: ItemRecord, output: str, job_id: str) -> ItemRecord:
+    """`record` as a reader may trust it: its folder and its artifacts' URIs derived from
+    the job's output, the job, the item and the attempt (contracts.artifact_key), its URI
+    redacted. Never the URIs a record gives: a manifest is a file anyone who can write the
+    output can edit, and no reader (download, report, compare) may be sent by it to
+    /etc/passwd or another bucket. Only names of ARTIFACT_NAMES are kept."""
+    item = item_name(record.index, record.uri)
+    artifacts = {
+        name: key_uri(output, artifact_key(job_id, item, name, record.attempt))
+        for name in record.artifacts
+        if name in ARTIFACT_NAMES
+    }
+    update = {"uri": redacted(record.uri), "item": item, "artifacts": artifacts,
+              "staged": _staged(record.staged, output, job_id)}  # fmt: skip
+    return record.model_copy(update=update)
+
+
+def _staged(uri: str | None, output: str, job_id: str) -> str | None:
+    """A staged input's URI if it is one of this job's own (`<job>/inputs/<name>`)."""
+    if uri is None:
+        return None
+    name = uri.rsplit("/", 1)[-1]
+    own = key_uri(output, job_key(job_id, f"inputs/{name}"))
+    return own if uri == own and re.fullmatch(r"[\w.-]+", name) else None
 
 
 class _DoneRecords:

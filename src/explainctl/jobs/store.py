@@ -52,6 +52,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from explainctl.config import INDEX_TTL_FACTOR
+from explainctl.io.uri import redacted
 from explainctl.jobs.keys import JOB_PARTS, JOBS_KEY, JobPart, Script, job_key
 from explainctl.spec.contracts import (
     ITEM_STATES,
@@ -182,10 +183,13 @@ _ITEM_FIELDS = ("uri", "target", "label", "staged")
 def _stored_items(items: Sequence[ChunkItem]) -> str:
     """An `items` field: [[uri], [uri, target], [uri, null, label], ...] as JSON,
     zlib-compressed (the URIs of a chunk share their prefix: 100-character URIs take about
-    a third), in base64."""
+    a third), in base64. The URIs are redacted (io.uri.redacted): a presigned URL's
+    signature is not written down, so a chunk sent again from the records (a retry, a
+    lost message) fetches without it."""
     plain = []
     for item in items:
         values = [getattr(item, name) for name in _ITEM_FIELDS]
+        values[0] = redacted(values[0])
         while values[-1] is None:
             values.pop()
         plain.append(values)

@@ -14,6 +14,7 @@ from PIL import Image
 from explainctl.pages.comparison import Comparison, ComparisonResult, Pair, Read, Side
 from explainctl.pages.page import render_page
 from explainctl.pages.report import thumbnail
+from explainctl.spec.contracts import MAX_PIXELS
 from explainctl.spec.errors import ExplainctlError, InvalidInput
 
 
@@ -21,11 +22,11 @@ def default_page_name(job_a: str, job_b: str) -> str:
     return f"compare-{job_a}-{job_b}.html"
 
 
-def _thumb(uri: str | None, read: Read) -> str | None:
+def _thumb(uri: str | None, read: Read, max_pixels: int) -> str | None:
     if not uri:
         return None
     try:
-        return thumbnail(read(uri))
+        return thumbnail(read(uri), max_pixels=max_pixels)
     except (ExplainctlError, OSError, ValueError, Image.DecompressionBombError):
         return None  # drawn as "unavailable"; the numbers still stand
 
@@ -35,8 +36,11 @@ def _side_row(side: Side) -> dict[str, Any]:
     return {**side.as_json(), "class": label}
 
 
-def build_page(result: ComparisonResult, read: Read, workers: int = 16) -> str:
-    """The comparison's HTML page; `read` fetches the overlays (S3 or local)."""
+def build_page(
+    result: ComparisonResult, read: Read, workers: int = 16, max_pixels: int = MAX_PIXELS
+) -> str:
+    """The comparison's HTML page; `read` fetches the overlays (S3 or local), PNGs of at
+    most `max_pixels` only."""
 
     def row(numbered: tuple[int, Pair]) -> dict[str, Any]:
         order, pair = numbered
@@ -46,8 +50,8 @@ def build_page(result: ComparisonResult, read: Read, workers: int = 16) -> str:
             "a": _side_row(pair.a),
             "b": _side_row(pair.b),
             "images": {
-                "a": _thumb(pair.a.overlay_uri, read) if pair.a.done else None,
-                "b": _thumb(pair.b.overlay_uri, read) if pair.b.done else None,
+                "a": _thumb(pair.a.overlay_uri, read, max_pixels) if pair.a.done else None,
+                "b": _thumb(pair.b.overlay_uri, read, max_pixels) if pair.b.done else None,
             },
         }
 
@@ -72,7 +76,9 @@ def write_page(comparison: Comparison, out: str | None = None) -> str:
     # Checked before measuring: a comparison on S3 can take a while to be thrown away.
     if os.path.isdir(path) or not os.access(folder, os.W_OK):
         raise InvalidInput(f"cannot write {path}: not a writable file path")
-    page = build_page(comparison.collect(), comparison.read).encode()
+    page = build_page(
+        comparison.collect(), comparison.read, max_pixels=comparison.max_pixels
+    ).encode()
     try:
         with open(path, "wb") as handle:
             handle.write(page)

@@ -1,12 +1,13 @@
 """Comparing two jobs item by item: the same images under two models or two settings.
 
-Items are paired by URI. One job's items are held as small `Side` records keyed by URI
-while the other job's are streamed past them, so neither job is held whole; a URI listed
-several times in a job pairs its occurrences in order. Per pair: both jobs' classes,
-probabilities and mask areas, their differences (B - A), and the agreement of the two
-masks (explainctl.pages.agreement, the worker's stability measures), read from each item's
-mask.npy. `compare_jobs` reads jobs through Client.status and Client.results, so jobs whose
-Redis records expired compare from their manifests. The page is drawn by pages/compare.py.
+Items are paired by URI (redacted, as records hold it). One job's items are held as small
+`Side` records keyed by URI while the other job's are streamed past them, so neither job
+is held whole; a URI listed several times in a job pairs its occurrences in order. Per
+pair: both jobs' classes, probabilities and mask areas, their differences (B - A), and the
+agreement of the two masks (explainctl.pages.agreement, the worker's stability measures),
+read from each item's mask.npy. `compare_jobs` reads jobs through Client.status and
+Client.results, so jobs whose Redis records expired compare from their manifests. The page
+is drawn by pages/compare.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from explainctl.io.uri import redacted
 from explainctl.jobs.store import JobStatus
 from explainctl.pages.agreement import mask_agreement
-from explainctl.spec.contracts import MASK_NPY, OVERLAY_PNG
+from explainctl.spec.contracts import MASK_NPY, MAX_PIXELS, OVERLAY_PNG
 from explainctl.spec.errors import ExplainctlError
 from explainctl.spec.results import COMPARE_FIELDS, ItemRecord, sort_value
 
@@ -273,24 +276,38 @@ def pair_records(
     records_a: Iterable[ItemRecord], records_b: Iterable[ItemRecord]
 ) -> Iterator[tuple[str, Side | None, Side | None]]:
     """(uri, side in A, side in B) for every item of either job: A's items in A's order,
-    then B's that A does not have, in B's order. B is held as Sides, A is streamed."""
+    then B's that A does not have, in B's order. B is held as Sides, A is streamed. URIs
+    pair in their redacted form (io.uri.redacted), the one records hold: the same image
+    presigned twice pairs with itself."""
     held: dict[str, deque[Side]] = {}
     for record in records_b:
-        held.setdefault(record.uri, deque()).append(Side.of(record))
+        held.setdefault(redacted(record.uri), deque()).append(Side.of(record))
     for record in records_a:
-        waiting = held.get(record.uri)
+        uri = redacted(record.uri)
+        waiting = held.get(uri)
         other = waiting.popleft() if waiting else None
         if waiting is not None and not waiting:
-            del held[record.uri]
-        yield record.uri, Side.of(record), other
+            del held[uri]
+        yield uri, Side.of(record), other
     leftover = ((uri, side) for uri, sides in held.items() for side in sides)
     for uri, side in sorted(leftover, key=lambda entry: entry[1].index):
         yield uri, None, side
 
 
-def load_mask(data: bytes) -> np.ndarray:
-    """A mask.npy's array; ValueError for anything that is not a plain numeric array."""
+def load_mask(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A mask.npy's array; ValueError for anything that is not a plain numeric array of at
+    most `max_pixels` values (checked from its header, before its data is read)."""
     try:
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, _ = header(stream)
+        if math.prod(shape) > max_pixels:
+            raise ValueError(f"a mask of shape {shape}, above the limit of {max_pixels} values")
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, EOFError) as error:
         raise ValueError(f"not a .npy file ({error})") from None
@@ -299,7 +316,7 @@ def load_mask(data: bytes) -> np.ndarray:
     return array
 
 
-def measure(uri: str, a: Side, b: Side, read: Read) -> Pair:
+def measure(uri: str, a: Side, b: Side, read: Read, max_pixels: int = MAX_PIXELS) -> Pair:
     """The pair with its mask agreement, or a note saying why there is none."""
     for name, side in (("A", a), ("B", b)):
         if not side.done:
@@ -309,7 +326,7 @@ def measure(uri: str, a: Side, b: Side, read: Read) -> Pair:
     masks = []
     for name, side in (("A", a), ("B", b)):
         try:
-            masks.append(load_mask(read(side.mask_uri)))
+            masks.append(load_mask(read(side.mask_uri), max_pixels))
         except (ExplainctlError, OSError, ValueError) as error:
             return Pair(uri, a, b, note=f"{MASK_NPY} of {name} unreadable: {_line(error)}")
     try:
@@ -336,10 +353,12 @@ class Comparison:
         records_b: Iterable[ItemRecord],
         read: Read,
         workers: int = 8,
+        max_pixels: int = MAX_PIXELS,
     ):
         self.a, self.b = a, b
         self._records = (records_a, records_b)
         self.read = read
+        self.max_pixels = max_pixels
         self.workers = workers
         self.summary = Summary(a, b)
         self._started = False
@@ -350,7 +369,7 @@ class Comparison:
             return Unpaired(uri, "b", b)
         if b is None:
             return Unpaired(uri, "a", a)
-        return measure(uri, a, b, self.read)
+        return measure(uri, a, b, self.read, self.max_pixels)
 
     def __iter__(self) -> Iterator[Pair | Unpaired]:
         if self._started:
@@ -402,4 +421,5 @@ def compare_jobs(client, job_a: str, job_b: str, read: Read | None = None) -> Co
         client.results(job_a),
         client.results(job_b),
         read,
+        max_pixels=client.settings.max_pixels,
     )

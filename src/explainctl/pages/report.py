@@ -24,7 +24,15 @@ from typing import Any, ClassVar
 from PIL import Image, ImageOps
 
 from explainctl.pages.page import render_page
-from explainctl.spec.contracts import ITEM_STATES, MASK_PNG, OVERLAY_PNG, PERTURBED_PNG
+from explainctl.spec.contracts import (
+    ARTIFACT_FORMATS,
+    INPUT_FORMATS,
+    ITEM_STATES,
+    MASK_PNG,
+    MAX_PIXELS,
+    OVERLAY_PNG,
+    PERTURBED_PNG,
+)
 from explainctl.spec.errors import ExplainctlError, InvalidInput
 from explainctl.spec.results import SCORE_FIELDS, ItemRecord, field_views, sort_value
 from explainctl.spec.trust import FLAG_NAMES, flag_views, flags
@@ -64,10 +72,19 @@ STANDOUTS = (
 )
 
 
-def _images(data: bytes, sizes: tuple[int, ...]) -> list[str]:
+def _images(
+    data: bytes,
+    sizes: tuple[int, ...],
+    formats: tuple[str, ...] = ARTIFACT_FORMATS,
+    max_pixels: int = MAX_PIXELS,
+) -> list[str]:
     """Data URIs of WebP images of the encoded image `data`, one per largest side, decoded
-    once."""
-    with Image.open(io.BytesIO(data)) as image:
+    once. Only `formats` are opened (an auditor's machine decodes what a worker would, no
+    more), and no image over `max_pixels` by its header: ValueError."""
+    with Image.open(io.BytesIO(data), formats=formats) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ValueError(f"{width}x{height} pixels, above the limit of {max_pixels}")
         top = max(sizes)
         image.draft("RGB", (top * 2, top * 2))  # JPEG decodes at a reduced scale: fast
         full = ImageOps.exif_transpose(image).convert("RGB")
@@ -81,20 +98,22 @@ def _images(data: bytes, sizes: tuple[int, ...]) -> list[str]:
     return uris
 
 
-def thumbnail(data: bytes, size: int = THUMBNAIL) -> str:
-    """A data URI of a WebP thumbnail of the encoded image `data`."""
-    return _images(data, (size,))[0]
+def thumbnail(data: bytes, size: int = THUMBNAIL, max_pixels: int = MAX_PIXELS) -> str:
+    """A data URI of a WebP thumbnail of the encoded artifact `data` (a PNG)."""
+    return _images(data, (size,), ARTIFACT_FORMATS, max_pixels)[0]
 
 
 _UNREADABLE = (ExplainctlError, OSError, ValueError, Image.DecompressionBombError)
 
 
-def _sources(record: ItemRecord) -> list[tuple[str, str | None]]:
+def _sources(record: ItemRecord) -> list[tuple[str, str | None, tuple[str, ...]]]:
+    """(key, URI, formats) of the item's images: its input, decoded as a worker would, and
+    its artifacts, PNG only."""
     return [
-        ("original", record.staged or record.uri),
-        ("mask", record.artifacts.get(MASK_PNG)),
-        ("overlay", record.artifacts.get(OVERLAY_PNG)),
-        ("perturbed", record.artifacts.get(PERTURBED_PNG)),
+        ("original", record.staged or record.uri, INPUT_FORMATS),
+        ("mask", record.artifacts.get(MASK_PNG), ARTIFACT_FORMATS),
+        ("overlay", record.artifacts.get(OVERLAY_PNG), ARTIFACT_FORMATS),
+        ("perturbed", record.artifacts.get(PERTURBED_PNG), ARTIFACT_FORMATS),
     ]
 
 
@@ -114,18 +133,30 @@ def _numbers(record: ItemRecord) -> dict:
     }
 
 
-def _row(record: ItemRecord, read: Callable[[str], bytes], detail: bool = False) -> dict:
+def _row(
+    record: ItemRecord,
+    read: Callable[[str], bytes],
+    detail: bool,
+    max_pixels: int,
+    read_original: Callable[[str], bytes],
+) -> dict:
     row = _numbers(record)
     if record.state != "done":
         return row
     images: dict[str, str | None] = {}
     full: dict[str, str | None] = {}
-    for key, uri in _sources(record):
+    for key, uri, formats in _sources(record):
         if key == "mask" and not detail:
             continue  # the gallery does not show it: read only for a detail view
         try:
             sizes = (DETAIL,) if key == "mask" else (THUMBNAIL, DETAIL) if detail else (THUMBNAIL,)
-            made = _images(read(uri), sizes) if uri else [None] * len(sizes)
+            made = (
+                _images(
+                    (read_original if key == "original" else read)(uri), sizes, formats, max_pixels
+                )
+                if uri
+                else [None] * len(sizes)
+            )
         except _UNREADABLE:
             made = [None, None]  # shown as "unavailable"; the rest of the report stands
         if key != "mask":
@@ -296,12 +327,16 @@ def build_report(
     read: Callable[[str], bytes],
     gallery: Gallery = Gallery(),
     workers: int = 16,
+    max_pixels: int = MAX_PIXELS,
+    read_original: Callable[[str], bytes] | None = None,
 ) -> str:
     """The report's HTML. `status` is a job status (`JobStatus.as_json()` plus `info`),
     `records` every item's record, read twice (a list, or an iterable that starts over),
     so a job of a million items is never held in memory; `read` fetches a URI's bytes (S3
-    or local). The first pass counts the findings and chooses the gallery's items, the
-    second fetches their images."""
+    or local): the caller derives the artifacts' URIs, never trusting a manifest's
+    (Client.results). `read_original` reads the inputs (default: `read`), under a
+    worker's limits. `max_pixels` caps every image decoded. The first pass counts the
+    findings and chooses the gallery's items, the second fetches their images."""
     findings = Findings()
     chosen: set[int] = set()
     matched = 0
@@ -317,7 +352,11 @@ def build_report(
     selected = (record for record in records if record.index in wanted)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         plans = _plan(selected, standouts)
-        rows = list(pool.map(lambda plan: _row(plan[0], read, plan[1]), plans))
+        rows = list(
+            pool.map(
+                lambda plan: _row(plan[0], read, plan[1], max_pixels, read_original or read), plans
+            )
+        )
     wall = (status.get("finished_at") or time.time()) - status["created"]
     item_seconds = findings.mean("seconds")
     summary = {

@@ -32,6 +32,11 @@ ARTIFACT_FILES = (MASK_NPY, MASK_PNG, HEATMAP_PNG, OVERLAY_PNG, PERTURBED_PNG, R
 MASKS_NPY = "masks.npy"
 # Every name an item's folder may hold: what readers of artifacts accept.
 ARTIFACT_NAMES = frozenset((*ARTIFACT_FILES, MASKS_NPY))
+# The image formats workers decode (Pillow's names), and the one they write: readers of a
+# job's images (report, compare) open nothing else, whatever a file claims to be.
+INPUT_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+ARTIFACT_FORMATS = ("PNG",)
+MAX_PIXELS = 50_000_000  # the default cap on width × height of any image decoded
 
 
 class _Strict(BaseModel):

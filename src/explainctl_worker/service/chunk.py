@@ -32,7 +32,7 @@ from explainctl.io.fetch import HttpPolicy
 from explainctl.io.s3 import S3Settings
 from explainctl.io.sources import SourcePolicy, read_source
 from explainctl.io.storage import Storage, open_storage
-from explainctl.io.uri import one_line, within_roots
+from explainctl.io.uri import one_line, redacted, within_roots
 from explainctl.jobs import records
 from explainctl.jobs.manifest import write_manifest
 from explainctl.jobs.store import JobStore
@@ -124,7 +124,9 @@ class WorkerContext:
             max_bytes=self.settings.max_image_bytes,
             allowed_roots=self.settings.allowed_roots or None,
             http=HttpPolicy(
-                enabled=self.settings.allow_http, allowed_hosts=self.settings.http_allowed_hosts
+                enabled=self.settings.allow_http,
+                allowed_hosts=self.settings.http_allowed_hosts,
+                deadline=self.settings.http_deadline,
             ),
         )
 
@@ -295,7 +297,7 @@ def _explain_group(
         (attempt,) = store.begin(job, [item.index])
         if attempt is None:
             return False  # another copy of this chunk settled it meanwhile
-        attempt_of[item_name(item.index, item.uri)] = attempt
+        attempt_of[_name(item)] = attempt
         if attempt > context.settings.max_deliveries:
             message = f"the worker was lost {attempt - 1} times while explaining this item"
             raise ItemError("worker-lost", message)
@@ -303,8 +305,8 @@ def _explain_group(
 
     inputs = [
         ItemInput(
-            name=item_name(item.index, item.uri),
-            source=item.uri,
+            name=_name(item),
+            source=redacted(item.uri),
             load=lambda item=item: _read_input(context, payload, item),
             target=target,
             label=item.label,
@@ -379,14 +381,19 @@ def _explain_group(
         _give_back(store, job, back, attempt_of, run, failure)
 
 
+def _name(item: ChunkItem) -> str:
+    """The item's folder, from the URI its records hold (redacted), as readers derive it."""
+    return item_name(item.index, redacted(item.uri))
+
+
 def _give_back(store: JobStore, job: str, items: list[ChunkItem], attempt_of: dict[str, int],
                run: _Run, failure: tuple[ErrorCode, str] | None) -> None:  # fmt: skip
     """Hand `items` back through the run: those this worker began with their attempt
     taken back (one that another copy settled meanwhile stays settled), and those it
     never began as they are."""
-    begun = [i for i in items if item_name(i.index, i.uri) in attempt_of]
+    begun = [i for i in items if _name(i) in attempt_of]
     released = set(store.release(job, [i.index for i in begun])) if begun else set()
-    back = [i for i in items if item_name(i.index, i.uri) not in attempt_of or i.index in released]
+    back = [i for i in items if _name(i) not in attempt_of or i.index in released]
     run.hand_back(back, *(failure or (None, "")))
 
 

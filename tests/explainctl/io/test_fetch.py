@@ -9,6 +9,7 @@ connection to a non-loopback address without touching the network.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import socket
 import ssl
@@ -71,6 +72,23 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client stopped reading at its limit, as it should
 
+    def _drip(self, headers: bool) -> None:
+        """A byte every 0.1 s, each well within a read's timeout, for as long as the client
+        listens: in the status line and headers, or in a close-delimited body."""
+        head = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+        if not headers:
+            self.wfile.write(head)
+            head = b""
+        try:
+            for byte in itertools.chain(head, itertools.repeat(0x89)):
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                if self.release.wait(0.1):
+                    return
+        except OSError:
+            pass  # the client cut it off
+        self.close_connection = True
+
     def do_GET(self):
         parts = urlsplit(self.path)
         path, here = parts.path, f"http://{self.headers['Host']}"
@@ -111,6 +129,8 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/slow":
             self.release.wait(5)
             self._send(200, IMAGE)
+        elif path in ("/drip", "/drip-headers"):
+            self._drip(path == "/drip-headers")
         else:
             self._send(404)
 
@@ -538,6 +558,13 @@ def test_connection_refused_is_a_fetch_error():
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     fails("fetch-error", f"http://127.0.0.1:{closed_port}/?token={SECRET}", LOCAL)
+
+
+@pytest.mark.parametrize("path", ["/drip", "/drip-headers"])
+def test_a_server_that_drips_is_cut_off_at_the_deadline(base, path):
+    policy = HttpPolicy(enabled=True, allow_private=True, timeout=0.5, deadline=1.5)
+    message = fails("fetch-error", f"{base}{path}?token={SECRET}", policy)
+    assert "not fetched within 1.5 s" in message
 
 
 def test_timeout_is_a_fetch_error(base):

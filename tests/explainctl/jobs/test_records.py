@@ -23,6 +23,7 @@ from explainctl.spec.contracts import (
 from explainctl.spec.errors import ItemError
 from explainctl.spec.ids import new_job_id
 from explainctl.spec.methods import ExplainParams
+from explainctl.spec.results import ItemRecord
 
 SCORES = {"target_index": 3, "target_name": "cat", "prob_before": 0.9, "prob_after": 0.1,
           "mask_area": 0.2, "iterations": 40, "stop_reason": "converged", "seconds": 1.5,
@@ -130,3 +131,28 @@ def test_an_items_ground_truth_is_in_its_record(job_store, tmp_path):
     first, second = item_records(job_store, storage, job_id)
     assert (first.label, first.target, second.label, second.target) == ("tabby", None, None, "2")
     assert first.model_dump(mode="json")["label"] == "tabby"
+
+
+def test_a_reader_derives_artifact_uris_and_never_follows_a_forged_record(tmp_path):
+    output = str(tmp_path / "out")
+    job_id = new_job_id()
+    forged = ItemRecord(
+        index=7, uri="https://u:pw@host/cat.png?sig=s3cret", item="../../etc", state="done",
+        attempt=2, artifacts={"overlay.png": "/etc/passwd", "mask.npy": "s3://other/m.npy",
+                              "run.sh": "/tmp/run.sh"},
+    )  # fmt: skip
+    trusted = records.derived(forged, output, job_id)
+    storage = open_storage(output)
+    assert trusted.item == item_name(7, "https://host/cat.png") == "000007-cat"
+    assert trusted.uri == "https://host/cat.png"
+    assert trusted.artifacts == {
+        name: storage.uri(artifact_key(job_id, "000007-cat", name, 2))
+        for name in ("overlay.png", "mask.npy")
+    }
+    bucket = records.derived(forged, "s3://audit/runs", job_id)
+    assert bucket.artifacts["mask.npy"] == f"s3://audit/runs/{job_id}/000007-cat/attempt-2/mask.npy"
+    # A staged input is kept only where it is the job's own.
+    own = storage.uri(f"{job_id}/inputs/000007-test-7.png")
+    assert records.derived(forged.model_copy(update={"staged": own}), output, job_id).staged == own
+    elsewhere = forged.model_copy(update={"staged": "/etc/passwd"})
+    assert records.derived(elsewhere, output, job_id).staged is None

@@ -289,3 +289,14 @@ def _stored(plain: list) -> str:
     import zlib
 
     return base64.b64encode(zlib.compress(json.dumps(plain).encode())).decode()
+
+
+def test_redis_holds_the_redacted_uri(job_store):
+    job_id = new_job_id()
+    info = JobInfo(job_id=job_id, created=time.time(), model=ModelSpec(), params=ExplainParams(),
+                   output="/tmp/out", queue="explain", chunk_size=2)  # fmt: skip
+    job_store.create(info)
+    job_store.add_chunk(job_id, [ChunkItem(index=0, uri="https://h/a.png?X-Amz-Signature=f00d"),
+                                 ChunkItem(index=1, uri="s3://b/odd?key#.png")])  # fmt: skip
+    assert [e.uri for e in job_store.entries(job_id)] == ["https://h/a.png", "s3://b/odd?key#.png"]
+    assert [i.uri for i in job_store.chunk_items(job_id, 0, 2)][0] == "https://h/a.png"

@@ -366,3 +366,41 @@ def test_a_bounded_gallery_says_what_it_holds_in_a_browser(tmp_path, monkeypatch
     # A gallery of every item says nothing.
     dom = browser.dump_dom(_findings_page(tmp_path), tmp_path / "profile2")
     assert re.search(r'<p class="note" id="gallery-note" hidden', dom)
+
+
+def test_the_page_runs_only_its_own_script_under_its_policy(tmp_path):
+    """The Content-Security-Policy names the page's script by hash: the page works, and a
+    script that slipped into it past the escaping does not run."""
+    name = '<img src=x onerror="document.body.dataset.pwned=1">'
+    record = ItemRecord(index=0, uri="/images/cat.png", item="000000-cat", state="done",
+                        artifacts={}, **{**_every_score(), "target_name": name})  # fmt: skip
+    page = build_report(_status("completed", 1, 0), [record], lambda uri: b"")
+    policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', page).group(1)
+    assert policy.startswith("default-src 'none'; img-src data:; style-src 'unsafe-inline'; ")
+    slipped = page.replace("</body>", "<script>document.body.dataset.pwned = '2'</script></body>")
+    (tmp_path / "report.html").write_text(slipped)
+    dom = browser.dump_dom(tmp_path / "report.html", tmp_path / "profile")
+    assert "&lt;img src=x onerror=" in dom  # the page drew its table, the name as text
+    drawn = browser.body_data(dom)
+    assert drawn and "pwned" not in drawn
+
+
+def test_only_the_formats_workers_write_are_decoded_under_the_pixel_cap():
+    rgb = np.full((30, 30, 3), 200, np.uint8)
+
+    def encoded(fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    files = {"/o/orig.tif": encoded("TIFF"), "/o/overlay.png": encoded("PNG"),
+             "/o/perturbed.bmp": encoded("BMP"), "/o/mask.png": encoded("PNG")}  # fmt: skip
+    record = ItemRecord(index=0, uri="/o/orig.tif", item="000000-orig", state="done",
+                        artifacts={"overlay.png": "/o/overlay.png", "perturbed.png":
+                                   "/o/perturbed.bmp", "mask.png": "/o/mask.png"})  # fmt: skip
+    rows = _data(build_report(_status("completed", 1, 0), [record], files.get))["rows"]
+    images = rows[0]["images"]
+    assert images["original"] and images["overlay"]  # a TIFF input, as workers read
+    assert images["perturbed"] is None  # a BMP where workers write PNG: not opened
+    capped = build_report(_status("completed", 1, 0), [record], files.get, max_pixels=899)
+    assert not any(_data(capped)["rows"][0]["images"].values())
