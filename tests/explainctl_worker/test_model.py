@@ -1,3 +1,5 @@
+import urllib.request
+
 import pytest
 import torch
 
@@ -57,6 +59,9 @@ def test_offline_download_fails_with_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens: fails at once
+    # urlopen keeps the opener it first builds, dead proxy included: this one is put back,
+    # or every later urlopen of this test process would go through that proxy.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with pytest.raises(ModelUnavailable) as caught:
         ModelCache().get(ModelSpec(name="squeezenet1_1"), "cpu")
     message = str(caught.value)
