@@ -25,12 +25,20 @@ from typing import Any, ClassVar
 from PIL import Image, ImageOps
 
 from explainctl.pages.page import render_page
-from explainctl.spec.contracts import ITEM_STATES, MASK_PNG, OVERLAY_PNG, PERTURBED_PNG
+from explainctl.spec.contracts import (
+    ITEM_STATES,
+    MASK_PNG,
+    OVERLAY_PNG,
+    PERTURBED_PNG,
+    THUMB_PARTS,
+    THUMB_SIDE,
+    THUMBS_WEBP,
+)
 from explainctl.spec.errors import ExplainctlError, InvalidInput
 from explainctl.spec.results import SCORE_FIELDS, ItemRecord, field_views, sort_value
 from explainctl.spec.trust import FLAG_NAMES, flag_views, flags
 
-THUMBNAIL = 120  # the gallery shows them 120 px wide
+THUMBNAIL = THUMB_SIDE  # the gallery shows them 120 px wide
 DETAIL = 448  # the detail view's images: twice the model's input, enough to see a mask's edge
 # A full-size image weighs about 8 thumbnails (18 KB against 2.3 KB for a photo), four per
 # item: for every item a 10,000-item page would pass 1 GB. So only the first DETAIL_ITEMS
@@ -128,10 +136,28 @@ def _numbers(record: ItemRecord) -> dict:
     }
 
 
+def _strip(data: bytes) -> str | None:
+    """The data URI of a worker's thumbs.webp, embedded as it is: the page shows each of
+    its parts (THUMB_PARTS) by cropping, so the report decodes nothing. None for bytes
+    that are not a WebP."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    return "data:image/webp;base64," + base64.b64encode(data).decode()
+
+
 def _row(record: ItemRecord, read: Callable[[str], bytes], detail: bool = False) -> dict:
     row = _numbers(record)
     if record.state != "done":
         return row
+    thumbs = record.artifacts.get(THUMBS_WEBP)
+    if thumbs and not detail:
+        try:
+            strip = _strip(read(thumbs))
+        except _UNREADABLE:
+            strip = None  # the full-size files may still be there
+        if strip:
+            row["images"] = {"strip": strip}
+            return row
     images: dict[str, str | None] = {}
     full: dict[str, str | None] = {}
     for key, uri in _sources(record):
@@ -424,5 +450,8 @@ def build_report(
         "findings": findings.as_json(),
     }
     flags_shown = flag_views(findings.has_truth)
-    data = {"summary": summary, "fields": field_views(), "flags": flags_shown, "rows": rows}
+    data = {
+        "summary": summary, "fields": field_views(), "flags": flags_shown, "rows": rows,
+        "thumb_parts": THUMB_PARTS,
+    }  # fmt: skip
     return render_page("report.html", f"explainctl audit {status['job_id']}", data)

@@ -16,6 +16,7 @@ from pydantic import create_model
 
 from explainctl.pages import report
 from explainctl.pages.report import build_report
+from explainctl.spec.contracts import THUMB_PARTS, THUMBS_WEBP
 from explainctl.spec.errors import InvalidInput
 from explainctl.spec.results import SCORE_FIELDS, SORT_KEYS, ItemRecord, ItemScores, shown
 from explainctl.spec.trust import FLAGS
@@ -497,3 +498,58 @@ def test_without_ground_truth_the_page_says_nothing_of_right_and_wrong(tmp_path)
     assert "accuracy" not in browser.card_values(dom)
     assert 'data-field="predicted_index"' not in dom and 'data-field="correct"' not in dom
     assert "misclassified" not in dom.split('<script id="data"')[0]
+
+
+# --- the gallery from the worker's thumbs.webp ---
+
+
+def _thumbs_job() -> tuple[list[ItemRecord], dict[str, bytes]]:
+    """The findings job with the thumbnails a worker writes (explainctl_worker.artifact),
+    except item 4's, an item of an older job."""
+    from explainctl_worker.artifact import thumbs
+
+    records, files = _findings_job()
+    with_thumbs = []
+    for record in records:
+        if record.state == "done" and record.index != 4:
+            i, uri = record.index, f"/img/{record.index}/thumbs.webp"
+            parts = [Image.open(io.BytesIO(files[f"/img/{i}/{k}.png"])) for k in THUMB_PARTS]
+            files[uri] = thumbs(parts)
+            record = record.model_copy(update={"artifacts": {**record.artifacts, THUMBS_WEBP: uri}})
+        with_thumbs.append(record)
+    return with_thumbs, files
+
+
+def test_the_gallery_reads_the_workers_thumbnails_and_older_items_the_full_files(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(report, "DETAIL_ITEMS", 0)
+    monkeypatch.setattr(report, "STANDOUT_ITEMS", 1)  # 3 largest, 4 smallest, 1 least stable
+    records, files = _thumbs_job()
+    reads = []
+    page = build_report(_status("completed_with_failures", 5, 1), records,
+                        lambda uri: reads.append(uri) or files[uri])  # fmt: skip
+    rows = {r["index"]: r for r in _data(page)["rows"]}
+    # 0 and 2 stand out in no list: one small file each, embedded as it is.
+    for i in (0, 2):
+        assert [u for u in reads if u.startswith(f"/img/{i}/")] == [f"/img/{i}/thumbs.webp"]
+        strip = base64.b64encode(files[f"/img/{i}/thumbs.webp"]).decode()
+        assert rows[i]["images"] == {"strip": "data:image/webp;base64," + strip}
+    # The items whose detail view embeds full-size images read those, as before.
+    assert "detail" in rows[1] and "detail" in rows[3]
+    assert {"original", "overlay", "perturbed"} <= set(rows[4]["images"])  # no thumbs.webp
+    path = tmp_path / "report.html"
+    path.write_text(page)
+    dom = browser.dump_dom(path, tmp_path / "profile", fragment="item=2")
+    body = browser.body_data(dom)
+    assert body["images-total"] == body["images-loaded"] == "15"
+    # Each part of the strip in its own cell: the strip (360 px) shifted by whole parts.
+    row = _block(dom, "data-index", "0", "tr")
+    crop = r'<div class="crop" data-part="([a-z]+)"><img [^>]*style="margin-left: ([^;"]+);'
+    crops = re.findall(crop, row)
+    assert crops == [("original", "0%"), ("overlay", "-100%"), ("perturbed", "-200%")]
+    widths = body["images-widths"].split(",")
+    assert widths.count(str(3 * report.THUMBNAIL)) == 6  # rows 0 and 2; the others their own
+    # The detail view of an item without full-size images shows the strip's parts too.
+    assert body["detail"] == "2" and body["detail-images-loaded"] == "3"
+    assert "unavailable" in _block(dom, "data-image", "mask", "figure")
