@@ -1,5 +1,7 @@
 """How the audit report scales: build time, file size and how soon Chromium shows it, for
-N items.
+N items, side by side: A, the items of an older job (the gallery's thumbnails made from
+three full-size files per item), and B, the items as workers write them now (the
+gallery reads each item's thumbs.webp).
 
     python benchmarks/report.py --items 1000 [--images noise]
 
@@ -31,7 +33,9 @@ from PIL import Image, ImageFilter
 
 from explainctl.io.sources import read_uri
 from explainctl.pages.report import build_report
+from explainctl.spec.contracts import THUMB_PARTS, THUMBS_WEBP
 from explainctl.spec.results import ItemRecord
+from explainctl_worker.artifact import thumbs
 
 EXAMPLES = Path(__file__).parents[1] / "src" / "explainctl" / "examples"
 SIZE = (640, 480)
@@ -58,7 +62,14 @@ def photo_files(folder: Path) -> list[dict[str, str]]:
         for kind, (image, fmt) in made.items():
             files[-1][kind] = str(folder / f"{path.stem}-{kind}.{fmt.lower()}")
             image.save(files[-1][kind], format=fmt, quality=90)
+        _thumbs(folder / f"{path.stem}-thumbs.webp", files[-1])
     return files
+
+
+def _thumbs(path: Path, files: dict[str, str]) -> None:
+    """thumbs.webp, as the worker writes it (explainctl_worker.artifact.thumbs)."""
+    path.write_bytes(thumbs([Image.open(files[kind]).convert("RGB") for kind in THUMB_PARTS]))
+    files["thumbs"] = str(path)
 
 
 def noise_files(folder: Path) -> list[dict[str, str]]:
@@ -68,10 +79,11 @@ def noise_files(folder: Path) -> list[dict[str, str]]:
     for shift, kind in enumerate(("original", "overlay", "perturbed", "mask")):
         files[kind] = str(folder / f"noise-{kind}.png")
         Image.fromarray(np.roll(base, shift * 40, axis=1)).save(files[kind])
+    _thumbs(folder / "noise-thumbs.webp", files)
     return [files]
 
 
-def make_items(files: list[dict[str, str]], n: int) -> list[ItemRecord]:
+def make_items(files: list[dict[str, str]], n: int, with_thumbs: bool) -> list[ItemRecord]:
     records = []
     for i in range(n):
         failed = i % 50 == 49
@@ -86,7 +98,8 @@ def make_items(files: list[dict[str, str]], n: int) -> list[ItemRecord]:
                 error="truncated" if failed else None,
                 artifacts={}
                 if failed
-                else {f"{kind}.png": paths[kind] for kind in ("overlay", "perturbed", "mask")},
+                else {f"{kind}.png": paths[kind] for kind in ("overlay", "perturbed", "mask")}
+                | ({THUMBS_WEBP: paths["thumbs"]} if with_thumbs else {}),
                 target_index=i % 10,
                 target_name=f"class {i % 10}",
                 prob_before=0.9,
@@ -122,29 +135,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         files = (photo_files if args.images == "photo" else noise_files)(folder)
-        records = make_items(files, args.items)
         status = {
             "job_id": "01m8m5ytrjk834w7f5", "state": "completed_with_failures",
             "total": args.items, "counts": {"queued": 0, "running": 0, "done": 0, "failed": 0,
             "cancelled": 0}, "created": time.time() - 600, "finished_at": time.time(),
             "info": {"model": {"name": "vgg19"}, "params": {}, "output": str(folder)},
         }  # fmt: skip
-        started = time.perf_counter()
-        page = build_report(status, records, lambda uri: read_uri(uri, max_bytes=1 << 28))
-        build = time.perf_counter() - started
-        path = folder / "report.html"
-        path.write_text(page)
-        # What the page's script set on <body> (its dump is the whole page: not timed).
-        dom = _chromium(folder, path, "--dump-dom").stdout
-        body = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', re.search(r"<body([^>]*)>", dom)[1]))
-        started = time.perf_counter()
-        _chromium(folder, path, f"--screenshot={folder / 'shot.png'}")
-        screenshot = time.perf_counter() - started
+        for path_name, with_thumbs in (("A: full-size files", False), ("B: thumbs.webp", True)):
+            records = make_items(files, args.items, with_thumbs)
+            measure(folder, status, records, args, path_name)
+
+
+def measure(folder: Path, status: dict, records: list[ItemRecord], args, path_name: str) -> None:
+    started = time.perf_counter()
+    page = build_report(status, records, lambda uri: read_uri(uri, max_bytes=1 << 28))
+    build = time.perf_counter() - started
+    path = folder / "report.html"
+    path.write_text(page)
+    # What the page's script set on <body> (its dump is the whole page: not timed).
+    dom = _chromium(folder, path, "--dump-dom").stdout
+    body = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', re.search(r"<body([^>]*)>", dom)[1]))
+    started = time.perf_counter()
+    _chromium(folder, path, f"--screenshot={folder / 'shot.png'}")
+    screenshot = time.perf_counter() - started
     print(
         json.dumps(
             {
                 "items": args.items,
                 "images": args.images,
+                "gallery": path_name,
                 "build_seconds": round(build, 2),
                 "html_mib": round(len(page) / 2**20, 2),
                 "first_page_drawn": body["rendered"] == "50",

@@ -20,6 +20,8 @@ from explainctl.spec.contracts import (
     OVERLAY_PNG,
     PERTURBED_PNG,
     RESULT_JSON,
+    THUMB_SIDE,
+    THUMBS_WEBP,
 )
 from explainctl.spec.results import ItemResult
 
@@ -77,6 +79,23 @@ def _png(array: np.ndarray) -> bytes:
 def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array.astype(np.float32))
+    return buffer.getvalue()
+
+
+def thumbs(images: list[Image.Image], side: int = THUMB_SIDE) -> bytes:
+    """thumbs.webp: `images` (of one size) each fitted into `side` px, side by side."""
+    small = []
+    for image in images:
+        copy = image.copy()
+        copy.thumbnail((side, side))
+        small.append(copy)
+    width, height = small[0].size
+    strip = Image.new("RGB", (width * len(small), height))
+    for n, image in enumerate(small):
+        strip.paste(image, (n * width, 0))
+    buffer = io.BytesIO()
+    # The quality a report's own thumbnails have (explainctl.pages.report).
+    strip.save(buffer, format="WEBP", quality=75)
     return buffer.getvalue()
 
 
@@ -150,12 +169,14 @@ def render(
     def to_u8(array: np.ndarray) -> np.ndarray:
         return (np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8)
 
+    overlay_u8, perturbed_u8 = to_u8(overlay), to_u8(perturbed)
     files = {
         MASK_NPY: _npy(mask),
         MASK_PNG: _png(to_u8(m[..., 0])),
         HEATMAP_PNG: _png(heatmap),
-        OVERLAY_PNG: _png(to_u8(overlay)),
-        PERTURBED_PNG: _png(to_u8(perturbed)),
+        OVERLAY_PNG: _png(overlay_u8),
+        PERTURBED_PNG: _png(perturbed_u8),
+        THUMBS_WEBP: thumbs([image, Image.fromarray(overlay_u8), Image.fromarray(perturbed_u8)]),
         RESULT_JSON: result_json(result),
     }
     if area_masks is not None:

@@ -29,7 +29,7 @@ from explainctl_worker.decode import DecodeLimits, decode_image
 from explainctl_worker.engine.slots import Entry, Explanation, choose_slots, run_slots
 from explainctl_worker.measures import diagnostics
 from explainctl_worker.methods import RUNNERS
-from explainctl_worker.model import LoadedModel, resolve_target
+from explainctl_worker.model import LoadedModel, resolve_label, resolve_target
 
 
 @dataclass
@@ -101,7 +101,8 @@ def _prepare(item: ItemInput, loaded: LoadedModel, params: ExplainParams, limits
         )
     except ExplainctlError as error:
         raise ItemError("bad-target", str(error)) from None
-    return image, -1 if target is None else target
+    label = resolve_label(item.label, loaded.categories, num_classes(loaded, params.image_size))
+    return image, -1 if target is None else target, label
 
 
 def _wanted(item: ItemInput) -> Target:
@@ -228,6 +229,7 @@ def explain_items(
     spent = timings or Timings()
     started = time.perf_counter()
     images: dict[int, Image.Image] = {}
+    labels: dict[int, int | None] = {}  # each item's ground truth as a class index
 
     def decode(position: int):
         began = time.perf_counter()
@@ -235,7 +237,7 @@ def explain_items(
             if items[position].start is not None and not items[position].start():
                 outcomes[position].skipped = True
                 return position, None, None, None
-            image, target = _prepare(items[position], loaded, params, limits)
+            image, target, labels[position] = _prepare(items[position], loaded, params, limits)
             tensor = _to_tensor(image, params.image_size, resolved.interpolation)
             return position, image, target, tensor
         except ItemError as error:
@@ -285,7 +287,8 @@ def explain_items(
         began = time.perf_counter()
         outcome = outcomes[position]
         image = images.pop(position)
-        _render(outcome, image, explanation, loaded, params, resolved, version_info)
+        label = labels.pop(position, None)
+        _render(outcome, image, explanation, loaded, params, resolved, version_info, label)
         rendered = time.perf_counter()
         spent.count("render", rendered - began)
         if deliver and outcome.ok:
@@ -380,14 +383,27 @@ def _render(
     params: ExplainParams,
     resolved: ResolvedModel,
     version_info: dict[str, str],
+    label: int | None = None,
 ) -> None:
     """result.json and the artifacts of one explained item, into `outcome`: its scores as
-    the engine produced them (by their declared names), the class named where the model
-    has categories, and where they came from."""
+    the engine produced them (by their declared names), the classes named where the model
+    has categories, its ground truth `label` (a class index, or None) against the model's
+    prediction, and where they came from."""
     scores = explanation.item_scores()
-    categories, target_index = loaded.categories, scores["target_index"]
-    if scores["target_name"] is None and categories and target_index < len(categories):
-        scores["target_name"] = categories[target_index]
+    categories = loaded.categories
+
+    def name(index: int | None) -> str | None:
+        return (
+            categories[index]
+            if categories and index is not None and index < len(categories)
+            else None
+        )
+
+    scores["target_name"] = scores["target_name"] or name(scores["target_index"])
+    scores["predicted_name"] = name(scores["predicted_index"])
+    if label is not None:
+        scores["label_index"], scores["label_name"] = label, name(label)
+        scores["correct"] = scores["predicted_index"] == label
     scores["seconds"] = round(scores["seconds"], 4)
     area_masks = None if explanation.area_masks is None else explanation.area_masks[0].numpy()
 

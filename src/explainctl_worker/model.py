@@ -285,6 +285,20 @@ def resolve_target(target: Target, categories: list[str] | None, num_classes: in
     raise InvalidInput(f"unknown class name {target.name!r}")
 
 
+def resolve_label(
+    label: str | None, categories: list[str] | None, num_classes: int | None = None
+) -> int | None:
+    """The class index a ground-truth label names, matched as `--target` is (an index, or
+    a class name in any case); None where it names no class: an item is still explained
+    without its ground truth, and its record keeps the label as given."""
+    if label is None or not label.strip() or label.strip().lower() == "top1":
+        return None  # "top1" is a target's word for the prediction, never a class
+    try:
+        return resolve_target(Target.parse(label), categories, num_classes)
+    except (InvalidInput, ValidationError):  # a negative index fails Target's own bound
+        return None
+
+
 def pick_device(requested: str | None = None) -> torch.device:
     """`cuda` when present (or asked for), else `cpu`."""
     if requested in (None, "", "auto"):

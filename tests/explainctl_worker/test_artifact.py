@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explainctl.spec.contracts import ARTIFACT_FILES
+from explainctl.spec.contracts import ARTIFACT_FILES, THUMB_SIDE
 from explainctl.spec.methods import ExplainParams
 from explainctl.spec.results import ItemResult
 from explainctl_worker.artifact import (
@@ -13,6 +13,7 @@ from explainctl_worker.artifact import (
     colormap,
     heatmap_top,
     render,
+    thumbs,
     upsample_mask,
 )
 
@@ -73,8 +74,21 @@ def test_render_writes_every_artifact_at_original_resolution():
     assert perturbed[10, 2].tolist() == [0, 0, 255]  # deleted: the substrate
     heat = _decode(files["heatmap.png"])
     assert heat[10, 2, 0] > heat[10, 2, 2]  # deleted = salient = red
+    # The gallery's thumbnails: original, overlay, perturbed side by side, in one WebP.
+    with Image.open(io.BytesIO(files["thumbs.webp"])) as strip:
+        assert strip.format == "WEBP" and strip.size == (3 * 40, 20)  # small: not enlarged
+        parts = np.asarray(strip.convert("RGB"), dtype=int).reshape(20, 3, 40, 3)
+    overlay = _decode(files["overlay.png"])
+    for part, full in enumerate((original, overlay, perturbed)):
+        assert np.abs(parts[:, part] - full).mean() < 8, part  # lossy, but the same picture
     assert json.loads(files["result.json"])["target_index"] == 3
     assert ItemResult.model_validate_json(files["result.json"]).mask_area == pytest.approx(0.25)
+
+
+def test_the_thumbnails_fit_the_gallerys_side_whatever_the_image():
+    image = Image.fromarray(np.zeros((300, 640, 3), np.uint8))
+    with Image.open(io.BytesIO(thumbs([image, image, image]))) as strip:
+        assert strip.size == (3 * THUMB_SIDE, 56)  # 640x300 fitted into 120: 120x56
 
 
 def _heat(mask: np.ndarray, scale: str) -> tuple[float, np.ndarray, np.ndarray]:

@@ -107,3 +107,32 @@ def test_target_label_without_a_usable_label_is_a_bad_target(label):
     with pytest.raises(ItemError) as caught:
         _wanted(ItemInput("x", "mem://x", bytes, Target.parse("label"), label))
     assert caught.value.code == "bad-target"
+
+
+def test_ground_truth_is_matched_to_the_classes_and_set_against_the_prediction():
+    """A label names a class by index or by name in any case; one that names no class
+    leaves the item explained without ground truth."""
+    loaded = LoadedModel(
+        tiny_classifier().eval(), ModelSpec(name="tiny"), torch.device("cpu"), None
+    ).with_labels([f"kind {n}" for n in range(10)])
+    (probe,) = explain_items([ItemInput("probe", "mem://0.png", lambda: _png(0))], loaded, PARAMS)
+    top = probe.result.predicted_index
+    other = (top + 1) % 10
+    items = [
+        ItemInput("by-index", "mem://0.png", lambda: _png(0), label=str(top)),
+        ItemInput("by-name", "mem://0.png", lambda: _png(0), label=f"KIND {other}"),
+        ItemInput("unknown", "mem://0.png", lambda: _png(0), label="zebra"),
+        ItemInput("out-of-range", "mem://0.png", lambda: _png(0), label="10"),
+        ItemInput("none", "mem://0.png", lambda: _png(0)),
+    ]
+    by_index, by_name, unknown, out_of_range, none = explain_items(items, loaded, PARAMS, slots=2)
+    assert probe.result.predicted_name == f"kind {top}"
+    # The prediction is the top-1 whatever is explained; with top-1 they agree.
+    assert probe.result.target_index == top
+    assert (by_index.result.label_index, by_index.result.label_name) == (top, f"kind {top}")
+    assert by_index.result.correct is True
+    assert (by_name.result.label_index, by_name.result.label_name) == (other, f"kind {other}")
+    assert by_name.result.correct is False and by_name.result.predicted_index == top
+    for outcome in (unknown, out_of_range, none):
+        assert outcome.ok, outcome.error
+        assert (outcome.result.label_index, outcome.result.correct) == (None, None)

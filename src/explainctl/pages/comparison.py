@@ -152,6 +152,14 @@ class Pair:
         return self.a.target_index != self.b.target_index
 
     @property
+    def only_right(self) -> str | None:
+        """ "a" or "b": the job whose model got this image's ground truth right while the
+        other's got it wrong; None where both agree or either lacks ground truth."""
+        if self.a.correct is None or self.b.correct is None or self.a.correct == self.b.correct:
+            return None
+        return "a" if self.a.correct else "b"
+
+    @property
     def delta_prob_after(self) -> float | None:
         return _difference(self.b.prob_after, self.a.prob_after)
 
@@ -178,6 +186,7 @@ class Pair:
             "a": self.a.as_json(),
             "b": self.b.as_json(),
             "class_changed": self.class_changed,
+            "only_right": self.only_right,
             "delta_prob_after": self.delta_prob_after,
             "delta_drop": self.delta_drop,
             "delta_mask_area": self.delta_mask_area,
@@ -226,6 +235,12 @@ class Summary:
     only_a: int = 0
     only_b: int = 0
     class_changed: int = 0
+    # Pairs with ground truth on both sides, and those only one job got right.
+    judged: int = 0
+    right_a: int = 0
+    right_b: int = 0
+    only_right_a: int = 0
+    only_right_b: int = 0
     _means: dict[str, _Mean] = field(
         default_factory=lambda: {k: _Mean() for k in ("iou", "rank", "dpa", "ddrop", "darea")}
     )
@@ -240,6 +255,12 @@ class Summary:
         self.paired += 1
         self.compared += entry.iou is not None
         self.class_changed += bool(entry.class_changed)
+        if entry.a.correct is not None and entry.b.correct is not None:
+            self.judged += 1
+            self.right_a += entry.a.correct
+            self.right_b += entry.b.correct
+        self.only_right_a += entry.only_right == "a"
+        self.only_right_b += entry.only_right == "b"
         means = self._means
         means["iou"].add(entry.iou)
         means["rank"].add(entry.rank)
@@ -264,6 +285,11 @@ class Summary:
             "only_a": self.only_a,
             "only_b": self.only_b,
             "class_changed": self.class_changed,
+            "judged": self.judged,
+            "right_a": self.right_a,
+            "right_b": self.right_b,
+            "only_right_a": self.only_right_a,
+            "only_right_b": self.only_right_b,
             "mean_iou": means["iou"].value,
             "mean_rank": means["rank"].value,
             "mean_delta_prob_after": means["dpa"].value,

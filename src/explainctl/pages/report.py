@@ -6,8 +6,9 @@ what its opening time follows). The gallery is drawn by a short script from a JS
 a page at a time, so a page of 10,000 items shows its first rows in about a second
 (benchmarks/README.md). Every text from the job (URIs, class names, errors) reaches the
 page as JSON and is set with textContent, never as HTML.
-The job's findings (per-class means, histograms, the items that stand out) are computed
-here, in one pass over the rows, so they are tested without a browser.
+The job's findings (per-class means, histograms, the items that stand out and, with
+ground truth, accuracy, per-class tables and confusions) are computed here, in one pass
+over the rows, so they are tested without a browser.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ from explainctl.spec.contracts import (
     MAX_PIXELS,
     OVERLAY_PNG,
     PERTURBED_PNG,
+    THUMB_PARTS,
+    THUMB_SIDE,
+    THUMBS_WEBP,
 )
 from explainctl.spec.errors import ExplainctlError, InvalidInput
 from explainctl.spec.results import SCORE_FIELDS, ItemRecord, field_views, sort_value
 from explainctl.spec.trust import FLAG_NAMES, flag_views, flags
 
-THUMBNAIL = 120  # the gallery shows them 120 px wide
+THUMBNAIL = THUMB_SIDE  # the gallery shows them 120 px wide
 DETAIL = 448  # the detail view's images: twice the model's input, enough to see a mask's edge
 # A full-size image weighs about 8 thumbnails (18 KB against 2.3 KB for a photo), four per
 # item: for every item a 10,000-item page would pass 1 GB. So only the first DETAIL_ITEMS
@@ -70,6 +74,10 @@ STANDOUTS = (
     ("least-compact", "least compact", "compactness", False, None),
     ("not-removed", "prediction not removed", "prob_ratio", True, "not-removed"),
 )
+# With ground truth: the confusion pairs (true -> predicted) listed, most items first, and
+# the first items of each, whose full-size images and mask the page embeds (one click).
+CONFUSIONS = 10
+CONFUSION_ITEMS = 4
 
 
 def _images(
@@ -117,8 +125,14 @@ def _sources(record: ItemRecord) -> list[tuple[str, str | None, tuple[str, ...]]
     ]
 
 
+def _named(index: int | None, name: str | None) -> str | None:
+    return name or (str(index) if index is not None else None)
+
+
 def _numbers(record: ItemRecord) -> dict:
-    """The item's row without its images: what the findings and the gallery's filter read."""
+    """The item's row without its images: what the findings and the gallery's filter read.
+    `truth` is the ground truth's class where the label matched one; `label` the label as
+    the input gave it (the record's `label`), shown where it matched none."""
     return {
         "index": record.index,
         "item": record.item,
@@ -126,11 +140,23 @@ def _numbers(record: ItemRecord) -> dict:
         "state": record.state,
         "class": record.target_name
         or (str(record.target_index) if record.target_index is not None else ""),
+        "predicted": _named(record.predicted_index, record.predicted_name),
+        "truth": _named(record.label_index, record.label_name),
+        "label": record.label,
         "drop": sort_value(record, "drop"),
         "error": f"{record.error_code}: {record.error}" if record.error else None,
         **{name: getattr(record, name) for name in SCORE_FIELDS},
         "flags": flags(record),
     }
+
+
+def _strip(data: bytes) -> str | None:
+    """The data URI of a worker's thumbs.webp, embedded as it is: the page shows each of
+    its parts (THUMB_PARTS) by cropping, so the report decodes nothing. None for bytes
+    that are not a WebP."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    return "data:image/webp;base64," + base64.b64encode(data).decode()
 
 
 def _row(
@@ -143,6 +169,15 @@ def _row(
     row = _numbers(record)
     if record.state != "done":
         return row
+    thumbs = record.artifacts.get(THUMBS_WEBP)
+    if thumbs and not detail:
+        try:
+            strip = _strip(read(thumbs))
+        except _UNREADABLE:
+            strip = None  # the full-size files may still be there
+        if strip:
+            row["images"] = {"strip": strip}
+            return row
     images: dict[str, str | None] = {}
     full: dict[str, str | None] = {}
     for key, uri, formats in _sources(record):
@@ -199,6 +234,14 @@ class Findings:
         self.outside = {key: [0, 0] for key, *_ in HISTOGRAMS}  # below, above the range
         self.flagged = dict.fromkeys(FLAG_NAMES, 0)
         self.standouts = {key: _Extremes(STANDOUT_ITEMS) for key, *_ in STANDOUTS}
+        # Ground truth: items whose label matched a class, of them those the model got
+        # right, and labelled items whose label matched none.
+        self.labelled = self.correct = self.unmatched = 0
+        self.by_truth: dict[str, dict[str, list[float]]] = {}
+        self.by_prediction: dict[str, dict[str, list[float]]] = {}
+        # (truth, predicted) -> [count, first item indices]: ints only, so a job of a
+        # million items with many confusions stays small.
+        self.confusions: dict[tuple[str, str], list] = {}
 
     @staticmethod
     def _add(sums: dict[str, list[float]], key: str, value: Any) -> None:
@@ -229,6 +272,7 @@ class Findings:
             self.bins[key][min(int(share * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
         for name in row["flags"]:
             self.flagged[name] += 1
+        self._add_truth(row)
         for key, _, field, largest, flag in STANDOUTS:
             value = row[field]
             if value is None or (flag and flag not in row["flags"]):
@@ -237,9 +281,38 @@ class Findings:
                      "value": value}  # fmt: skip
             self.standouts[key].add(-value if largest else value, position, entry)
 
+    def _add_truth(self, row: dict) -> None:
+        if row["truth"] is None:
+            self.unmatched += row["label"] is not None
+            return
+        self.labelled += 1
+        right = bool(row["correct"])
+        self.correct += right
+        for table, key in ((self.by_truth, row["truth"]), (self.by_prediction, row["predicted"])):
+            sums = table.setdefault(key or "", {"count": [0, 0], "correct": [0, 0]})
+            sums["count"][0] += 1
+            sums["correct"][0] += right
+            for name in CLASS_MEANS:
+                self._add(sums, name, row[name])
+        if not right and row["predicted"] is not None:
+            pair = self.confusions.setdefault((row["truth"], row["predicted"]), [0, []])
+            pair[0] += 1
+            if len(pair[1]) < CONFUSION_ITEMS:
+                pair[1].append(row["index"])
+
+    @property
+    def has_truth(self) -> bool:
+        """Whether any done item has ground truth (a label, matched to a class or not)."""
+        return bool(self.labelled or self.unmatched)
+
+    def top_confusions(self) -> list[tuple[tuple[str, str], list]]:
+        ranked = sorted(self.confusions.items(), key=lambda c: (-c[1][0], c[0]))
+        return ranked[:CONFUSIONS]
+
     def indices(self) -> set[int]:
-        """The item index of every item that stands out."""
-        return {e["index"] for kept in self.standouts.values() for _, e in kept.sorted()}
+        """The item index of every item that stands out, and of the confusions' items."""
+        kept = {e["index"] for kept in self.standouts.values() for _, e in kept.sorted()}
+        return kept | {i for _, (_, items) in self.top_confusions() for i in items}
 
     def mean(self, key: str) -> float | None:
         total = self.sums.get(key)
@@ -250,12 +323,17 @@ class Findings:
             total = sums.get(key)
             return round(total[0] / total[1], 4) if total else None
 
-        classes = [
-            {"class": name, "count": int(sums["count"][0]),
-             **{key: mean(sums, key) for key in CLASS_MEANS}}
-            for name, sums in self.classes.items()
-        ]  # fmt: skip
-        classes.sort(key=lambda c: (-c["count"], c["class"]))
+        def table(classes: dict[str, dict[str, list[float]]], truth: bool = False) -> list[dict]:
+            rows = []
+            for name, sums in classes.items():
+                count = int(sums["count"][0])
+                row = {"class": name, "count": count}
+                if truth:
+                    right = int(sums["correct"][0])
+                    row |= {"correct": right, "accuracy": round(right / count, 4)}
+                rows.append(row | {key: mean(sums, key) for key in CLASS_MEANS})
+            return sorted(rows, key=lambda c: (-c["count"], c["class"]))
+
         histograms = [
             {"key": key, "label": label, "lo": lo, "hi": hi, "counts": self.bins[key],
              "below": self.outside[key][0], "above": self.outside[key][1]}
@@ -266,12 +344,29 @@ class Findings:
              "items": [entry for _, entry in self.standouts[key].sorted()]}
             for key, label, field, _, _ in STANDOUTS
         ]  # fmt: skip
+        truth = None
+        if self.has_truth:
+            truth = {
+                "labelled": self.labelled,
+                "correct": self.correct,
+                "accuracy": round(self.correct / self.labelled, 4) if self.labelled else None,
+                "unmatched": self.unmatched,
+                "by_truth": table(self.by_truth, truth=True),
+                "by_prediction": table(self.by_prediction, truth=True),
+                "confusions": [
+                    {"truth": t, "predicted": p, "count": count, "items": items}
+                    for (t, p), (count, items) in self.top_confusions()
+                ],
+                "confusion_pairs": len(self.confusions),
+            }
+        flagged = {f["name"]: self.flagged[f["name"]] for f in flag_views(self.has_truth)}
         return {
             "done": self.done,
-            "classes": classes,
+            "classes": table(self.classes),
             "histograms": histograms,
             "standouts": standouts,
-            "flagged": self.flagged,
+            "flagged": flagged,
+            "truth": truth,  # None: no item has ground truth, and the page is as without it
         }
 
 
@@ -388,5 +483,9 @@ def build_report(
         },
         "findings": findings.as_json(),
     }
-    data = {"summary": summary, "fields": field_views(), "flags": flag_views(), "rows": rows}
+    flags_shown = flag_views(findings.has_truth)
+    data = {
+        "summary": summary, "fields": field_views(), "flags": flags_shown, "rows": rows,
+        "thumb_parts": THUMB_PARTS,
+    }  # fmt: skip
     return render_page("report.html", f"explainctl audit {status['job_id']}", data)

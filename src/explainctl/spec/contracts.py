@@ -26,7 +26,15 @@ HEATMAP_PNG = "heatmap.png"
 OVERLAY_PNG = "overlay.png"
 PERTURBED_PNG = "perturbed.png"
 RESULT_JSON = "result.json"
-ARTIFACT_FILES = (MASK_NPY, MASK_PNG, HEATMAP_PNG, OVERLAY_PNG, PERTURBED_PNG, RESULT_JSON)
+# The gallery's images of the item, read by a report instead of decoding three full-size
+# files: the original, the overlay and the perturbed image side by side (in that order),
+# each fitted into THUMB_SIDE px, as one WebP. Items of older jobs have none.
+THUMBS_WEBP = "thumbs.webp"
+THUMB_SIDE = 120
+THUMB_PARTS = ("original", "overlay", "perturbed")
+ARTIFACT_FILES = (
+    MASK_NPY, MASK_PNG, HEATMAP_PNG, OVERLAY_PNG, PERTURBED_PNG, THUMBS_WEBP, RESULT_JSON,
+)  # fmt: skip
 # Written beside mask.npy when a method returns several masks (extremal with several
 # areas): (A, h, w) float32, one per area in the order of params.areas.
 MASKS_NPY = "masks.npy"

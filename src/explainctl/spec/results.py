@@ -51,6 +51,30 @@ class ItemScores(_Strict):
     target_name: str | None = score(
         None, label="class name", help="its name, where known", compare=True
     )
+    # Right and wrong: the model's own decision on the image as is, and the ground truth
+    # where the input's dataset gave one. None on records written before they existed.
+    predicted_index: int | None = score(
+        None, label="predicted", help="the model's top-1 class on the image as is", compare=True
+    )
+    predicted_name: str | None = score(
+        None, label="predicted name", help="its name, where known", compare=True
+    )
+    label_index: int | None = score(
+        None,
+        label="truth",
+        help="the ground truth (the input's label) matched to the model's classes, by index "
+        "or case-insensitive name; None without a label or where it names no class",
+        compare=True,
+    )
+    label_name: str | None = score(
+        None, label="truth name", help="its name, where known", compare=True
+    )
+    correct: bool | None = score(
+        None,
+        label="correct",
+        help="predicted == truth; None without a matched label",
+        compare=True,
+    )
     prob_before: float = score(
         label="p before",
         help="softmax probability of the class, image as is",

@@ -1,7 +1,10 @@
 """Trust flags: the reasons an auditor should look twice at one explanation, declared once.
 
 Each flag has a short name (a badge and a filter in the report), a sentence for people and
-a condition over an item's diagnostics (`ItemScores`). A flag whose fields the item lacks
+a condition over an item's diagnostics (`ItemScores`). `misclassified` is about the
+decision rather than its explanation, but an auditor looks twice at it the same way: it
+is raised only where the item has ground truth, and a report shows it only for a job
+that has some. A flag whose fields the item lacks
 (None: not measured, or a record older than the diagnostics) is not raised: no flag means
 nothing found, not everything checked.
 """
@@ -29,6 +32,7 @@ class Flag:
     when: str  # the condition in words, for the README
     fields: tuple[str, ...]  # every one must be set for the flag to be evaluated
     test: Callable[[Any], bool]
+    truth: bool = False  # needs ground truth: a job without any never raises it
 
 
 FLAGS: tuple[Flag, ...] = (
@@ -54,6 +58,14 @@ FLAGS: tuple[Flag, ...] = (
         ("stability_iou",),
         lambda r: r.stability_iou < UNSTABLE_IOU,
     ),
+    Flag(
+        "misclassified",
+        "the model's top-1 class is not the item's ground truth",
+        "`correct` is false (only where the item's label matched a class)",
+        ("correct",),
+        lambda r: not r.correct,
+        truth=True,
+    ),
 )
 FLAG_NAMES: tuple[str, ...] = tuple(flag.name for flag in FLAGS)
 
@@ -68,9 +80,10 @@ def flags(record: Any) -> list[str]:
     ]
 
 
-def flag_views() -> list[dict[str, str]]:
-    """How the report shows each flag: its name and its sentence."""
-    return [{"name": flag.name, "sentence": flag.sentence} for flag in FLAGS]
+def flag_views(truth: bool = True) -> list[dict[str, str]]:
+    """How the report shows each flag: its name and its sentence; without `truth` (a job
+    without ground truth) only those it can raise."""
+    return [{"name": f.name, "sentence": f.sentence} for f in FLAGS if truth or not f.truth]
 
 
 def markdown_flags() -> str:

@@ -522,6 +522,13 @@ def _explanations(problem: Problem, result, iterations, converged, params) -> li
         "target_name": None,  # the engine knows no class names: explain._render does
         "prob_before": problem.prob_before,
         "prob_after": prob_after,
+        # The model's decision, from the pass that found prob_before: no pass of its own.
+        "predicted_index": problem.top1_before,
+        "predicted_name": None,
+        # Ground truth is the item's, not the image's: explain._render sets it.
+        "label_index": None,
+        "label_name": None,
+        "correct": None,
         "mask_area": mask_area(final),
         **vars(trust),  # how far to trust it: diagnostics.Diagnostics, every field a score
         # Measured from an item's two runs once both are done (explain._with_twins).

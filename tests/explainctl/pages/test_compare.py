@@ -176,17 +176,20 @@ def test_pairs_carry_both_sides_their_differences_and_mask_agreement():
 def test_the_json_shapes_are_stable():
     comparison, _, _ = _comparison()
     entries = [e.as_json() for e in comparison]
-    side = ["index", "item", "state", "target_index", "target_name", "prob_before",
+    side = ["index", "item", "state", "target_index", "target_name", "predicted_index",
+            "predicted_name", "label_index", "label_name", "correct", "prob_before",
             "prob_after", "drop", "mask_area", "error_code"]  # fmt: skip
     pair = next(e for e in entries if e["kind"] == "pair")
-    assert list(pair) == ["kind", "uri", "a", "b", "class_changed", "delta_prob_after",
-                          "delta_drop", "delta_mask_area", "iou", "rank", "note"]  # fmt: skip
+    assert list(pair) == ["kind", "uri", "a", "b", "class_changed", "only_right",
+                          "delta_prob_after", "delta_drop", "delta_mask_area", "iou", "rank",
+                          "note"]  # fmt: skip
     assert list(pair["a"]) == side and list(pair["b"]) == side
     only = [e for e in entries if e["kind"].startswith("only_")]
     assert [list(e) for e in only] == [["kind", "uri", "a"], ["kind", "uri", "b"]]
     assert list(comparison.summary.as_json()) == [
         "kind", "a", "b", "params_differ", "paired", "compared", "only_a", "only_b",
-        "class_changed", "mean_iou", "mean_rank", "mean_delta_prob_after", "mean_delta_drop",
+        "class_changed", "judged", "right_a", "right_b", "only_right_a", "only_right_b",
+        "mean_iou", "mean_rank", "mean_delta_prob_after", "mean_delta_drop",
         "mean_delta_mask_area",
     ]  # fmt: skip
     json.dumps(entries)  # every value is plain JSON
@@ -261,3 +264,47 @@ def test_the_page_renders_summary_and_rows_sorted_with_images_in_a_browser(tmp_p
 
 def html_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _judged():
+    """Three images under two models, with ground truth: both right, only A right, only B
+    right; and one without ground truth."""
+    store, mask = Store(), np.ones((4, 4), dtype=np.float32)
+    verdicts = [(True, True), (True, False), (False, True), (None, None)]
+    a, b = [], []
+    for i, (right_a, right_b) in enumerate(verdicts):
+        a.append(_done(store, "a", i, f"/img/{i}.png", mask, correct=right_a))
+        b.append(_done(store, "b", i, f"/img/{i}.png", mask, correct=right_b))
+    return Comparison(_view("a"), _view("b"), a, b, store), store
+
+
+def test_pairs_mark_the_items_only_one_model_gets_right():
+    comparison, _ = _judged()
+    pairs = list(comparison)
+    assert [p.only_right for p in pairs] == [None, "a", "b", None]
+    assert [p.as_json()["only_right"] for p in pairs] == [None, "a", "b", None]
+    summary = comparison.summary.as_json()
+    assert (summary["judged"], summary["right_a"], summary["right_b"]) == (3, 2, 2)
+    assert (summary["only_right_a"], summary["only_right_b"]) == (1, 1)
+
+
+def test_the_page_marks_right_and_wrong_and_filters_to_them_in_a_browser(tmp_path):
+    comparison, store = _judged()
+    path = tmp_path / "compare.html"
+    path.write_text(build_page(comparison.collect(), store))
+    dom = browser.dump_dom(path, tmp_path / "profile")
+    cards = browser.card_values(dom)
+    assert (cards["right in A"], cards["right in B"]) == ("2 / 3", "2 / 3")
+    assert (cards["only A right"], cards["only B right"]) == ("1", "1")
+    marks = dict(re.findall(r'<tr data-uri="/img/(\d).png"[^>]*>.*?<td data-field="only_right">'
+                            r'(.*?)</td>', dom))  # fmt: skip
+    assert marks == {"0": "yes / yes", "1": '<span class="right">only A</span>',
+                     "2": '<span class="right">only B</span>', "3": "– / –"}  # fmt: skip
+    assert not re.search(r'<label id="split-label"[^>]*hidden', dom)
+    # Without ground truth the page has neither the column nor the filter.
+    comparison, store, _ = _comparison()
+    path.write_text(build_page(comparison.collect(), store))
+    dom = browser.dump_dom(path, tmp_path / "profile")
+    drawn = dom.split('<script id="data"')[0]  # the page, not its script
+    assert 'data-field="only_right"' not in drawn and "only A right" not in drawn
+    assert re.search(r'<label id="split-label"[^>]*hidden', dom)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from explainctl.pages import report
 from explainctl.pages.report import build_report
+from explainctl.spec.contracts import THUMB_PARTS, THUMBS_WEBP
 from explainctl.spec.errors import InvalidInput
 from explainctl.spec.results import SCORE_FIELDS, SORT_KEYS, ItemRecord, ItemScores, shown
 from explainctl.spec.trust import FLAGS
@@ -56,6 +57,8 @@ def _every_score() -> dict:
             values[name] = "bf16"
         elif name == "target_name":
             values[name] = "tabby"
+        elif name in ("predicted_name", "label_name"):
+            values[name] = name.replace("_", " ")
         elif kind is bool:
             values[name] = True
         elif kind in (int, "int") or name in ("target_index", "iterations"):
@@ -76,8 +79,13 @@ def test_every_declared_score_is_rendered_in_a_browser(tmp_path):
     cells = dict(re.findall(r'<td data-field="([a-z_]+)">([^<]*)</td>', dom))
     heads = set(re.findall(r'<th[^>]*data-field="([a-z_]+)"', dom))
     assert "tabby" in dom and str(scores["target_index"]) in dom  # the class column
+    # The prediction and the ground truth have their own columns, by name where known.
+    assert cells["predicted_index"] == "predicted name" and cells["label_index"] == "label name"
     for name in SCORE_FIELDS:
-        if name in ("target_index", "target_name"):
+        if name in ("target_index", "target_name", "predicted_name", "label_name"):
+            continue
+        if name in ("predicted_index", "label_index"):
+            assert name in heads
             continue
         assert name in heads, f"{name}: declared but has no column in the report"
         assert cells.get(name) == shown(name, scores[name]), f"{name}: value not rendered"
@@ -171,7 +179,10 @@ def test_the_findings_are_computed_from_the_done_items():
     assert histograms["drop"]["below"] == 1 and histograms["mask_area"]["below"] == 0
     standouts = {s["key"]: [i["index"] for i in s["items"]] for s in findings["standouts"]}
     assert standouts == EXPECTED_STANDOUTS
+    # Without ground truth: nothing about right and wrong, and no flag that needs it.
     assert findings["flagged"] == {"not-removed": 2, "diffuse": 2, "unstable": 1}
+    assert findings["truth"] is None
+    assert "misclassified" not in {f["name"] for f in data["flags"]}
     assert [r["flags"] for r in data["rows"]] == [
         [],
         ["not-removed", "diffuse", "unstable"],
@@ -263,7 +274,7 @@ def test_the_findings_flags_and_detail_view_render_in_a_browser(tmp_path):
     assert numbers["drop"] == "0.200" and numbers["class_changed"] == "no"
     assert set(SCORE_FIELDS) <= set(numbers)
     flags_shown = _block(dom, "id", "detail-flags", "ul")
-    assert all(sentences[name] in flags_shown for name in sentences)
+    assert all(sentences[name] in flags_shown for name in ("not-removed", "diffuse", "unstable"))
 
 
 @pytest.mark.parametrize(
@@ -340,7 +351,8 @@ def test_the_gallery_holds_what_matches_and_the_standouts_and_the_findings_count
 
 @pytest.mark.parametrize(
     ("values", "message"),
-    [({"flag": "shaky"}, "--flag takes one of not-removed, diffuse, unstable, any, none"),
+    [({"flag": "shaky"},
+      "--flag takes one of not-removed, diffuse, unstable, misclassified, any, none"),
      ({"state": "lost"}, "--state takes one of queued, running, done, failed, cancelled"),
      ({"limit": 0}, "--limit takes a number of items of at least 1")],
 )  # fmt: skip
@@ -404,3 +416,175 @@ def test_only_the_formats_workers_write_are_decoded_under_the_pixel_cap():
     assert images["perturbed"] is None  # a BMP where workers write PNG: not opened
     capped = build_report(_status("completed", 1, 0), [record], files.get, max_pixels=899)
     assert not any(_data(capped)["rows"][0]["images"].values())
+
+
+# --- with ground truth: right and wrong ---
+
+
+# Per done item of _findings_job: (predicted index, name), (label index, name), raw label.
+# 0 right; 1 and 2 a tiger cat taken for a tabby; 3 a tabby taken for class 7; 4 a label
+# that names no class.
+TRUTH = [
+    ((281, "tabby"), (281, "tabby"), "281"),
+    ((281, "tabby"), (282, "tiger cat"), "tiger cat"),
+    ((281, "tabby"), (282, "tiger cat"), "Tiger Cat"),
+    ((7, None), (281, "tabby"), "tabby"),
+    ((7, None), (None, None), "zebra"),
+]
+
+
+def _truth_job() -> tuple[list[ItemRecord], dict[str, bytes]]:
+    records, files = _findings_job()
+    labelled = []
+    for record in records:
+        values = record.model_dump()
+        if record.index < len(TRUTH):
+            (p, pname), (t, tname), raw = TRUTH[record.index]
+            values |= {"predicted_index": p, "predicted_name": pname, "label_index": t,
+                       "label_name": tname, "correct": None if t is None else p == t,
+                       "label": raw}  # fmt: skip
+        labelled.append(ItemRecord(**values))
+    return labelled, files
+
+
+def test_with_ground_truth_the_findings_hold_accuracy_per_class_tables_and_confusions():
+    records, files = _truth_job()
+    data = _data(build_report(_status("completed_with_failures", 5, 1), records, files.get))
+    truth = data["summary"]["findings"]["truth"]
+    assert (truth["labelled"], truth["correct"], truth["unmatched"]) == (4, 1, 1)
+    assert truth["accuracy"] == 0.25
+    by_truth = {c["class"]: c for c in truth["by_truth"]}
+    assert {k: (c["count"], c["correct"], c["accuracy"]) for k, c in by_truth.items()} == {
+        "tabby": (2, 1, 0.5), "tiger cat": (2, 0, 0.0)
+    }  # fmt: skip
+    assert by_truth["tiger cat"]["prob_before"] == 0.75  # items 1 and 2: 0.8, 0.7
+    by_prediction = {c["class"]: (c["count"], c["correct"]) for c in truth["by_prediction"]}
+    assert by_prediction == {"tabby": (3, 1), "7": (1, 0)}  # no name: the index
+    assert truth["confusions"] == [
+        {"truth": "tiger cat", "predicted": "tabby", "count": 2, "items": [1, 2]},
+        {"truth": "tabby", "predicted": "7", "count": 1, "items": [3]},
+    ]
+    assert data["summary"]["findings"]["flagged"]["misclassified"] == 3
+    rows = {r["index"]: r for r in data["rows"]}
+    assert [i for i in rows if "misclassified" in rows[i]["flags"]] == [1, 2, 3]
+    assert (rows[4]["truth"], rows[4]["label"]) == (None, "zebra")
+
+
+def test_the_confusions_items_get_their_masks_whatever_the_gallery_holds(monkeypatch):
+    monkeypatch.setattr(report, "DETAIL_ITEMS", 0)
+    monkeypatch.setattr(report, "STANDOUT_ITEMS", 1)  # 3 largest, 4 smallest, 1 least stable
+    records, files = _truth_job()
+    page = build_report(_status("completed_with_failures", 5, 1), records, files.get,
+                        report.Gallery(flag="none", limit=1))  # fmt: skip
+    rows = {r["index"]: r for r in _data(page)["rows"]}
+    # Item 2 is in the gallery only as a confusion's item, with its full-size mask.
+    assert sorted(rows) == [0, 1, 2, 3, 4]
+    assert rows[2]["detail"]["mask"].startswith("data:image/webp;base64,")
+
+
+def test_right_and_wrong_render_in_a_browser_and_misclassified_filters(tmp_path):
+    records, files = _truth_job()
+    page = tmp_path / "report.html"
+    page.write_text(build_report(_status("completed_with_failures", 5, 1), records, files.get))
+    dom = browser.dump_dom(page, tmp_path / "profile", fragment="item=2")
+    assert re.search(r'<div id="truth"[^>]*>', dom).group(0) == '<div id="truth">'  # shown
+    assert re.search(r'<div id="by-class" hidden', dom)
+    cards = browser.card_values(dom)
+    assert (cards["accuracy"], cards["misclassified"]) == ("0.250", "3")
+    summary = _block(dom, "id", "truth-summary", "p")
+    assert "for 1 of the 4 items whose label matched a class" in summary
+    assert "1 more carry a label that names no class" in summary
+
+    def table(table_id: str) -> dict[str, list[str]]:
+        body = _block(dom, "id", table_id, "table")
+        rows = re.findall(r'<tr data-class="([^"]*)">(.*?)</tr>', body)
+        cell = r'<td data-col="(?:correct|accuracy)">([^<]*)</td>'
+        return {name: re.findall(cell, row) for name, row in rows}
+
+    assert table("by-truth") == {"tabby": ["1", "0.500"], "tiger cat": ["0", "0.000"]}
+    assert table("by-prediction") == {"tabby": ["1", "0.333"], "7": ["0", "0.000"]}
+    confusions = re.findall(r'<li data-confusion="([^"]*)">(.*?)</li>', dom)
+    assert [name for name, _ in confusions] == ["tiger cat → tabby", "tabby → 7"]
+    links = [re.findall(r'<a href="#item=(\d+)"', li) for _, li in confusions]
+    assert links == [["1", "2"], ["3"]]
+    # The prediction and the truth columns; a label of no class shown as given.
+    assert re.findall(r'<td data-field="label_index">([^<]*)</td>', dom) == [
+        "tabby", "tiger cat", "tiger cat", "tabby", "zebra (no such class)", ""
+    ]  # fmt: skip
+    assert '<td data-field="predicted_index" class="wrong">tabby</td>' in _block(
+        dom, "data-index", "1", "tr"
+    )
+    assert 'data-flag="misclassified"' in _block(dom, "data-index", "3", "tr")
+    # A confusion's item opens with its mask at full size, one click from the list.
+    body = browser.body_data(dom)
+    assert body["detail"] == "2" and body["detail-images-loaded"] == "4"
+    assert "unavailable" not in _block(dom, "data-image", "mask", "figure")
+    # The gallery's Trust filter (and the address's flag=) narrow to the misclassified.
+    dom = browser.dump_dom(page, tmp_path / "profile", fragment="flag=misclassified")
+    shown = re.findall(r'<tr class="[a-z]+" data-state="[a-z]+" data-index="(\d+)"', dom)
+    assert shown == ["1", "2", "3"]
+    assert '<option value="misclassified"' in dom
+
+
+def test_without_ground_truth_the_page_says_nothing_of_right_and_wrong(tmp_path):
+    dom = browser.dump_dom(_findings_page(tmp_path), tmp_path / "profile")
+    assert re.search(r'<div id="truth" hidden', dom)
+    assert re.search(r'<div id="by-class">', dom)
+    assert "accuracy" not in browser.card_values(dom)
+    assert 'data-field="predicted_index"' not in dom and 'data-field="correct"' not in dom
+    assert "misclassified" not in dom.split('<script id="data"')[0]
+
+
+# --- the gallery from the worker's thumbs.webp ---
+
+
+def _thumbs_job() -> tuple[list[ItemRecord], dict[str, bytes]]:
+    """The findings job with the thumbnails a worker writes (explainctl_worker.artifact),
+    except item 4's, an item of an older job."""
+    from explainctl_worker.artifact import thumbs
+
+    records, files = _findings_job()
+    with_thumbs = []
+    for record in records:
+        if record.state == "done" and record.index != 4:
+            i, uri = record.index, f"/img/{record.index}/thumbs.webp"
+            parts = [Image.open(io.BytesIO(files[f"/img/{i}/{k}.png"])) for k in THUMB_PARTS]
+            files[uri] = thumbs(parts)
+            record = record.model_copy(update={"artifacts": {**record.artifacts, THUMBS_WEBP: uri}})
+        with_thumbs.append(record)
+    return with_thumbs, files
+
+
+def test_the_gallery_reads_the_workers_thumbnails_and_older_items_the_full_files(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(report, "DETAIL_ITEMS", 0)
+    monkeypatch.setattr(report, "STANDOUT_ITEMS", 1)  # 3 largest, 4 smallest, 1 least stable
+    records, files = _thumbs_job()
+    reads = []
+    page = build_report(_status("completed_with_failures", 5, 1), records,
+                        lambda uri: reads.append(uri) or files[uri])  # fmt: skip
+    rows = {r["index"]: r for r in _data(page)["rows"]}
+    # 0 and 2 stand out in no list: one small file each, embedded as it is.
+    for i in (0, 2):
+        assert [u for u in reads if u.startswith(f"/img/{i}/")] == [f"/img/{i}/thumbs.webp"]
+        strip = base64.b64encode(files[f"/img/{i}/thumbs.webp"]).decode()
+        assert rows[i]["images"] == {"strip": "data:image/webp;base64," + strip}
+    # The items whose detail view embeds full-size images read those, as before.
+    assert "detail" in rows[1] and "detail" in rows[3]
+    assert {"original", "overlay", "perturbed"} <= set(rows[4]["images"])  # no thumbs.webp
+    path = tmp_path / "report.html"
+    path.write_text(page)
+    dom = browser.dump_dom(path, tmp_path / "profile", fragment="item=2")
+    body = browser.body_data(dom)
+    assert body["images-total"] == body["images-loaded"] == "15"
+    # Each part of the strip in its own cell: the strip (360 px) shifted by whole parts.
+    row = _block(dom, "data-index", "0", "tr")
+    crop = r'<div class="crop" data-part="([a-z]+)"><img [^>]*style="margin-left: ([^;"]+);'
+    crops = re.findall(crop, row)
+    assert crops == [("original", "0%"), ("overlay", "-100%"), ("perturbed", "-200%")]
+    widths = body["images-widths"].split(",")
+    assert widths.count(str(3 * report.THUMBNAIL)) == 6  # rows 0 and 2; the others their own
+    # The detail view of an item without full-size images shows the strip's parts too.
+    assert body["detail"] == "2" and body["detail-images-loaded"] == "3"
+    assert "unavailable" in _block(dom, "data-image", "mask", "figure")

@@ -31,6 +31,8 @@ def test_a_trustworthy_item_raises_no_flag():
         ({"compactness": trust.DIFFUSE_COMPACTNESS}, []),
         ({"stability_iou": 0.2}, ["unstable"]),
         ({"stability_iou": trust.UNSTABLE_IOU}, []),
+        ({"correct": False}, ["misclassified"]),
+        ({"correct": True}, []),
         (
             {"prob_ratio": 0.9, "class_changed": False, "compactness": 0.1, "stability_iou": 0},
             ["not-removed", "diffuse", "unstable"],
@@ -48,10 +50,12 @@ def test_each_flag_is_raised_by_its_condition(scores, expected):
         ({"prob_ratio": 0.9, "class_changed": None}, "not-removed"),
         ({"compactness": None}, "diffuse"),
         ({"stability_iou": None}, "unstable"),  # not measured (no --stability)
+        ({"correct": None}, "misclassified"),  # no ground truth, or a label of no class
     ],
 )
 def test_a_flag_that_cannot_be_evaluated_is_not_raised(scores, silent):
-    worst = {"prob_ratio": 0.9, "class_changed": False, "compactness": 0.1, "stability_iou": 0}
+    worst = {"prob_ratio": 0.9, "class_changed": False, "compactness": 0.1, "stability_iou": 0,
+             "correct": False}  # fmt: skip
     raised = flags(_record(**{**worst, **scores}))
     assert silent not in raised
     assert set(raised) == set(FLAG_NAMES) - {silent}
@@ -71,3 +75,10 @@ def test_every_flag_reads_declared_fields_and_is_documented():
         assert flag.sentence and f"`{flag.name}`" in table and flag.sentence in table
         for name in flag.fields:
             assert f"`{name}`" in flag.when, f"{flag.name}: its condition does not name {name}"
+
+
+def test_a_job_without_ground_truth_is_shown_only_the_flags_it_can_raise():
+    assert [f["name"] for f in trust.flag_views(truth=False)] == [
+        f.name for f in FLAGS if f.name != "misclassified"
+    ]
+    assert [f["name"] for f in trust.flag_views()] == list(FLAG_NAMES)
