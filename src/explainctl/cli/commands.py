@@ -455,15 +455,39 @@ def results(
         str | None, typer.Option("--sort", help=f"Order by one of: {', '.join(SORT_KEYS)}.")
     ] = None,
     desc: Annotated[bool, typer.Option("--desc", help="Largest first.")] = False,
+    parquet: Annotated[
+        str | None,
+        typer.Option(
+            "--parquet",
+            metavar="FILE",
+            help="Write every column (results, URIs, artifact URIs, trust flags) to a "
+            "parquet file, streamed.",
+        ),
+    ] = None,
+    masks: Annotated[
+        bool, typer.Option("--masks", help="With --parquet: each item's mask as a column.")
+    ] = False,
 ) -> None:
     """List a job's items with their results or errors (JSON lines with --json)."""
     if sort is not None and sort not in SORT_KEYS:
         raise InvalidInput(f"--sort takes one of {', '.join(SORT_KEYS)}, not {sort!r}")
+    if masks and parquet is None:
+        raise InvalidInput("--masks goes with --parquet FILE")
     records = _client(broker, output).results(job)
     if state:
         records = (r for r in records if r.state == state)
     if sort:
         records = _sorted(list(records), sort, desc)
+    if parquet is not None:
+        from explainctl.jobs.masks import MaskReader
+        from explainctl.jobs.table import write_parquet
+
+        rows = write_parquet(records, parquet, MaskReader() if masks else None)
+        if as_json:
+            _print_json({"job_id": job, "rows": rows, "parquet": parquet, "masks": masks})
+        else:
+            print(f"{rows} rows written to {parquet}")
+        return
     if as_csv:
         import csv
 

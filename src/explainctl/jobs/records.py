@@ -2,7 +2,8 @@
 
 A done item's scores and artifacts are written to the job's output as they settle, one
 part per chunk attempt (`<job>/parts/<low>-<high>-<chunk>-<run>.jsonl`, a JSON line per
-item), before Redis marks the items done: an item is never done without its record, and
+item, after the attempt's masks in one file, `<job>/masks/<same name>.npz`: jobs/masks.py),
+before Redis marks the items done: an item is never done without its record, and
 Redis keeps only what a live job needs (jobs/store.py). A part of an attempt that lost the
 race to a second copy of its chunk holds a record Redis never counted; it names complete
 artifacts all the same, and a reader takes, per done item, the record of the highest
@@ -19,12 +20,22 @@ import json
 import logging
 import secrets
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
+
 from explainctl.io.storage import Storage
+from explainctl.jobs.masks import encode as encode_masks
 from explainctl.jobs.store import Entry, JobStore
-from explainctl.spec.contracts import PARTS, item_name, job_key, part_key, part_span
+from explainctl.spec.contracts import (
+    PARTS,
+    chunk_masks_key,
+    item_name,
+    job_key,
+    part_key,
+    part_span,
+)
 from explainctl.spec.errors import ItemError, ServiceUnavailable
 from explainctl.spec.results import ItemRecord
 
@@ -40,16 +51,26 @@ def settle(
     job_id: str,
     chunk: int,
     changes: Iterable[tuple[int, str, dict | None]],
+    masks: Mapping[int, np.ndarray] | None = None,
 ) -> bool:
-    """Settle items: (index, state, fields). The fields of done items (attempt,
-    artifacts, scores) are written as one part first, then every item moves in Redis
-    with a failed item's error; True if that finished the job. Raises ItemError when
-    storage refuses the part, and then nothing moved."""
+    """Settle items: (index, state, fields). The masks of done items (index -> mask) are
+    written as one chunk file, then their fields (attempt, artifacts, scores, the chunk
+    file) as one part, then every item moves in Redis with a failed item's error; True if
+    that finished the job. Raises ItemError when storage refuses either file, and then
+    nothing moved."""
     changes = list(changes)
     done = sorted((index, fields) for index, state, fields in changes if state == "done")
     if done:
+        run = secrets.token_hex(4)
+        low, high = done[0][0], done[-1][0]
+        held = {i: masks[i] for i, _ in done if masks and i in masks}
+        if (data := encode_masks(held)) is not None:
+            uri = storage.put(
+                chunk_masks_key(job_id, low, high, chunk, run), data, "application/octet-stream"
+            )
+            done = [(i, {**(f or {}), "mask_file": uri} if i in held else f) for i, f in done]
         lines = "".join(json.dumps({"index": i, **(f or {})}) + "\n" for i, f in done)
-        key = part_key(job_id, done[0][0], done[-1][0], chunk, secrets.token_hex(4))
+        key = part_key(job_id, low, high, chunk, run)
         storage.put(key, lines.encode(), "application/x-ndjson")
     return store.settle(job_id, [(i, s, f if s == "failed" else None) for i, s, f in changes])
 

@@ -214,6 +214,17 @@ def part_span(key: str) -> tuple[int, int]:
 
 PARTS = "parts"
 
+# One file per chunk attempt with the masks of the items it settled done, written before
+# its part (so a record that names it names a complete file): an .npz of `index` (N,)
+# int64 and `masks` (N, h, w) float32, row i the mask.npy of item index[i]. Readers of
+# many masks (results --parquet --masks, compare, export) fetch one object per chunk.
+MASKS = "masks"
+
+
+def chunk_masks_key(job_id: str, low: int, high: int, chunk: int, run: str) -> str:
+    """Where one chunk attempt's masks go: `<job>/masks/`, named as its part is."""
+    return f"{job_id}/{MASKS}/{low:09d}-{high:09d}-{chunk:07d}-{run}.npz"
+
 
 # --- Job records -----------------------------------------------------------------------
 

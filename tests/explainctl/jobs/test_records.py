@@ -117,3 +117,28 @@ def test_storage_refusing_the_part_moves_nothing(job_store, tmp_path):
     with pytest.raises(ItemError):
         records.settle(job_store, storage, job_id, 0, [(0, "done", _done(storage, job_id, 0, 1))])
     assert job_store.states(job_id, [0]) == ["running"]
+
+
+def test_a_chunks_masks_go_to_one_file_that_its_records_name(job_store, tmp_path):
+    import numpy as np
+
+    from explainctl.jobs.masks import MaskReader
+    from explainctl.spec.contracts import MASKS
+
+    storage = open_storage(str(tmp_path / "out"))
+    job_id = _job(job_store, storage.root, 3)
+    job_store.begin(job_id, [0, 1, 2])
+    masks = {0: np.full((4, 4), 0.25, np.float32), 2: np.eye(4, dtype=np.float32)}
+    changes = [(0, "done", _done(storage, job_id, 0, 1)),
+               (1, "failed", {"error_code": "corrupt", "error": "bad"}),
+               (2, "done", _done(storage, job_id, 2, 1))]  # fmt: skip
+    assert records.settle(job_store, storage, job_id, 0, changes, masks) is True
+    (key,) = storage.list(f"{job_id}/{MASKS}/")
+    (part,) = storage.list(f"{job_id}/{PARTS}/")
+    assert key.rsplit("/", 1)[1][:-4] == part.rsplit("/", 1)[1][:-6]  # one name, two files
+    done = [r for r in item_records(job_store, storage, job_id) if r.state == "done"]
+    assert [r.mask_file for r in done] == [storage.uri(key)] * 2
+    reader = MaskReader(lambda uri: storage.get(key))
+    assert np.array_equal(reader.mask(done[1]), masks[2])
+    assert reader.mask(done[0]).tolist() == masks[0].tolist()
+    assert reader.fetched == 1  # the chunk's file, once for both
