@@ -5,6 +5,7 @@ Errors are domain exceptions; `main` turns them into one line on stderr and an e
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -700,6 +701,39 @@ def report(
         _print_json({"job_id": job, "report": written})
     else:
         print(written)
+
+
+@app.command()
+def export(
+    job: JobArg,
+    to: Annotated[str, typer.Option("--to", help="Where to: fiftyone.")] = "fiftyone",
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="FiftyOne dataset to create or extend (default explainctl-JOB)."),
+    ] = None,
+    media: Annotated[
+        str | None,
+        typer.Option(
+            help="Where images not on this machine (s3://) are downloaded "
+            "(default $EXPLAINCTL_HOME/media): FiftyOne reads local media only."
+        ),
+    ] = None,
+    broker: BrokerOpt = None,
+    output: OutputOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a job to FiftyOne: one sample per item with its image, classes, saliency
+    heatmap, every score and its trust flags as tags; exporting again updates it."""
+    if to != "fiftyone":
+        raise InvalidInput(f"--to takes fiftyone, not {to!r}")
+    done = _client(broker, output).export_fiftyone(job, dataset, media)
+    if as_json:
+        _print_json({"job_id": job, **dataclasses.asdict(done)})
+    else:
+        print(f"{done.samples} samples of {job} in FiftyOne dataset {done.dataset!r} "
+              f"(images downloaded: {done.downloaded}, to {done.media})")  # fmt: skip
+        if done.without_media:
+            print(f"{done.without_media} images could not be read", file=sys.stderr)
 
 
 @app.command()

@@ -123,7 +123,7 @@ def write_parquet(
         written += len(batch_rows)
 
     try:
-        for chunk in _batches(records, batch):
+        for chunk in batches(records, batch):
             batch_rows = [row(r) for r in chunk]
             batch_masks = list(pool.map(_mask_of(masks), chunk)) if pool else []
             if masks and shape is None:
@@ -191,7 +191,7 @@ def _mask_of(masks: MaskReader | None):
     return read
 
 
-def _batches(records: Iterable[ItemRecord], size: int) -> Iterator[list[ItemRecord]]:
+def batches(records: Iterable[ItemRecord], size: int) -> Iterator[list[ItemRecord]]:
     batch: list[ItemRecord] = []
     for record in records:
         batch.append(record)

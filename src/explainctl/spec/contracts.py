@@ -32,6 +32,19 @@ ARTIFACT_FILES = (MASK_NPY, MASK_PNG, HEATMAP_PNG, OVERLAY_PNG, PERTURBED_PNG, R
 MASKS_NPY = "masks.npy"
 # Every name an item's folder may hold: what readers of artifacts accept.
 ARTIFACT_NAMES = frozenset((*ARTIFACT_FILES, MASKS_NPY))
+# On the item scale the heatmap's top colour is the item's strongest deletion, but never a
+# saliency below this: a mask that deleted nothing strongly is not stretched into one that
+# looks decisive, while one that deleted mildly everywhere does not look like nothing.
+ITEM_SCALE_FLOOR = 0.25
+
+
+def heatmap_top(mask, scale: str = "item") -> float:
+    """The saliency 1 - m that heatmap.png draws in its top colour (a numpy mask): 1 on
+    the absolute scale; on the item scale the item's strongest deletion, at least
+    ITEM_SCALE_FLOOR. Declared here so that exports draw on the worker's scale."""
+    if scale == "absolute":
+        return 1.0
+    return max(1.0 - float(mask.min()), ITEM_SCALE_FLOOR)
 
 
 class _Strict(BaseModel):
