@@ -16,7 +16,6 @@ from typing import Any
 from explainctl.cli.options import build_params, validated
 from explainctl.spec.contracts import DEFAULT_CHUNK_SIZE, GROUND_TRUTH, ModelSpec, Target
 from explainctl.spec.errors import InvalidInput, MissingDependency
-from explainctl.spec.results import RESULT_COLUMNS
 
 Triple = Sequence[float]
 
@@ -403,10 +402,21 @@ class Job:
         return final
 
     def results(self):
-        """One row per item: index, URI, state, every result field, error code and
-        message (the columns of `explainctl results`); a pandas DataFrame, else pyarrow."""
-        rows = [record.model_dump(mode="json") for record in self.client.library.results(self.id)]
-        return frame(rows, RESULT_COLUMNS)
+        """One row per item, the columns of `explainctl results --parquet`
+        (explainctl.jobs.table.COLUMNS): index, URI, state, every result field, error code
+        and message, artifact URIs, trust flags; a pandas DataFrame, else pyarrow."""
+        from explainctl.jobs.table import COLUMNS, rows
+
+        return frame(list(rows(self.client.library.results(self.id))), COLUMNS)
+
+    def to_parquet(self, path: str | os.PathLike, masks: bool = False) -> int:
+        """Write the job's table to a parquet file, streamed, as `explainctl results JOB
+        --parquet FILE [--masks]`; returns the rows written."""
+        from explainctl.jobs.masks import MaskReader
+        from explainctl.jobs.table import write_parquet
+
+        records = self.client.library.results(self.id)
+        return write_parquet(records, os.fspath(path), MaskReader() if masks else None)
 
     def report(self, path: str | None = None) -> str:
         """Write the HTML audit report to `path` (default: next to the artifacts);

@@ -476,6 +476,22 @@ class Client:
         except ItemError as error:
             raise ServiceUnavailable(f"cannot write the report: {error.message}") from None
 
+    def export_fiftyone(self, job_id: str, dataset: str | None = None, media: str | None = None):
+        """Create or extend a FiftyOne dataset (default `explainctl-<job>`) with the job's
+        items; images not on this machine are downloaded to `media` (default
+        $EXPLAINCTL_HOME/media). Returns an Exported (pages/fiftyone_export.py)."""
+        from explainctl.pages import fiftyone_export
+
+        check_job_id(job_id)
+        status = self.status(job_id)
+        return fiftyone_export.export(
+            job_id,
+            self.results(job_id),
+            dataset or f"explainctl-{job_id}",
+            media or str(self.settings.home_dir / "media"),
+            heatmap_scale=status.info.params.heatmap_scale,
+        )
+
     # --- changing ---------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> Cancelled:

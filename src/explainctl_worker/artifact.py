@@ -26,10 +26,6 @@ from explainctl.spec.contracts import (
 from explainctl.spec.results import ItemResult
 
 OVERLAY_ALPHA = 0.5
-# On the item scale the heatmap's top colour is the item's strongest deletion, but never a
-# saliency below this: a mask that deleted nothing strongly is not stretched into one that
-# looks decisive, while one that deleted mildly everywhere does not look like nothing.
-ITEM_SCALE_FLOOR = 0.25
 # Control points of a blue-cyan-yellow-red ramp (value, r, g, b).
 _RAMP = np.array(
     [
@@ -60,14 +56,6 @@ def upsample_mask(mask: np.ndarray, width: int, height: int, mode: str = "biline
     resample = Image.Resampling.NEAREST if mode == "nearest" else Image.Resampling.BILINEAR
     image = Image.fromarray(mask.astype(np.float32), mode="F").resize((width, height), resample)
     return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-
-
-def heatmap_top(mask: np.ndarray, scale: str = "item") -> float:
-    """The saliency 1 - m that heatmap.png draws in its top colour: 1 on the absolute
-    scale; on the item scale the item's strongest deletion, at least ITEM_SCALE_FLOOR."""
-    if scale == "absolute":
-        return 1.0
-    return float(max(1.0 - float(np.min(mask)), ITEM_SCALE_FLOOR))
 
 
 def _png(array: np.ndarray) -> bytes:

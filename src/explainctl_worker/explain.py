@@ -20,11 +20,17 @@ import torch
 from PIL import Image
 
 import explainctl
-from explainctl.spec.contracts import ARTIFACT_FILES, MASKS_NPY, ResolvedModel, Target
+from explainctl.spec.contracts import (
+    ARTIFACT_FILES,
+    MASKS_NPY,
+    ResolvedModel,
+    Target,
+    heatmap_top,
+)
 from explainctl.spec.errors import ENVIRONMENT_CODES, ExplainctlError, ItemError
 from explainctl.spec.methods import ExplainParams
 from explainctl.spec.results import ItemResult
-from explainctl_worker.artifact import heatmap_top, render
+from explainctl_worker.artifact import render
 from explainctl_worker.decode import DecodeLimits, decode_image
 from explainctl_worker.engine.slots import Entry, Explanation, choose_slots, run_slots
 from explainctl_worker.measures import diagnostics

@@ -28,6 +28,7 @@ from explainctl.spec.contracts import MASK_NPY, ModelSpec, Target
 from explainctl.spec.errors import InvalidInput, ItemError
 from explainctl.spec.methods import ExplainParams
 from explainctl.spec.results import SCORE_FIELDS, ItemResult
+from explainctl.spec.trust import flags
 from explainctl_worker.artifact import upsample_mask
 from explainctl_worker.decode import DecodeLimits, decode_image
 from explainctl_worker.explain import ItemInput, ItemOutcome, _to_tensor, explain_items
@@ -36,10 +37,11 @@ from explainctl_worker.model import LoadedModel, ModelCache, pick_device
 
 __all__ = ["LoadedModel", "ExplainResult", "Prediction", "Failure"]
 
-# The table's columns: the item, its state, every documented result field, the model's
-# own top-1 prediction, then the failure.
+# The table's columns: the item, its state, every documented result field and the trust
+# flags (as a job's table, explainctl.jobs.table), the model's own top-1 prediction, then
+# the failure.
 TABLE_COLUMNS: tuple[str, ...] = (
-    "index", "item", "source", "state", *SCORE_FIELDS,
+    "index", "item", "source", "state", *SCORE_FIELDS, "flags",
     "top1_index", "top1_name", "top1_prob", "error_code", "error",
 )  # fmt: skip
 # Images per forward pass when the predictions are taken.
@@ -257,6 +259,7 @@ class ExplainResult:
                 "error": outcome.error,
             }
             row.update(outcome.result.scores() if outcome.ok else dict.fromkeys(SCORE_FIELDS))
+            row["flags"] = flags(outcome.result) if outcome.ok else []
             if prediction is not None:
                 row.update(
                     top1_index=prediction.index,

@@ -5,13 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explainctl.spec.contracts import ARTIFACT_FILES, THUMB_SIDE
+from explainctl.spec.contracts import ARTIFACT_FILES, ITEM_SCALE_FLOOR, THUMB_SIDE, heatmap_top
 from explainctl.spec.methods import ExplainParams
 from explainctl.spec.results import ItemResult
 from explainctl_worker.artifact import (
-    ITEM_SCALE_FLOOR,
     colormap,
-    heatmap_top,
     render,
     thumbs,
     upsample_mask,

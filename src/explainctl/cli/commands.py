@@ -479,15 +479,39 @@ def results(
         str | None, typer.Option("--sort", help=f"Order by one of: {', '.join(SORT_KEYS)}.")
     ] = None,
     desc: Annotated[bool, typer.Option("--desc", help="Largest first.")] = False,
+    parquet: Annotated[
+        str | None,
+        typer.Option(
+            "--parquet",
+            metavar="FILE",
+            help="Write every column (results, URIs, artifact URIs, trust flags) to a "
+            "parquet file, streamed.",
+        ),
+    ] = None,
+    masks: Annotated[
+        bool, typer.Option("--masks", help="With --parquet: each item's mask as a column.")
+    ] = False,
 ) -> None:
     """List a job's items with their results or errors (JSON lines with --json)."""
     if sort is not None and sort not in SORT_KEYS:
         raise InvalidInput(f"--sort takes one of {', '.join(SORT_KEYS)}, not {sort!r}")
+    if masks and parquet is None:
+        raise InvalidInput("--masks goes with --parquet FILE")
     records = _client(broker, output).results(job)
     if state:
         records = (r for r in records if r.state == state)
     if sort:
         records = _sorted(list(records), sort, desc)
+    if parquet is not None:
+        from explainctl.jobs.masks import MaskReader
+        from explainctl.jobs.table import write_parquet
+
+        rows = write_parquet(records, parquet, MaskReader() if masks else None)
+        if as_json:
+            _print_json({"job_id": job, "rows": rows, "parquet": parquet, "masks": masks})
+        else:
+            print(f"{rows} rows written to {parquet}")
+        return
     if as_csv:
         import csv
 
@@ -699,6 +723,39 @@ def report(
         _print_json({"job_id": job, "report": written})
     else:
         print(written)
+
+
+@app.command()
+def export(
+    job: JobArg,
+    to: Annotated[str, typer.Option("--to", help="Where to: fiftyone.")] = "fiftyone",
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="FiftyOne dataset to create or extend (default explainctl-JOB)."),
+    ] = None,
+    media: Annotated[
+        str | None,
+        typer.Option(
+            help="Where images not on this machine (s3://) are downloaded "
+            "(default $EXPLAINCTL_HOME/media): FiftyOne reads local media only."
+        ),
+    ] = None,
+    broker: BrokerOpt = None,
+    output: OutputOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a job to FiftyOne: one sample per item with its image, classes, saliency
+    heatmap, every score and its trust flags as tags; exporting again updates it."""
+    if to != "fiftyone":
+        raise InvalidInput(f"--to takes fiftyone, not {to!r}")
+    done = _client(broker, output).export_fiftyone(job, dataset, media)
+    if as_json:
+        _print_json({"job_id": job, **dataclasses.asdict(done)})
+    else:
+        print(f"{done.samples} samples of {job} in FiftyOne dataset {done.dataset!r} "
+              f"(images downloaded: {done.downloaded}, to {done.media})")  # fmt: skip
+        if done.without_media:
+            print(f"{done.without_media} images could not be read", file=sys.stderr)
 
 
 @app.command()

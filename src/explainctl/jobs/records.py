@@ -2,7 +2,8 @@
 
 A done item's scores and artifacts are written to the job's output as they settle, one
 part per chunk attempt (`<job>/parts/<low>-<high>-<chunk>-<run>.jsonl`, a JSON line per
-item), before Redis marks the items done: an item is never done without its record, and
+item, after the attempt's masks in one file, `<job>/masks/<same name>.npz`: jobs/masks.py),
+before Redis marks the items done: an item is never done without its record, and
 Redis keeps only what a live job needs (jobs/store.py). A part of an attempt that lost the
 race to a second copy of its chunk holds a record Redis never counted; it names complete
 artifacts all the same, and a reader takes, per done item, the record of the highest
@@ -20,16 +21,21 @@ import logging
 import re
 import secrets
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
 
 from explainctl.io.storage import Storage
 from explainctl.io.uri import key_uri, redacted
+from explainctl.jobs.masks import encode as encode_masks
 from explainctl.jobs.store import Entry, JobStore
 from explainctl.spec.contracts import (
     ARTIFACT_NAMES,
+    MASKS,
     PARTS,
     artifact_key,
+    chunk_masks_key,
     item_name,
     job_key,
     part_key,
@@ -50,16 +56,26 @@ def settle(
     job_id: str,
     chunk: int,
     changes: Iterable[tuple[int, str, dict | None]],
+    masks: Mapping[int, np.ndarray] | None = None,
 ) -> bool:
-    """Settle items: (index, state, fields). The fields of done items (attempt,
-    artifacts, scores) are written as one part first, then every item moves in Redis
-    with a failed item's error; True if that finished the job. Raises ItemError when
-    storage refuses the part, and then nothing moved."""
+    """Settle items: (index, state, fields). The masks of done items (index -> mask) are
+    written as one chunk file, then their fields (attempt, artifacts, scores, the chunk
+    file) as one part, then every item moves in Redis with a failed item's error; True if
+    that finished the job. Raises ItemError when storage refuses either file, and then
+    nothing moved."""
     changes = list(changes)
     done = sorted((index, fields) for index, state, fields in changes if state == "done")
     if done:
+        run = secrets.token_hex(4)
+        low, high = done[0][0], done[-1][0]
+        held = {i: masks[i] for i, _ in done if masks and i in masks}
+        if (data := encode_masks(held)) is not None:
+            uri = storage.put(
+                chunk_masks_key(job_id, low, high, chunk, run), data, "application/octet-stream"
+            )
+            done = [(i, {**(f or {}), "mask_file": uri} if i in held else f) for i, f in done]
         lines = "".join(json.dumps({"index": i, **(f or {})}) + "\n" for i, f in done)
-        key = part_key(job_id, done[0][0], done[-1][0], chunk, secrets.token_hex(4))
+        key = part_key(job_id, low, high, chunk, run)
         storage.put(key, lines.encode(), "application/x-ndjson")
     return store.settle(job_id, [(i, s, f if s == "failed" else None) for i, s, f in changes])
 
@@ -108,17 +124,23 @@ def derived(record: ItemRecord, output: str, job_id: str) -> ItemRecord:
         for name in record.artifacts
         if name in ARTIFACT_NAMES
     }
-    update = {"uri": redacted(record.uri), "item": item, "artifacts": artifacts,
-              "staged": _staged(record.staged, output, job_id)}  # fmt: skip
+    update = {
+        "uri": redacted(record.uri),
+        "item": item,
+        "artifacts": artifacts,
+        "staged": _own(record.staged, output, job_id, "inputs"),
+        "mask_file": _own(record.mask_file, output, job_id, MASKS),
+    }
     return record.model_copy(update=update)
 
 
-def _staged(uri: str | None, output: str, job_id: str) -> str | None:
-    """A staged input's URI if it is one of this job's own (`<job>/inputs/<name>`)."""
+def _own(uri: str | None, output: str, job_id: str, folder: str) -> str | None:
+    """`uri` if it names a file of this job's own `folder` (a staged input, a chunk's
+    masks), else None: a record may not send a reader anywhere else."""
     if uri is None:
         return None
     name = uri.rsplit("/", 1)[-1]
-    own = key_uri(output, job_key(job_id, f"inputs/{name}"))
+    own = key_uri(output, job_key(job_id, f"{folder}/{name}"))
     return own if uri == own and re.fullmatch(r"[\w.-]+", name) else None
 
 

@@ -5,34 +5,30 @@ Items are paired by URI (redacted, as records hold it). One job's items are held
 is held whole; a URI listed several times in a job pairs its occurrences in order. Per
 pair: both jobs' classes, probabilities and mask areas, their differences (B - A), and the
 agreement of the two masks (explainctl.pages.agreement, the worker's stability measures),
-read from each item's mask.npy. `compare_jobs` reads jobs through Client.status and
-Client.results, so jobs whose Redis records expired compare from their manifests. The page
-is drawn by pages/compare.py.
+read a chunk's masks file at a time (explainctl.jobs.masks; an older job's from each
+item's mask.npy). `compare_jobs` reads jobs through Client.status and Client.results, so
+jobs whose Redis records expired compare from their manifests. The page is drawn by
+pages/compare.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
-import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from explainctl.io.uri import redacted
+from explainctl.jobs.masks import MaskReader, read_mask_file
 from explainctl.jobs.store import JobStatus
 from explainctl.pages.agreement import mask_agreement
 from explainctl.spec.contracts import MASK_NPY, MAX_PIXELS, OVERLAY_PNG
 from explainctl.spec.errors import ExplainctlError
 from explainctl.spec.results import COMPARE_FIELDS, ItemRecord, sort_value
 
-# A 28x28 float32 mask is 3 KiB; anything near this is not a mask.
-MASK_MAX_BYTES = 16 * 1024 * 1024
 IMAGE_MAX_BYTES = 64 * 1024 * 1024
 # Pairs measured per round of the thread pool: enough to hide S3 latency, few in memory.
 BATCH = 64
@@ -80,6 +76,7 @@ class _Side:
             **{name: getattr(record, name) for name in COMPARE_FIELDS},
             error_code=record.error_code,
             mask_uri=record.artifacts.get(MASK_NPY),
+            mask_file=record.mask_file,
             overlay_uri=record.artifacts.get(OVERLAY_PNG),
         )
 
@@ -117,6 +114,7 @@ Side = dataclasses.make_dataclass(
         *(_maybe(name, ItemRecord.model_fields[name].annotation) for name in COMPARE_FIELDS),
         _maybe("error_code", str | None),
         _maybe("mask_uri", str | None),
+        _maybe("mask_file", str | None),
         _maybe("overlay_uri", str | None),
     ],
     bases=(_Side,),
@@ -320,43 +318,24 @@ def pair_records(
         yield uri, None, side
 
 
-def load_mask(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """A mask.npy's array; ValueError for anything that is not a plain numeric array of at
-    most `max_pixels` values (checked from its header, before its data is read)."""
-    try:
-        stream = io.BytesIO(data)
-        version = np.lib.format.read_magic(stream)
-        header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, _, _ = header(stream)
-        if math.prod(shape) > max_pixels:
-            raise ValueError(f"a mask of shape {shape}, above the limit of {max_pixels} values")
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (OSError, EOFError) as error:
-        raise ValueError(f"not a .npy file ({error})") from None
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiub":
-        raise ValueError("not a numeric array")
-    return array
-
-
-def measure(uri: str, a: Side, b: Side, read: Read, max_pixels: int = MAX_PIXELS) -> Pair:
+def measure(uri: str, a: Side, b: Side, masks: MaskReader) -> Pair:
     """The pair with its mask agreement, or a note saying why there is none."""
     for name, side in (("A", a), ("B", b)):
         if not side.done:
             return Pair(uri, a, b, note=f"{side.state} in {name}")
-        if not side.mask_uri:
+        if not side.mask_uri and not side.mask_file:
             return Pair(uri, a, b, note=f"no {MASK_NPY} in {name}")
-    masks = []
+    pair = []
     for name, side in (("A", a), ("B", b)):
         try:
-            masks.append(load_mask(read(side.mask_uri), max_pixels))
+            mask = masks.mask(side)
         except (ExplainctlError, OSError, ValueError) as error:
             return Pair(uri, a, b, note=f"{MASK_NPY} of {name} unreadable: {_line(error)}")
+        if mask is None:
+            return Pair(uri, a, b, note=f"no {MASK_NPY} in {name}")
+        pair.append(mask)
     try:
-        iou, rank = mask_agreement(masks[0], masks[1])
+        iou, rank = mask_agreement(pair[0], pair[1])
     except ValueError as error:
         return Pair(uri, a, b, note=_line(error))
     return Pair(uri, a, b, iou=iou, rank=rank)
@@ -384,7 +363,7 @@ class Comparison:
         self.a, self.b = a, b
         self._records = (records_a, records_b)
         self.read = read
-        self.max_pixels = max_pixels
+        self.masks = MaskReader(read, max_pixels=max_pixels)
         self.workers = workers
         self.summary = Summary(a, b)
         self._started = False
@@ -395,7 +374,7 @@ class Comparison:
             return Unpaired(uri, "b", b)
         if b is None:
             return Unpaired(uri, "a", a)
-        return measure(uri, a, b, self.read, self.max_pixels)
+        return measure(uri, a, b, self.masks)
 
     def __iter__(self) -> Iterator[Pair | Unpaired]:
         if self._started:
@@ -438,8 +417,9 @@ def compare_jobs(client, job_a: str, job_b: str, read: Read | None = None) -> Co
     if read is None:
 
         def read(uri: str) -> bytes:
-            cap = MASK_MAX_BYTES if uri.endswith(".npy") else IMAGE_MAX_BYTES
-            return read_uri(uri, max_bytes=cap)
+            if uri.endswith((".npy", ".npz")):
+                return read_mask_file(uri)
+            return read_uri(uri, max_bytes=IMAGE_MAX_BYTES)
 
     return Comparison(
         JobView.of(status_a),

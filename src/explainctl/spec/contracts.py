@@ -47,6 +47,21 @@ ARTIFACT_FORMATS = ("PNG",)
 MAX_PIXELS = 50_000_000  # the default cap on width × height of any image decoded
 
 
+# On the item scale the heatmap's top colour is the item's strongest deletion, but never a
+# saliency below this: a mask that deleted nothing strongly is not stretched into one that
+# looks decisive, while one that deleted mildly everywhere does not look like nothing.
+ITEM_SCALE_FLOOR = 0.25
+
+
+def heatmap_top(mask, scale: str = "item") -> float:
+    """The saliency 1 - m that heatmap.png draws in its top colour (a numpy mask): 1 on
+    the absolute scale; on the item scale the item's strongest deletion, at least
+    ITEM_SCALE_FLOOR. Declared here so that exports draw on the worker's scale."""
+    if scale == "absolute":
+        return 1.0
+    return max(1.0 - float(mask.min()), ITEM_SCALE_FLOOR)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -272,6 +287,17 @@ def part_span(key: str) -> tuple[int, int]:
 
 
 PARTS = "parts"
+
+# One file per chunk attempt with the masks of the items it settled done, written before
+# its part (so a record that names it names a complete file): an .npz of `index` (N,)
+# int64 and `masks` (N, h, w) float32, row i the mask.npy of item index[i]. Readers of
+# many masks (results --parquet --masks, compare, export) fetch one object per chunk.
+MASKS = "masks"
+
+
+def chunk_masks_key(job_id: str, low: int, high: int, chunk: int, run: str) -> str:
+    """Where one chunk attempt's masks go: `<job>/masks/`, named as its part is."""
+    return f"{job_id}/{MASKS}/{low:09d}-{high:09d}-{chunk:07d}-{run}.npz"
 
 
 # --- Job records -----------------------------------------------------------------------

@@ -235,6 +235,9 @@ class _RecordState(_Strict):
     attempts: int = 0
     attempt: int | None = None  # the attempt whose files `artifacts` names (it settled it)
     artifacts: dict[str, str] = {}
+    # The chunk's masks file holding this item's mask (contracts.chunk_masks_key); None on
+    # records written before workers wrote one: their readers take artifacts' mask.npy.
+    mask_file: str | None = None
 
 
 def _optional(name: str) -> tuple[Any, Any]:

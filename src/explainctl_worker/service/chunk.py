@@ -35,9 +35,11 @@ from explainctl.io.storage import Storage, open_storage
 from explainctl.io.uri import one_line, redacted, within_roots
 from explainctl.jobs import records
 from explainctl.jobs.manifest import write_manifest
+from explainctl.jobs.masks import load_mask
 from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import (
     ITEMS_JSONL,
+    MASK_NPY,
     OLDEST_READABLE,
     PROTOCOL,
     RESULT_JSON,
@@ -363,10 +365,16 @@ def _explain_group(
             failure = failure or (outcome.error_code, outcome.error)
         else:
             settled.append((item.index, "failed", _failure(outcome.error_code, outcome.error)))
-    # One part and one round trip for the group, after every artifact of it is stored.
+    # One masks file, one part and one round trip for the group, after every artifact of
+    # it is stored.
+    masks = {
+        item.index: load_mask(outcome.files[MASK_NPY])
+        for (item, _), outcome in zip(runnable, outcomes, strict=True)
+        if outcome.ok and outcome.files and MASK_NPY in outcome.files
+    }
     try:
         run.finished |= records.settle(
-            store, context.storage(payload.output), job, payload.chunk, settled
+            store, context.storage(payload.output), job, payload.chunk, settled, masks
         )
     except ItemError as error:
         # Storage took the artifacts but not the part: the done items go back like any

@@ -154,5 +154,35 @@ def test_a_reader_derives_artifact_uris_and_never_follows_a_forged_record(tmp_pa
     # A staged input is kept only where it is the job's own.
     own = storage.uri(f"{job_id}/inputs/000007-test-7.png")
     assert records.derived(forged.model_copy(update={"staged": own}), output, job_id).staged == own
-    elsewhere = forged.model_copy(update={"staged": "/etc/passwd"})
+    elsewhere = forged.model_copy(update={"staged": "/etc/passwd", "mask_file": "/etc/passwd"})
     assert records.derived(elsewhere, output, job_id).staged is None
+    assert records.derived(elsewhere, output, job_id).mask_file is None
+    # So is a chunk's masks file.
+    masks = storage.uri(f"{job_id}/masks/000000000-000000015-0000000-ab12.npz")
+    own = records.derived(forged.model_copy(update={"mask_file": masks}), output, job_id)
+    assert own.mask_file == masks
+
+
+def test_a_chunks_masks_go_to_one_file_that_its_records_name(job_store, tmp_path):
+    import numpy as np
+
+    from explainctl.jobs.masks import MaskReader
+    from explainctl.spec.contracts import MASKS
+
+    storage = open_storage(str(tmp_path / "out"))
+    job_id = _job(job_store, storage.root, 3)
+    job_store.begin(job_id, [0, 1, 2])
+    masks = {0: np.full((4, 4), 0.25, np.float32), 2: np.eye(4, dtype=np.float32)}
+    changes = [(0, "done", _done(storage, job_id, 0, 1)),
+               (1, "failed", {"error_code": "corrupt", "error": "bad"}),
+               (2, "done", _done(storage, job_id, 2, 1))]  # fmt: skip
+    assert records.settle(job_store, storage, job_id, 0, changes, masks) is True
+    (key,) = storage.list(f"{job_id}/{MASKS}/")
+    (part,) = storage.list(f"{job_id}/{PARTS}/")
+    assert key.rsplit("/", 1)[1][:-4] == part.rsplit("/", 1)[1][:-6]  # one name, two files
+    done = [r for r in item_records(job_store, storage, job_id) if r.state == "done"]
+    assert [r.mask_file for r in done] == [storage.uri(key)] * 2
+    reader = MaskReader(lambda uri: storage.get(key))
+    assert np.array_equal(reader.mask(done[1]), masks[2])
+    assert reader.mask(done[0]).tolist() == masks[0].tolist()
+    assert reader.fetched == 1  # the chunk's file, once for both
