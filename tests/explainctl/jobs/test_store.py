@@ -114,8 +114,8 @@ def test_entries_come_back_in_order_from_compact_records(job_store):
     assert redis.strlen(job_key(job_id, "state")) == 2500
     assert redis.hlen(job_key(job_id, "items")) == 5
     assert redis.hkeys(job_key(job_id, "errors")) == ["2000"]  # the scores are not here
-    assert job_store.chunk_items(job_id, 498, 502)[0].uri == "/images/498.png"
-    assert [i.index for i in job_store.chunk_items(job_id, 498, 502)] == [498, 499, 500, 501]
+    assert job_store.chunk_items(job_id, 498, 502).items[0].uri == "/images/498.png"
+    assert [i.index for i in job_store.chunk_items(job_id, 498, 502).items] == [498, 499, 500, 501]
 
 
 def test_a_chunk_records_consecutive_items_only(job_store):
@@ -139,7 +139,7 @@ def test_cancel_and_reopen(job_store):
     job_store.settle(job_id, [(0, "done", None)])
     assert job_store.status(job_id).state == "cancelled"
     reopened = job_store.reopen(job_id, {"failed"})
-    assert [i.index for i in reopened] == [1]
+    assert [i.index for i in reopened.items] == [1] and reopened.tampered == []
     status = job_store.status(job_id)
     assert status.counts["queued"] == 1 and status.counts["failed"] == 0
     assert not status.cancelled and status.finished_at is None
@@ -203,7 +203,7 @@ def test_the_scripts_are_given_the_declared_terminal_states(job_store):
     job_store.settle(job_id, [(0, "done", None), (1, "failed", {"error_code": "x", "error": "y"})])
     job_store.settle(job_id, [(2, "cancelled", {})], mode="queued-only")
     assert job_store.mark_submitted(job_id) is True
-    assert [r.index for r in job_store.reopen(job_id, {"failed", "cancelled"})] == [1, 2]
+    assert [r.index for r in job_store.reopen(job_id, {"failed", "cancelled"}).items] == [1, 2]
     assert len(given) == 2 + 2 + 1 + 1 + 2
 
     def named(args: dict, field: str) -> set[str]:
@@ -272,8 +272,8 @@ def test_targets_and_labels_travel_with_their_items_and_old_records_still_read(j
         ChunkItem(index=3, uri="/d.png", target="top1", label="3"),
     ]
     job_store.add_chunk(job_id, items)
-    assert job_store.chunk_items(job_id, 0, 4) == items
-    assert job_store.items_at(job_id, [2]) == [items[2]]
+    assert job_store.chunk_items(job_id, 0, 4).items == items
+    assert job_store.items_at(job_id, [2]).items == [items[2]]
     assert [(e.target, e.label) for e in job_store.entries(job_id)] == [
         (None, None), ("7", None), (None, "tabby"), ("top1", "3")]  # fmt: skip
     assert [e.item for e in job_store.entries(job_id)] == items
@@ -299,4 +299,4 @@ def test_redis_holds_the_redacted_uri(job_store):
     job_store.add_chunk(job_id, [ChunkItem(index=0, uri="https://h/a.png?X-Amz-Signature=f00d"),
                                  ChunkItem(index=1, uri="s3://b/odd?key#.png")])  # fmt: skip
     assert [e.uri for e in job_store.entries(job_id)] == ["https://h/a.png", "s3://b/odd?key#.png"]
-    assert [i.uri for i in job_store.chunk_items(job_id, 0, 2)][0] == "https://h/a.png"
+    assert job_store.chunk_items(job_id, 0, 2).items[0].uri == "https://h/a.png"
