@@ -24,6 +24,7 @@ from explainctl.jobs.manifest import read_manifest, write_job_json, write_manife
 from explainctl.jobs.queue import make_app, send_items, waiting_chunks, warn_exposure
 from explainctl.jobs.reconcile import reconcile
 from explainctl.jobs.records import derived, item_records
+from explainctl.jobs.signing import SigningKeys
 from explainctl.jobs.store import JobStatus, JobStore, redis_errors
 from explainctl.pages.report import Gallery, build_report
 from explainctl.spec.contracts import (
@@ -130,7 +131,8 @@ class Client:
 
     @cached_property
     def store(self) -> JobStore:
-        store = JobStore.connect(self.settings.broker_url, job_ttl=self.settings.job_ttl)
+        store = JobStore.connect(self.settings.broker_url, job_ttl=self.settings.job_ttl,
+                                 keys=SigningKeys(self.settings.signing_secrets()))  # fmt: skip
         store.ping()
         store.check_server()  # its warnings are the workers' to log: they run for hours
         return store
@@ -187,10 +189,10 @@ class Client:
         status = self.store.status(check_job_id(job_id))
         if status.state != "interrupted":
             raise InvalidInput(f"job {job_id} is {status.state}; only an interrupted job resumes")
+        info = self.store.verified_info(job_id)  # what the chunks sent from now carry
         token = secrets.token_hex(8)
         if not self.store.claim_submitter(job_id, token):
             raise InvalidInput(f"job {job_id} is being queued by another submit")
-        info = status.info
         recorded, chunks, sent = self.store.progress(job_id)
         size = info.chunk_size
         iterator = iter(inputs)
@@ -200,8 +202,13 @@ class Client:
         skipped = list(itertools.islice(iterator, recorded))
         first_unsent = sent * size
         held = self.store.chunk_items(job_id, first_unsent, recorded)
-        checked = held or (
-            self.store.chunk_items(job_id, recorded - 1, recorded) if recorded else []
+        if held.tampered:  # not sent: the submission goes on without them
+            self.store.fail_tampered(job_id, held.tampered)
+            log.error("job %s: %d recorded items have records that do not verify against the "
+                      "signing keys: failed as record-tampered, not sent", job_id,
+                      len(held.tampered))  # fmt: skip
+        checked = held.items or (
+            self.store.chunk_items(job_id, recorded - 1, recorded).items if recorded else []
         )
         if len(skipped) < recorded or any(
             redacted(skipped[item.index].uri) != item.uri for item in checked
@@ -214,7 +221,7 @@ class Client:
         for number in range(sent, chunks):
             items = [
                 item.model_copy(update={"uri": skipped[item.index].uri})
-                for item in held
+                for item in held.items
                 if number * size <= item.index < (number + 1) * size
             ]
             if items and not self._was_sent(info, number, items):
@@ -512,13 +519,20 @@ class Client:
         """Queue again the items that did not finish (only the failed ones with failed_only).
         It holds the job's submit claim while it sends, so the reconciler does not take its
         not yet sent items for lost ones."""
-        info = self.store.info(check_job_id(job_id))
+        info = self.store.verified_info(check_job_id(job_id))  # what its chunks carry
         token = secrets.token_hex(8)
         if not self.store.claim_submitter(job_id, token):
             raise InvalidInput(f"job {job_id} is being queued by another submit or retry")
         try:
             states = {"failed"} if failed_only else {"failed", "cancelled"}
-            items = self.store.reopen(job_id, states)
+            reopened = self.store.reopen(job_id, states)
+            items = reopened.items
+            if reopened.tampered:
+                log.error("job %s: %d items have records that do not verify against the "
+                          "signing keys: failed as record-tampered, not sent", job_id,
+                          len(reopened.tampered))  # fmt: skip
+                if self.store.fail_tampered(job_id, reopened.tampered):
+                    write_manifest(self.store, self.storage(info.output), job_id)
             size, renewed = info.chunk_size, time.monotonic()
             for start in range(0, len(items), size):
                 chunk, unsent = items[start : start + size], items[start + size :]

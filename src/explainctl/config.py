@@ -133,9 +133,9 @@ class Settings:
         "(fnmatch: `/models/*.pt`) matched against the file's real path", shown="none",
     )  # fmt: skip
     signing_keys: tuple[str, ...] = setting(
-        (), "shared secrets that sign chunk messages (HMAC-SHA256), comma-separated: the first "
-        "signs, every one verifies (rotation); workers holding one refuse what they do not "
-        "verify", shown="",
+        (), "shared secrets that sign chunk messages and the job records they are built from "
+        "(HMAC-SHA256), comma-separated: the first signs, every one verifies (rotation); "
+        "workers holding one refuse what they do not verify", shown="",
     )  # fmt: skip
     signing_key_file: str = setting(
         "", "a file of signing keys, one a line, the first signing (read after "

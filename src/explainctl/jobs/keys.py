@@ -31,12 +31,13 @@ LEASES_KEY = f"{NAMESPACE}:leases"
 BUSY_KEY = f"{NAMESPACE}:busy"
 
 JobPart = Literal[
-    "meta", "items", "state", "errors", "attempts", "counts", "deliveries", "submitter", "index"
-]
+    "meta", "items", "macs", "state", "errors", "attempts", "counts", "deliveries", "submitter",
+    "index",
+]  # fmt: skip
 # The parts that make up a job's live records: they expire together once it is sealed
 # (`submitter` has its own short expiry; `index` outlives them).
 JOB_PARTS: tuple[JobPart, ...] = (
-    "state", "counts", "errors", "meta", "attempts", "items", "deliveries"
+    "state", "counts", "errors", "meta", "attempts", "items", "macs", "deliveries"
 )  # fmt: skip
 
 

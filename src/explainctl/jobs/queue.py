@@ -20,11 +20,9 @@ from kombu.compression import decompress
 from kombu.exceptions import OperationalError
 
 from explainctl.config import Settings
-from explainctl.jobs.signing import SigningKeys
+from explainctl.jobs.signing import NO_KEYS, SigningKeys
 from explainctl.spec.contracts import TASK_EXPLAIN_CHUNK, ChunkItem, ChunkPayload, JobInfo
 from explainctl.spec.errors import ServiceUnavailable
-
-NO_KEYS = SigningKeys()
 
 
 def waiting_chunks(client: redis.Redis, queue: str) -> Iterator[dict]:

@@ -11,6 +11,10 @@ sent, or a message kombu is moving from the queue to `unacked`, is in neither pl
 moment. The first look is kept in Redis (`explainctl:suspects:<id>`), so whichever
 reaper looks next continues it: every worker's reaper thread, and `wait`.
 
+What it sends it reads back from the records, verified (JobStore.verified_info,
+items_at): items whose records fail their MAC are failed with `record-tampered`, never
+sent, since the message would carry this process's signature over someone's edit.
+
 It looks only where the job's queue is short, since it reads every waiting message: while
 thousands wait, work flows, and orphans are found once the queue has drained, at the tail
 of the job, where they would otherwise hang it.
@@ -27,7 +31,7 @@ from explainctl.jobs import keys, leases
 from explainctl.jobs.queue import send_items, waiting_chunks
 from explainctl.jobs.store import JobStore, redis_errors
 from explainctl.spec.contracts import OLDEST_READABLE, PROTOCOL
-from explainctl.spec.errors import ExplainctlError
+from explainctl.spec.errors import ExplainctlError, RecordTampered
 
 log = logging.getLogger("explainctl.reconcile")
 
@@ -88,12 +92,24 @@ def _reconcile(store: JobStore, app: Celery, job_id: str, grace: float, flying) 
         return 0  # another reaper took this look first: it sends them
     if not still:
         return 0
-    items = store.items_at(job_id, still)
-    size = status.info.chunk_size
+    try:
+        info = store.verified_info(job_id)
+    except RecordTampered as error:
+        store.fail_tampered(job_id, sorted(still))
+        log.error("%s: its %d lost items failed as record-tampered", error, len(still))
+        return 0
+    recorded = store.items_at(job_id, still)
+    if recorded.tampered:
+        store.fail_tampered(job_id, recorded.tampered)
+        log.error("job %s: %d lost items have records that do not verify against the signing "
+                  "keys: failed as record-tampered, not sent", job_id,
+                  len(recorded.tampered))  # fmt: skip
+    items, size = recorded.items, info.chunk_size
     for start in range(0, len(items), size):
-        send_items(app, status.info, items[start : start + size], store.new_chunk_number(job_id))
-    log.warning("job %s: %d queued items were in no message and under no lease; sent again",
-                job_id, len(items))  # fmt: skip
+        send_items(app, info, items[start : start + size], store.new_chunk_number(job_id))
+    if items:
+        log.warning("job %s: %d queued items were in no message and under no lease; sent "
+                    "again", job_id, len(items))  # fmt: skip
     return len(items)
 
 

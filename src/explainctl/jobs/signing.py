@@ -12,6 +12,12 @@ float that reads back the same), and it covers fields this version does not know
 newer client's additions cannot be swapped either. Signing gives integrity and
 authenticity among key holders, not confidentiality (Redis still holds the message in the
 clear), and not freshness: a genuine message sent twice runs its settled items no more.
+
+The same keys vouch for the job records a chunk message is later built from (`record_mac`,
+`verify_record`): a job's JobInfo and each chunk's stored items carry a MAC, so a retry or
+the reconciler, which sign what they send, cannot be made to sign a record someone edited
+in Redis. A record's MAC covers its kind, its job, its place and its stored text as
+written, so it cannot be moved to another job or chunk either.
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ def canonical(message: dict) -> bytes:
 
 def _mac(key: bytes, message: dict) -> str:
     return SCHEME + hmac.new(key, canonical(message), hashlib.sha256).hexdigest()
+
+
+def _record(kind: str, job_id: str, at: str, data: str) -> dict:
+    """What a record's MAC covers. No chunk message has these fields (a message needs a
+    model, params, items), so a record's MAC never passes for a message's signature."""
+    return {"record": kind, "job_id": job_id, "at": at, "data": data}
 
 
 @dataclass(frozen=True)
@@ -71,3 +83,18 @@ class SigningKeys:
         # Every key compared, in constant time each, whichever matches.
         matched = [hmac.compare_digest(given, mac.encode()) for mac in expected]
         return "verified" if any(matched) else "bad-signature"
+
+    def record_mac(self, kind: str, job_id: str, at: str, data: str) -> str | None:
+        """The MAC of a stored record: `data`, the text stored as the `kind` record of the
+        job at `at` (None without keys)."""
+        if not self.secrets:
+            return None
+        return _mac(self.secrets[0], _record(kind, job_id, at, data))
+
+    def verify_record(self, kind: str, job_id: str, at: str, data: str, mac: str | None) -> Verdict:
+        """Whether `mac` is one of the keys' for the record (`unsigned` when it has none)."""
+        record = _record(kind, job_id, at, data)
+        return self.verify(record if mac is None else {**record, SIGNATURE: mac})
+
+
+NO_KEYS = SigningKeys()

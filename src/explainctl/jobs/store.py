@@ -12,6 +12,11 @@ Keys (explainctl.jobs.keys builds them), all under `explainctl:job:<id>:`
   items     hash: first index of a run of items -> their [uri, target, label, staged]
             (trailing nulls left out), in order, compressed (one field per chunk recorded
             at submission)
+  macs      hash: "info" -> the MAC of meta's info, and an `items` field's first index -> the
+            MAC of that field (jobs.signing.record_mac), written where a signing key is set:
+            what a chunk message is built from again (`retry`, `submit --resume`, the
+            reconciler, a worker's labels) is read only through them (`verified_info`,
+            `Recorded`)
   state     string: byte i is item i's state code (contracts.STATE_CODES)
   attempts  string: byte i is how many times a worker started item i
   errors    hash: index -> a failed item's error_code and error
@@ -54,6 +59,7 @@ from redis.retry import Retry
 from explainctl.config import INDEX_TTL_FACTOR
 from explainctl.io.uri import redacted
 from explainctl.jobs.keys import JOB_PARTS, JOBS_KEY, JobPart, Script, job_key
+from explainctl.jobs.signing import NO_KEYS, SigningKeys
 from explainctl.spec.contracts import (
     ITEM_STATES,
     PROTOCOL,
@@ -64,7 +70,7 @@ from explainctl.spec.contracts import (
     JobState,
     ResolvedModel,
 )
-from explainctl.spec.errors import JobNotFound, ServiceUnavailable
+from explainctl.spec.errors import JobNotFound, RecordTampered, ServiceUnavailable
 from explainctl.spec.ids import check_job_id
 
 _BATCH = 1000
@@ -142,11 +148,31 @@ class Entry:
     error: str | None = None
     label: str | None = None
     staged: str | None = None  # where a dataset row's image was staged (ChunkItem.staged)
+    # Read with verification, its run's MAC failed: its fields above are not its record's.
+    tampered: bool = False
 
     @property
     def item(self) -> ChunkItem:
         return ChunkItem(index=self.index, uri=self.uri, target=self.target, label=self.label,
                          staged=self.staged)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Items read back from the records to be sent again: those whose run's MAC verified,
+    and the indices of those whose did not, which must never be sent (`fail_tampered`)."""
+
+    items: list[ChunkItem]
+    tampered: list[int]
+
+
+_TRUSTED = ("verified", "not-checked")
+
+
+def _why(verdict: str) -> str:
+    if verdict == "unsigned":
+        return "carries no MAC (written by a client without the signing key)"
+    return "does not verify against the signing keys (edited in Redis)"
 
 
 def job_state(
@@ -244,8 +270,17 @@ class JobStore:
     """The job records of one Redis. `job_ttl`: seconds a finished job's records are kept
     after its manifest is written (0: forever)."""
 
-    def __init__(self, client: redis.Redis, job_ttl: int = 0, index_ttl: int | None = None):
+    def __init__(
+        self,
+        client: redis.Redis,
+        job_ttl: int = 0,
+        index_ttl: int | None = None,
+        keys: SigningKeys = NO_KEYS,
+    ):
         self.redis = client
+        # Vouch for the records a chunk message is built from (jobs.signing): MACs written
+        # with them, and required by every read that sends (none without keys).
+        self.keys = keys
         self.job_ttl = job_ttl
         self.index_ttl = index_ttl or job_ttl * INDEX_TTL_FACTOR
         self._transition = _TRANSITION.on(client)
@@ -254,7 +289,7 @@ class JobStore:
         self._delivered = _DELIVERED.on(client)
 
     @classmethod
-    def connect(cls, url: str, job_ttl: int = 0) -> JobStore:
+    def connect(cls, url: str, job_ttl: int = 0, keys: SigningKeys = NO_KEYS) -> JobStore:
         # Ride out a Redis restart of several seconds instead of failing the chunk.
         retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=12)
         client = redis.Redis.from_url(
@@ -264,7 +299,7 @@ class JobStore:
             retry=retry,
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
-        return cls(client, job_ttl=job_ttl)
+        return cls(client, job_ttl=job_ttl, keys=keys)
 
     def ping(self) -> None:
         self.redis.ping()
@@ -327,11 +362,12 @@ class JobStore:
 
     def create(self, info: JobInfo, submitter: str = "") -> None:
         """Record a new job, held by the submit identified by `submitter`."""
-        meta = self._key(info.job_id, "meta")
+        meta, raw = self._key(info.job_id, "meta"), info.model_dump_json()
         pipe = self.redis.pipeline()
         pipe.set(self._key(info.job_id, "submitter"), submitter, ex=self.SUBMITTER_SECONDS)
-        pipe.hset(meta, mapping={"info": info.model_dump_json(), "total": 0, "chunks": 0,
-                                 "protocol": PROTOCOL})  # fmt: skip
+        pipe.hset(meta, mapping={"info": raw, "total": 0, "chunks": 0, "protocol": PROTOCOL})
+        if (mac := self.keys.record_mac("info", info.job_id, "info", raw)) is not None:
+            pipe.hset(self._key(info.job_id, "macs"), "info", mac)
         pipe.hset(self._key(info.job_id, "counts"), mapping={s: 0 for s in ITEM_STATES})
         pipe.zadd(JOBS_KEY, {info.job_id: info.created})
         pipe.execute()
@@ -342,8 +378,11 @@ class JobStore:
         first = items[0].index
         if [i.index for i in items] != list(range(first, first + len(items))):
             raise ValueError("a chunk records a run of consecutive indices")
+        stored = _stored_items(items)
         pipe = self.redis.pipeline()
-        pipe.hset(self._key(job_id, "items"), str(first), _stored_items(items))
+        pipe.hset(self._key(job_id, "items"), str(first), stored)
+        if (mac := self.keys.record_mac("items", job_id, str(first), stored)) is not None:
+            pipe.hset(self._key(job_id, "macs"), str(first), mac)  # one MAC a chunk
         pipe.setrange(self._key(job_id, "state"), first, STATE_CODES["queued"] * len(items))
         pipe.hincrby(self._key(job_id, "counts"), "queued", len(items))
         pipe.hincrby(self._key(job_id, "meta"), "total", len(items))
@@ -377,10 +416,10 @@ class JobStore:
         total, chunks, sent = self.redis.hmget(self._key(job_id, "meta"), "total", "chunks", "sent")
         return int(total or 0), int(chunks or 0), int(sent or 0)
 
-    def chunk_items(self, job_id: str, start: int, stop: int) -> list[ChunkItem]:
-        """The recorded items with indices in [start, stop)."""
-        runs = _Runs(self.redis, self._key(job_id, "items"))
-        return [ChunkItem(index=index, **fields) for index, fields in runs.between(start, stop)]
+    def chunk_items(self, job_id: str, start: int, stop: int) -> Recorded:
+        """The recorded items with indices in [start, stop), verified."""
+        runs = _Runs(self.redis, job_id, self.keys)
+        return _recorded(runs.between(start, stop))
 
     def new_chunk_number(self, job_id: str) -> int:
         return int(self.redis.hincrby(self._key(job_id, "meta"), "chunks", 1)) - 1
@@ -460,11 +499,35 @@ class JobStore:
     # --- client side ------------------------------------------------------------------
 
     def info(self, job_id: str) -> JobInfo:
-        """What the job asked for, from its live records only (JobNotFound once expired)."""
+        """What the job asked for, from its live records only (JobNotFound once expired), as
+        Redis holds it: to show, not to send (`verified_info`)."""
         raw = self.redis.hget(self._key(check_job_id(job_id), "meta"), "info")
         if raw is None:
             raise JobNotFound(f"no job {job_id} in {self._where()}")
         return JobInfo.model_validate_json(raw)
+
+    def verified_info(self, job_id: str) -> JobInfo:
+        """`info`, vouched for by its MAC where this store holds keys: what a chunk message
+        is built from. RecordTampered when it has no MAC or a wrong one: a record written
+        without a key is refused too, or deleting a MAC would pass any edit."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self._key(check_job_id(job_id), "meta"), "info")
+        pipe.hget(self._key(job_id, "macs"), "info")
+        raw, mac = pipe.execute()
+        if raw is None:
+            raise JobNotFound(f"no job {job_id} in {self._where()}")
+        verdict = self.keys.verify_record("info", job_id, "info", raw, mac)
+        if verdict not in _TRUSTED:
+            raise RecordTampered(f"job {job_id}: its record {_why(verdict)}; nothing of it "
+                                 "is sent")  # fmt: skip
+        return JobInfo.model_validate_json(raw)
+
+    def fail_tampered(self, job_id: str, indices: Sequence[int]) -> bool:
+        """Fail items whose records did not verify, never to be sent from them; True if
+        that finished the job."""
+        failure = {"error_code": "record-tampered",
+                   "error": "its record in Redis has no valid MAC: not sent"}  # fmt: skip
+        return self.settle(job_id, [(index, "failed", failure) for index in indices])
 
     def record_resolved(self, job_id: str, resolved: ResolvedModel) -> bool:
         """Keep what a worker made of the job's model (source, revision, preprocessing) in
@@ -562,26 +625,31 @@ class JobStore:
             found += [start + i for i, c in enumerate(held) if c in codes]
         return found
 
-    def items_at(self, job_id: str, indices: Iterable[int]) -> list[ChunkItem]:
-        """The recorded inputs of the items at `indices`, in index order."""
+    def items_at(self, job_id: str, indices: Iterable[int]) -> Recorded:
+        """The recorded inputs of the items at `indices`, in index order, verified."""
         wanted = sorted(set(indices))
-        runs = _Runs(self.redis, self._key(job_id, "items"))
-        found = []
+        runs = _Runs(self.redis, job_id, self.keys)
+        found = Recorded([], [])
         for start in range(0, len(wanted), _BATCH):
             window = wanted[start : start + _BATCH]
             chosen = set(window)
-            found += [
-                ChunkItem(index=index, **fields)
+            read = _recorded(
+                (index, fields)
                 for index, fields in runs.between(window[0], window[-1] + 1)
                 if index in chosen
-            ]
+            )
+            found.items.extend(read.items)
+            found.tampered.extend(read.tampered)
         return found
 
-    def entries(self, job_id: str, states: set[str] | None = None) -> Iterator[Entry]:
+    def entries(
+        self, job_id: str, states: set[str] | None = None, verify: bool = False
+    ) -> Iterator[Entry]:
         """Every item Redis holds, in index order, read a thousand at a time (only those
-        in `states` when given)."""
+        in `states` when given). `verify`: each run's MAC checked, and the items of a run
+        that fails come as `tampered` entries, without its fields."""
         total = int(self.redis.hget(self._key(job_id, "meta"), "total") or 0)
-        runs = _Runs(self.redis, self._key(job_id, "items"))
+        runs = _Runs(self.redis, job_id, self.keys if verify else None)
         for start in range(0, total, _BATCH):
             stop = min(total, start + _BATCH)
             pipe = self.redis.pipeline()
@@ -602,7 +670,10 @@ class JobStore:
             errors = self.redis.hmget(self._key(job_id, "errors"), failed) if failed else []
             error_of = {i: json.loads(e) for i, e in zip(failed, errors, strict=True) if e}
             for index, fields in runs.between(start, stop):
-                if index in wanted:
+                if index in wanted and fields is None:
+                    yield Entry(index, "", None, wanted[index], tries[index - start],
+                                tampered=True, **error_of.get(index, {}))  # fmt: skip
+                elif index in wanted:
                     yield Entry(
                         index, fields["uri"], fields["target"], wanted[index],
                         tries[index - start], label=fields["label"], staged=fields["staged"],
@@ -630,8 +701,10 @@ class JobStore:
         self.settle(job_id, [(index, "cancelled", None) for index in queued], mode="queued-only")
         return len(queued)
 
-    def reopen(self, job_id: str, states: set[str]) -> list[ChunkItem]:
-        """Put failed/cancelled items back to queued for a retry; returns them."""
+    def reopen(self, job_id: str, states: set[str]) -> Recorded:
+        """Put failed/cancelled items back to queued for a retry; returns them, verified
+        (those whose records fail are queued too, for `fail_tampered` to fail again with
+        their own code)."""
         self.info(job_id)
         pipe = self.redis.pipeline()
         for part in JOB_PARTS:  # live again: its retention clock stops until it finishes
@@ -639,14 +712,15 @@ class JobStore:
         pipe.delete(self._key(job_id, "index"))
         pipe.hdel(self._key(job_id, "meta"), "cancelled")
         pipe.execute()
-        entries = list(self.entries(job_id, states))
+        entries = list(self.entries(job_id, states, verify=True))
         keys = self._transition_keys(job_id)
         for start in range(0, len(entries), _BATCH):
             pipe = self.redis.pipeline()
             for entry in entries[start : start + _BATCH]:
                 self._move(pipe, keys, entry.index, "queued", mode="retry")
             pipe.execute()
-        return [entry.item for entry in entries]
+        return Recorded([entry.item for entry in entries if not entry.tampered],
+                        [entry.index for entry in entries if entry.tampered])  # fmt: skip
 
     def recent(self, limit: int = 20) -> list[str]:
         """The newest jobs that still have records or an index entry."""
@@ -664,28 +738,65 @@ class JobStore:
         return found[:limit]
 
 
+def _recorded(read: Iterable[tuple[int, dict[str, str | None] | None]]) -> Recorded:
+    found = Recorded([], [])
+    for index, fields in read:
+        if fields is None:
+            found.tampered.append(index)
+        else:
+            found.items.append(ChunkItem(index=index, **fields))
+    return found
+
+
 class _Runs:
     """The `items` hash of a job read by index: its fields are the first indices of runs
-    of consecutive items, so a run is found by bisecting the sorted fields."""
+    of consecutive items, so a run is found by bisecting the sorted fields. With `keys`,
+    each run read is checked against its MAC (one HMAC a run, in the same round trip)."""
 
-    def __init__(self, client: redis.Redis, key: str):
-        self.redis, self.key = client, key
-        self.firsts = sorted(int(field) for field in client.hkeys(key))
-        self._read: dict[int, list[dict[str, str | None]]] = {}
+    def __init__(self, client: redis.Redis, job_id: str, keys: SigningKeys | None = None):
+        self.redis, self.job_id, self.keys = client, job_id, keys
+        self.key = job_key(job_id, "items")
+        self.firsts = sorted(int(field) for field in client.hkeys(self.key))
+        # A run's items' fields; None: its MAC failed.
+        self._read: dict[int, list[dict[str, str | None]] | None] = {}
 
-    def between(self, start: int, stop: int) -> Iterator[tuple[int, dict[str, str | None]]]:
+    def between(self, start: int, stop: int) -> Iterator[tuple[int, dict[str, str | None] | None]]:
         """(index, fields) of the recorded items in [start, stop), in order (fields:
-        _ITEM_FIELDS by name); the runs they lie in are read in one round trip."""
+        _ITEM_FIELDS by name); the runs they lie in are read in one round trip. A run whose
+        MAC fails gives None for each index up to the next run: its own length is as
+        untrusted as the rest of it."""
         position = max(0, bisect.bisect_right(self.firsts, start) - 1)
-        firsts = self.firsts[position : bisect.bisect_left(self.firsts, stop)]
+        end = bisect.bisect_left(self.firsts, stop)
+        firsts = self.firsts[position:end]
         # A run reaching past `stop` is kept for the next window, the rest let go.
         self._read = {first: self._read[first] for first in firsts if first in self._read}
         missing = [first for first in firsts if first not in self._read]
         if missing:
-            raw = self.redis.hmget(self.key, [str(first) for first in missing])
-            for first, value in zip(missing, raw, strict=True):
-                self._read[first] = _entry_items(value) if value else []
-        for first in firsts:
-            for index, item in enumerate(self._read[first], start=first):
+            self._fetch(missing)
+        for at, first in enumerate(firsts, start=position):
+            run = self._read[first]
+            if run is None:
+                bound = self.firsts[at + 1] if at + 1 < len(self.firsts) else stop
+                for index in range(max(first, start), min(bound, stop)):
+                    yield index, None
+                continue
+            for index, item in enumerate(run, start=first):
                 if start <= index < stop:
                     yield index, item
+
+    def _fetch(self, firsts: list[int]) -> None:
+        fields = [str(first) for first in firsts]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(self.key, fields)
+        if self.keys is not None:
+            pipe.hmget(job_key(self.job_id, "macs"), fields)
+        raw, *macs = pipe.execute()
+        for at, (first, value) in enumerate(zip(firsts, raw, strict=True)):
+            if self.keys is not None:
+                verdict = self.keys.verify_record(
+                    "items", self.job_id, str(first), value or "", macs[0][at]
+                )
+                if verdict not in _TRUSTED:
+                    self._read[first] = None
+                    continue
+            self._read[first] = _entry_items(value) if value else []

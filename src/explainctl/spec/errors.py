@@ -35,6 +35,8 @@ ERROR_CODES: dict[str, str] = {
     "worker-lost": "its worker was lost EXPLAINCTL_MAX_DELIVERIES times (a poison item)",
     "worker-incompatible": "sent with a newer protocol than its worker's (upgrade, then retry)",
     "device-error": "the worker's accelerator failed (a CUDA error); the worker left",
+    "record-tampered": "its job record in Redis has no valid MAC (edited, or written without "
+    "the signing key): never sent",
 }
 ErrorCode = Literal[tuple(ERROR_CODES)]  # type: ignore[valid-type]
 # The codes of a worker's environment, not of the item: another worker may well succeed.
@@ -106,6 +108,13 @@ class ServiceUnavailable(ExplainctlError):
     """The broker or storage cannot be reached."""
 
     exit_code = 6
+
+
+class RecordTampered(ExplainctlError):
+    """A job record a chunk message would be built from has no valid MAC (jobs.signing):
+    edited in Redis, or written by a client without the signing key."""
+
+    exit_code = 7
 
 
 def markdown_error_codes() -> str:

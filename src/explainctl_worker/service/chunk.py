@@ -36,6 +36,7 @@ from explainctl.io.uri import one_line, redacted, within_roots
 from explainctl.jobs import records
 from explainctl.jobs.manifest import write_manifest
 from explainctl.jobs.masks import load_mask
+from explainctl.jobs.signing import SigningKeys
 from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import (
     ITEMS_JSONL,
@@ -61,6 +62,7 @@ from explainctl.spec.errors import (
     ExplainctlError,
     InvalidInput,
     ItemError,
+    RecordTampered,
 )
 from explainctl.spec.ids import JOB_ID_PATTERN
 from explainctl.spec.models import model_matches
@@ -91,7 +93,8 @@ class WorkerContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
-        store = JobStore.connect(settings.broker_url, job_ttl=settings.job_ttl)
+        store = JobStore.connect(settings.broker_url, job_ttl=settings.job_ttl,
+                                 keys=SigningKeys(settings.signing_secrets()))  # fmt: skip
         return cls(settings=settings, store=store)
 
     def torch_device(self) -> torch.device:
@@ -147,13 +150,24 @@ class WorkerContext:
         self.store.record_resolved(job_id, resolved)
 
     def labels(self, job_id: str) -> tuple[str, ...] | None:
-        """The job's class names (--labels), read from its record once per process."""
+        """The job's class names (--labels), read from its record once per process. Not in
+        the signed message (a thousand names a chunk), so the record is verified instead
+        (JobStore.verified_info: RecordTampered when its MAC fails): names someone wrote
+        into Redis would relabel every target and record."""
         with self._lock:
             if job_id not in self._labels:
                 if len(self._labels) >= 64:
                     self._labels.pop(next(iter(self._labels)))
-                self._labels[job_id] = self.store.info(job_id).labels
+                self._labels[job_id] = self.store.verified_info(job_id).labels
             return self._labels[job_id]
+
+    def unverified(self, job_id: str) -> str | None:
+        """Why the job's record does not verify, or None when it does (`labels`)."""
+        try:
+            self.labels(job_id)
+        except RecordTampered as error:
+            return str(error)
+        return None
 
     def output_allowed(self, output: str) -> bool:
         """EXPLAINCTL_ALLOWED_OUTPUTS, when set, holds every place this worker writes to."""
@@ -471,6 +485,11 @@ def run_chunk(
     elif not context.weights_allowed(payload.model):
         message = f"this worker does not load weights {one_line(payload.model.weights)!r}"
         _environment_failed(context, payload, pending, "weights-not-allowed", message, run)
+    elif (refusal := context.unverified(job)) is not None:
+        # The job's, not this worker's: no other worker would verify it either.
+        log.error("job %s chunk %d: %s", job, payload.chunk, refusal)
+        failure = _failure("record-tampered", refusal)
+        run.finished = store.settle(job, [(i.index, "failed", failure) for i in pending])
     else:
         try:
             loaded = context.models.get(payload.model, context.torch_device())

@@ -19,7 +19,7 @@ def test_keys_are_byte_identical_to_what_records_already_hold():
     job = "01m95ad3sam61221j7"
     assert keys.JOBS_KEY == "explainctl:jobs"
     assert keys.LEASES_KEY == "explainctl:leases"
-    parts = ["meta", "items", "state", "errors", "attempts", "counts", "deliveries",
+    parts = ["meta", "items", "macs", "state", "errors", "attempts", "counts", "deliveries",
              "submitter", "index"]  # fmt: skip
     for part in parts:
         assert keys.job_key(job, part) == f"explainctl:job:{job}:{part}"

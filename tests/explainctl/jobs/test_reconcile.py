@@ -1,15 +1,20 @@
 """The reconciler against a real Redis and real Celery messages: queued items in no
 message and under no lease go back to the queue, once, after two looks."""
 
+import base64
+import json
 import time
+import zlib
 
 import pytest
 
 from explainctl.config import Settings
 from explainctl.jobs import leases
-from explainctl.jobs.keys import suspects_key
+from explainctl.jobs.keys import job_key, suspects_key
 from explainctl.jobs.queue import make_app, send_items, waiting_chunks
 from explainctl.jobs.reconcile import reconcile
+from explainctl.jobs.signing import SigningKeys
+from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import ChunkItem, JobInfo, ModelSpec
 from explainctl.spec.ids import new_job_id
 from explainctl.spec.methods import ExplainParams
@@ -95,3 +100,47 @@ def test_items_a_retry_is_still_sending_are_not_lost(queued):
     store.release_submitter(info.job_id)
     assert reconcile(store, app, info.job_id, grace=0) == 0  # the first look
     assert reconcile(store, app, info.job_id, grace=0) == 10
+
+
+KEY = "reconcile-key-0123456789abcdef"
+
+
+def test_lost_items_whose_records_were_edited_in_redis_are_failed_not_signed(queued, redis_url):
+    """The reconciler signs what it sends: it sends only records whose MAC verifies."""
+    _, _, info, items = queued
+    store = JobStore(queued[0].redis, keys=SigningKeys((KEY.encode(),)))
+    app = make_app(Settings.load(env={}, broker_url=redis_url, signing_keys=(KEY,)))
+    job_id = new_job_id()
+    store.create(info.model_copy(update={"job_id": job_id}))
+    for start in range(0, 10, 4):
+        store.add_chunk(job_id, items[start : start + 4])
+    store.mark_submitted(job_id)
+    store.redis.hset(job_key(job_id, "items"), "4", _forged(4))  # items 4..7
+    assert reconcile(store, app, job_id, grace=0) == 0  # the first look
+    assert reconcile(store, app, job_id, grace=0) == 6
+    sent = [p for p in waiting_chunks(store.redis, info.queue) if p["job_id"] == job_id]
+    assert sorted(i["index"] for p in sent for i in p["items"]) == [0, 1, 2, 3, 8, 9]
+    assert all(SigningKeys((KEY.encode(),)).verify(p) == "verified" for p in sent)
+    assert "/etc/passwd" not in json.dumps(sent)
+    codes = {e.index: e.error_code for e in store.entries(job_id, {"failed"})}
+    assert codes == {4: "record-tampered", 5: "record-tampered", 6: "record-tampered",
+                     7: "record-tampered"}  # fmt: skip
+
+    # A job whose JobInfo was edited sends nothing: every lost item fails, and it ends.
+    other = new_job_id()
+    store.create(info.model_copy(update={"job_id": other}))
+    store.add_chunk(other, items[:4])
+    store.mark_submitted(other)
+    meta = job_key(other, "meta")
+    store.redis.hset(meta, "info", store.redis.hget(meta, "info").replace("/tmp/out", "/etc"))
+    assert reconcile(store, app, other, grace=0) == 0
+    assert reconcile(store, app, other, grace=0) == 0
+    assert not [p for p in waiting_chunks(store.redis, info.queue) if p["job_id"] == other]
+    status = store.status(other)
+    assert status.state == "completed_with_failures" and status.counts["failed"] == 4
+    assert {e.error_code for e in store.entries(other)} == {"record-tampered"}
+
+
+def _forged(n: int) -> str:
+    plain = json.dumps([["/etc/passwd"]] * n).encode()
+    return base64.b64encode(zlib.compress(plain)).decode()

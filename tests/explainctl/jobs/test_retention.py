@@ -96,7 +96,7 @@ def test_a_retried_job_stops_its_clock_and_an_unsealed_one_is_sealed_by_prune(se
     store = JobStore(client, job_ttl=100)
     job_id = _finished_job(store, str(tmp_path / "out"), failed=2)
     assert client.ttl(job_key(job_id, "state")) > 0
-    assert [i.index for i in store.reopen(job_id, {"failed"})] == [2]  # as `retry` does
+    assert [i.index for i in store.reopen(job_id, {"failed"}).items] == [2]  # as `retry` does
     assert client.ttl(job_key(job_id, "state")) == -1
     assert not client.exists(job_key(job_id, "index"))
     assert store.seal(job_id) is False  # not finished: nothing may expire

@@ -95,3 +95,27 @@ def test_a_queued_chunk_is_signed_and_a_re_sent_one_keeps_its_signature(redis_ur
         assert json.loads(json.dumps(signed)) == signed
     finally:
         client.delete(queue)
+
+
+def test_a_record_mac_binds_its_kind_job_place_and_text():
+    keys = SigningKeys((NEW,))
+    mac = keys.record_mac("items", "01m9675xa1q0cp03k7", "16", "eJzL")
+    assert keys.verify_record("items", "01m9675xa1q0cp03k7", "16", "eJzL", mac) == "verified"
+    # Another text, place, job or kind: the MAC cannot be moved with the record.
+    assert keys.verify_record("items", "01m9675xa1q0cp03k7", "16", "eJzM", mac) == "bad-signature"
+    assert keys.verify_record("items", "01m9675xa1q0cp03k7", "32", "eJzL", mac) == "bad-signature"
+    assert keys.verify_record("items", "01m9675xa1q0cp03k8", "16", "eJzL", mac) == "bad-signature"
+    assert keys.verify_record("info", "01m9675xa1q0cp03k7", "16", "eJzL", mac) == "bad-signature"
+    assert keys.verify_record("items", "01m9675xa1q0cp03k7", "16", "eJzL", None) == "unsigned"
+    # Rotation as for messages: a record of the old key verifies while it is listed.
+    by_old = SigningKeys((OLD,)).record_mac("info", "j", "info", "{}")
+    assert SigningKeys((NEW, OLD)).verify_record("info", "j", "info", "{}", by_old) == "verified"
+    assert SigningKeys((NEW,)).verify_record("info", "j", "info", "{}", by_old) == "bad-signature"
+    assert SigningKeys().record_mac("info", "j", "info", "{}") is None
+
+
+def test_a_record_mac_never_passes_for_a_message_signature():
+    keys = SigningKeys((NEW,))
+    mac = keys.record_mac("items", "j", "0", "x")
+    assert keys.verify({"record": "items", "job_id": "j", "at": "0", "data": "x"}) == "unsigned"
+    assert keys.verify({**_message(), SIGNATURE: mac}) == "bad-signature"

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from explainctl.jobs.keys import job_key
+from explainctl.jobs.signing import SigningKeys
 from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import (
     STATE_CODES,
@@ -13,7 +14,7 @@ from explainctl.spec.contracts import (
     JobInfo,
     ModelSpec,
 )
-from explainctl.spec.errors import InvalidInput, JobNotFound, ServiceUnavailable
+from explainctl.spec.errors import InvalidInput, JobNotFound, RecordTampered, ServiceUnavailable
 from explainctl.spec.ids import new_job_id
 from explainctl.spec.methods import ExplainParams
 
@@ -114,8 +115,8 @@ def test_entries_come_back_in_order_from_compact_records(job_store):
     assert redis.strlen(job_key(job_id, "state")) == 2500
     assert redis.hlen(job_key(job_id, "items")) == 5
     assert redis.hkeys(job_key(job_id, "errors")) == ["2000"]  # the scores are not here
-    assert job_store.chunk_items(job_id, 498, 502)[0].uri == "/images/498.png"
-    assert [i.index for i in job_store.chunk_items(job_id, 498, 502)] == [498, 499, 500, 501]
+    assert job_store.chunk_items(job_id, 498, 502).items[0].uri == "/images/498.png"
+    assert [i.index for i in job_store.chunk_items(job_id, 498, 502).items] == [498, 499, 500, 501]
 
 
 def test_a_chunk_records_consecutive_items_only(job_store):
@@ -139,7 +140,7 @@ def test_cancel_and_reopen(job_store):
     job_store.settle(job_id, [(0, "done", None)])
     assert job_store.status(job_id).state == "cancelled"
     reopened = job_store.reopen(job_id, {"failed"})
-    assert [i.index for i in reopened] == [1]
+    assert [i.index for i in reopened.items] == [1] and reopened.tampered == []
     status = job_store.status(job_id)
     assert status.counts["queued"] == 1 and status.counts["failed"] == 0
     assert not status.cancelled and status.finished_at is None
@@ -203,7 +204,7 @@ def test_the_scripts_are_given_the_declared_terminal_states(job_store):
     job_store.settle(job_id, [(0, "done", None), (1, "failed", {"error_code": "x", "error": "y"})])
     job_store.settle(job_id, [(2, "cancelled", {})], mode="queued-only")
     assert job_store.mark_submitted(job_id) is True
-    assert [r.index for r in job_store.reopen(job_id, {"failed", "cancelled"})] == [1, 2]
+    assert [r.index for r in job_store.reopen(job_id, {"failed", "cancelled"}).items] == [1, 2]
     assert len(given) == 2 + 2 + 1 + 1 + 2
 
     def named(args: dict, field: str) -> set[str]:
@@ -272,8 +273,8 @@ def test_targets_and_labels_travel_with_their_items_and_old_records_still_read(j
         ChunkItem(index=3, uri="/d.png", target="top1", label="3"),
     ]
     job_store.add_chunk(job_id, items)
-    assert job_store.chunk_items(job_id, 0, 4) == items
-    assert job_store.items_at(job_id, [2]) == [items[2]]
+    assert job_store.chunk_items(job_id, 0, 4).items == items
+    assert job_store.items_at(job_id, [2]).items == [items[2]]
     assert [(e.target, e.label) for e in job_store.entries(job_id)] == [
         (None, None), ("7", None), (None, "tabby"), ("top1", "3")]  # fmt: skip
     assert [e.item for e in job_store.entries(job_id)] == items
@@ -299,4 +300,95 @@ def test_redis_holds_the_redacted_uri(job_store):
     job_store.add_chunk(job_id, [ChunkItem(index=0, uri="https://h/a.png?X-Amz-Signature=f00d"),
                                  ChunkItem(index=1, uri="s3://b/odd?key#.png")])  # fmt: skip
     assert [e.uri for e in job_store.entries(job_id)] == ["https://h/a.png", "s3://b/odd?key#.png"]
-    assert [i.uri for i in job_store.chunk_items(job_id, 0, 2)][0] == "https://h/a.png"
+    assert job_store.chunk_items(job_id, 0, 2).items[0].uri == "https://h/a.png"
+
+
+OLD, NEW = b"old-key-0123456789abcdef", b"new-key-0123456789abcdef"
+
+
+def _keyed(job_store: JobStore, *secrets: bytes) -> JobStore:
+    return JobStore(job_store.redis, keys=SigningKeys(secrets))
+
+
+def test_records_written_with_a_key_carry_one_mac_a_chunk_and_read_back_verified(job_store):
+    store = _keyed(job_store, NEW)
+    job_id = _job(store, 10)
+    macs = store.redis.hgetall(job_key(job_id, "macs"))
+    assert sorted(macs) == ["0", "4", "8", "info"]
+    assert store.verified_info(job_id).job_id == job_id
+    recorded = store.items_at(job_id, range(10))
+    assert [i.uri for i in recorded.items] == [f"/images/{i}.png" for i in range(10)]
+    assert recorded.tampered == []
+    # Written without a key, nothing is added and nothing is checked on reading.
+    plain = _job(job_store, 4)
+    assert not job_store.redis.exists(job_key(plain, "macs"))
+    assert len(job_store.items_at(plain, range(4)).items) == 4
+
+
+def test_items_edited_in_redis_are_never_read_back_to_be_sent(job_store):
+    store = _keyed(job_store, NEW)
+    job_id = _job(store, 10)
+    genuine = store.redis.hget(job_key(job_id, "items"), "4")  # the second chunk, 4..7
+    store.redis.hset(job_key(job_id, "items"), "4", _stored([["/etc/passwd"]] * 4))
+    recorded = store.items_at(job_id, [1, 5, 9])
+    assert [i.index for i in recorded.items] == [1, 9] and recorded.tampered == [5]
+    assert store.chunk_items(job_id, 0, 10).tampered == [4, 5, 6, 7]
+    # A MAC copied from another chunk does not vouch for this one.
+    macs = job_key(job_id, "macs")
+    store.redis.hset(macs, "4", store.redis.hget(macs, "0"))
+    assert store.chunk_items(job_id, 4, 8).tampered == [4, 5, 6, 7]
+    # A genuine record whose MAC was deleted is refused too where keys are set, or deleting
+    # the MAC would pass any edit.
+    store.redis.hset(job_key(job_id, "items"), "4", genuine)
+    store.redis.hdel(macs, "4")
+    assert store.items_at(job_id, [6]).tampered == [6]
+    # The last chunk's own length is not trusted: its items are bounded by the reader's.
+    store.redis.hset(job_key(job_id, "items"), "8", _stored([["/etc/shadow"]]))
+    assert store.items_at(job_id, [8, 9]).tampered == [8, 9]
+
+
+def test_a_retry_reopens_tampered_items_only_to_fail_them_with_their_code(job_store):
+    store = _keyed(job_store, NEW)
+    job_id = _job(store, 8)
+    store.mark_submitted(job_id)
+    failure = {"error_code": "corrupt", "error": "bad"}
+    store.settle(job_id, [(i, "failed", failure) for i in range(8)])
+    store.redis.hset(job_key(job_id, "items"), "0", _stored([["/etc/passwd"]] * 4))
+    reopened = store.reopen(job_id, {"failed"})
+    assert [i.index for i in reopened.items] == [4, 5, 6, 7]
+    assert reopened.tampered == [0, 1, 2, 3]
+    assert store.fail_tampered(job_id, reopened.tampered) is False  # 4..7 are queued
+    codes = {e.index: e.error_code for e in store.entries(job_id)}
+    assert [codes[i] for i in range(8)] == ["record-tampered"] * 4 + [None] * 4
+    # Read to be shown, not sent, the record is as Redis holds it.
+    assert next(store.entries(job_id)).uri == "/etc/passwd"
+
+
+def test_a_job_info_edited_in_redis_or_without_a_mac_is_refused(job_store):
+    store = _keyed(job_store, NEW)
+    job_id = _job(store, 4)
+    meta = job_key(job_id, "meta")
+    raw = store.redis.hget(meta, "info")
+    store.redis.hset(meta, "info", raw.replace('"/tmp/out"', '"s3://elsewhere/x"'))
+    with pytest.raises(RecordTampered, match="does not verify"):
+        store.verified_info(job_id)
+    assert store.info(job_id).output == "s3://elsewhere/x"  # shown as it is, never sent
+    store.redis.hset(meta, "info", raw)
+    assert store.verified_info(job_id).output == "/tmp/out"
+    # Written by a client without the key (or before records carried MACs): refused too,
+    # or deleting the MAC would pass any edit.
+    plain = _job(job_store, 4)
+    with pytest.raises(RecordTampered, match="carries no MAC"):
+        store.verified_info(plain)
+    assert store.items_at(plain, [0]).tampered == [0]
+
+
+def test_records_of_a_key_being_rotated_out_verify_while_it_is_listed(job_store):
+    job_id = _job(_keyed(job_store, OLD), 6)
+    rotating = _keyed(job_store, NEW, OLD)
+    assert rotating.verified_info(job_id).job_id == job_id
+    assert len(rotating.items_at(job_id, range(6)).items) == 6
+    dropped = _keyed(job_store, NEW)
+    with pytest.raises(RecordTampered):
+        dropped.verified_info(job_id)
+    assert dropped.items_at(job_id, range(6)).tampered == list(range(6))

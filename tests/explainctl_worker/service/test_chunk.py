@@ -7,6 +7,8 @@ import pytest
 from PIL import Image
 
 from explainctl.config import Settings
+from explainctl.jobs.keys import job_key
+from explainctl.jobs.signing import SigningKeys
 from explainctl.jobs.store import JobStore
 from explainctl.spec.contracts import ChunkItem, ChunkPayload, JobInfo, ModelSpec
 from explainctl.spec.ids import new_job_id
@@ -150,3 +152,21 @@ def test_a_weights_file_is_loaded_only_where_the_allow_list_names_it(job_store, 
     assert not context.weights_allowed(linked)
     assert context.weights_allowed(linked.model_copy(update={"weights": None}))
     assert _context(job_store, allowed_weights=(f"{tmp_path}/*.pt",)).weights_allowed(linked)
+
+
+def test_a_job_record_edited_in_redis_fails_its_items_before_the_model_loads(job_store, tmp_path):
+    """The job's class names are not in the signed message: a worker holding keys reads
+    them from a record whose MAC verifies, or fails the items with `record-tampered`."""
+    keys = SigningKeys((b"worker-key-0123456789abcdef",))
+    store = JobStore(job_store.redis, keys=keys)
+    payload = _chunk(store, tmp_path, str(tmp_path / "out"))
+    meta = job_key(payload.job_id, "meta")
+    raw = store.redis.hget(meta, "info")
+    store.redis.hset(meta, "info", raw.replace('"labels":null', '"labels":["forged"]'))
+    context = WorkerContext(settings=Settings(allowed_models=("*",)), store=store)
+    run_chunk(payload, context)
+    records = list(store.entries(payload.job_id))
+    assert {(r.state, r.error_code) for r in records} == {("failed", "record-tampered")}
+    assert store.status(payload.job_id).state == "completed_with_failures"
+    assert not context.models._models  # nothing loaded
+    assert not any((tmp_path / "out").rglob("*.png"))  # nothing explained
