@@ -12,6 +12,7 @@ import redis
 from PIL import Image
 
 from explainctl.jobs.keys import job_key, job_pattern
+from explainctl.spec.contracts import ARTIFACT_FILES
 from tests.support import browser, cli
 
 TINY = [
@@ -78,7 +79,8 @@ def test_cancel_retry_results_download(tmp_path, start_workers, worker_env):
     assert {r["attempts"] for r in records if r["state"] == "done"} == {1}
 
     copied = _json(cli.run("download", job, str(tmp_path / "copy"), "--json", **worker_env))
-    assert copied == {"job_id": job, "copied": 30, "directory": str(tmp_path / "copy")}
+    copied_files = 5 * len(ARTIFACT_FILES)  # every file of the 5 done items
+    assert copied == {"job_id": job, "copied": copied_files, "directory": str(tmp_path / "copy")}
     assert Image.open(tmp_path / "copy" / "000000-img0" / "overlay.png").size == (24, 24)
 
     listed = [
@@ -191,7 +193,9 @@ def test_a_finished_job_expires_and_every_command_still_answers(
         json.loads(line)["job_id"] for line in cli.run("jobs", "--json", **env).stdout.splitlines()
     ]
     copied = cli.run("download", job, str(tmp_path / "copy"), **env)
-    assert copied.returncode == 0 and copied.stdout.startswith("copied 12 files"), copied.stdout
+    copied_files = 2 * len(ARTIFACT_FILES)  # the 2 done items' files
+    assert copied.returncode == 0, copied.stderr
+    assert copied.stdout.startswith(f"copied {copied_files} files"), copied.stdout
     assert (tmp_path / "copy" / listed[0]["item"] / "mask.npy").exists()
     page = str(tmp_path / "r.html")
     assert _json(cli.run("report", job, "--out", page, "--json", **env)) == {

@@ -363,6 +363,7 @@ class Comparison:
         self.a, self.b = a, b
         self._records = (records_a, records_b)
         self.read = read
+        self.max_pixels = max_pixels
         self.masks = MaskReader(read, max_pixels=max_pixels)
         self.workers = workers
         self.summary = Summary(a, b)
