@@ -24,12 +24,14 @@ ROOMS: dict[str, set[str]] = {
         "explainctl.io",
         "explainctl.jobs",
         "explainctl.pages",
+        "explainctl.exports",
         "explainctl.local",
         "explainctl.cli",
         "explainctl_worker",
     },  # fmt: skip
     "explainctl.jobs": {"explainctl", "explainctl.spec", "explainctl.io"},
     "explainctl.pages": {"explainctl.spec", "explainctl.io", "explainctl.jobs"},
+    "explainctl.exports": {"explainctl.spec", "explainctl.io", "explainctl.jobs"},
     "explainctl.local": {"explainctl", "explainctl.spec", "explainctl_worker"},
     "explainctl.cli": {
         "explainctl",
@@ -37,6 +39,7 @@ ROOMS: dict[str, set[str]] = {
         "explainctl.io",
         "explainctl.jobs",
         "explainctl.pages",
+        "explainctl.exports",
         "explainctl.local",
         "explainctl_worker",
     },  # fmt: skip

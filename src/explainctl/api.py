@@ -403,17 +403,17 @@ class Job:
 
     def results(self):
         """One row per item, the columns of `explainctl results --parquet`
-        (explainctl.jobs.table.COLUMNS): index, URI, state, every result field, error code
+        (explainctl.exports.table.COLUMNS): index, URI, state, every result field, error code
         and message, artifact URIs, trust flags; a pandas DataFrame, else pyarrow."""
-        from explainctl.jobs.table import COLUMNS, rows
+        from explainctl.exports.table import COLUMNS, rows
 
         return frame(list(rows(self.client.library.results(self.id))), COLUMNS)
 
     def to_parquet(self, path: str | os.PathLike, masks: bool = False) -> int:
         """Write the job's table to a parquet file, streamed, as `explainctl results JOB
         --parquet FILE [--masks]`; returns the rows written."""
+        from explainctl.exports.table import write_parquet
         from explainctl.jobs.masks import MaskReader
-        from explainctl.jobs.table import write_parquet
 
         records = self.client.library.results(self.id)
         return write_parquet(records, os.fspath(path), MaskReader() if masks else None)

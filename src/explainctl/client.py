@@ -486,12 +486,12 @@ class Client:
     def export_fiftyone(self, job_id: str, dataset: str | None = None, media: str | None = None):
         """Create or extend a FiftyOne dataset (default `explainctl-<job>`) with the job's
         items; images not on this machine are downloaded to `media` (default
-        $EXPLAINCTL_HOME/media). Returns an Exported (pages/fiftyone_export.py)."""
-        from explainctl.pages import fiftyone_export
+        $EXPLAINCTL_HOME/media). Returns an Exported (exports/fiftyone_dataset.py)."""
+        from explainctl.exports import fiftyone_dataset
 
         check_job_id(job_id)
         status = self.status(job_id)
-        return fiftyone_export.export(
+        return fiftyone_dataset.export(
             job_id,
             self.results(job_id),
             dataset or f"explainctl-{job_id}",

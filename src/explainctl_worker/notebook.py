@@ -38,7 +38,7 @@ from explainctl_worker.model import LoadedModel, ModelCache, pick_device
 __all__ = ["LoadedModel", "ExplainResult", "Prediction", "Failure"]
 
 # The table's columns: the item, its state, every documented result field and the trust
-# flags (as a job's table, explainctl.jobs.table), the model's own top-1 prediction, then
+# flags (as a job's table, explainctl.exports.table), the model's own top-1 prediction, then
 # the failure.
 TABLE_COLUMNS: tuple[str, ...] = (
     "index", "item", "source", "state", *SCORE_FIELDS, "flags",

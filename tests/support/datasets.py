@@ -18,6 +18,16 @@ def png(seed: int, size: int = 32) -> bytes:
     return buffer.getvalue()
 
 
+def patch(colour: tuple[int, int, int], size: int = 32) -> bytes:
+    """Grey with a square of `colour` in the middle (a patch, not a flat image, so that
+    blurring it away changes what a model sees)."""
+    pixels = np.full((size, size, 3), 128, dtype=np.uint8)
+    pixels[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = colour
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def parquet(path: Path, n: int = 3, **columns: list) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -27,15 +37,23 @@ def parquet(path: Path, n: int = 3, **columns: list) -> Path:
     return path
 
 
-def saved_dataset(path: Path, names: tuple[str, ...] = ("cat", "dog"), n: int = 3) -> Path:
-    """A DatasetDict (train: n rows, test: 1) saved to disk, its labels a ClassLabel."""
+def saved_dataset(
+    path: Path,
+    names: tuple[str, ...] = ("cat", "dog"),
+    n: int = 3,
+    images: list[bytes] | None = None,
+    labels: list[int] | None = None,
+) -> Path:
+    """A DatasetDict (train: n rows, or one per image given; test: 1) saved to disk, its
+    labels a ClassLabel."""
     import datasets
 
     features = datasets.Features(
         {"picture": datasets.Image(), "label": datasets.ClassLabel(names=list(names))}
     )
-    rows = {"picture": [{"bytes": png(i), "path": None} for i in range(n)],
-            "label": [i % len(names) for i in range(n)]}  # fmt: skip
+    images = images if images is not None else [png(i) for i in range(n)]
+    labels = labels if labels is not None else [i % len(names) for i in range(len(images))]
+    rows = {"picture": [{"bytes": image, "path": None} for image in images], "label": labels}
     train = datasets.Dataset.from_dict(rows, features=features)
     datasets.DatasetDict({"train": train, "test": train.select([0])}).save_to_disk(str(path))
     return path

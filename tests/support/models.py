@@ -61,6 +61,23 @@ def evidence_batch() -> torch.Tensor:
 HALF = (0.5, 0.5, 0.5)
 
 
+class ColourClassifier(nn.Module):
+    """Three classes, red, green and blue (in that order): the channel with the highest
+    mean wins, so a test knows each image's top-1 from its colour. With mean = std = 0.5
+    a grey background is 0 in every channel and only the coloured part counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(16.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x.mean(dim=(2, 3))
+
+
+def colour_classifier() -> nn.Module:
+    return ColourClassifier()
+
+
 class TinyClassifier(nn.Module):
     """A seeded random 10-class CNN: cheap, deterministic, with a real conv/BN/pool stack."""
 

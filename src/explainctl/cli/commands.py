@@ -503,8 +503,8 @@ def results(
     if sort:
         records = _sorted(list(records), sort, desc)
     if parquet is not None:
+        from explainctl.exports.table import write_parquet
         from explainctl.jobs.masks import MaskReader
-        from explainctl.jobs.table import write_parquet
 
         rows = write_parquet(records, parquet, MaskReader() if masks else None)
         if as_json:

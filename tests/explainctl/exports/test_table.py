@@ -3,7 +3,7 @@
 import numpy as np
 import pyarrow.parquet as pq
 
-from explainctl.jobs import table
+from explainctl.exports import table
 from explainctl.jobs.masks import MaskReader, encode
 from explainctl.spec.results import RESULT_COLUMNS, ItemRecord
 from explainctl.spec.trust import FLAG_NAMES

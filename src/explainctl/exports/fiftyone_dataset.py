@@ -14,7 +14,7 @@ Each sample holds:
     ground_truth       the item's label, where it has one (`label_name`, else the raw label)
     saliency           fo.Heatmap of 1 - mask (the mask's own grid; FiftyOne stretches it
                        over the image), range [0, top] on heatmap.png's scale
-    every record field  scores, state, error, URIs, artifact URIs (explainctl.jobs.table)
+    every record field  scores, state, error, URIs, artifact URIs (explainctl.exports.table)
     tags               the item's trust flags, and `failed` / `cancelled`
 
 fiftyone is imported only here, when an export runs; it does not import torch.
@@ -27,9 +27,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from explainctl.exports.table import batches, row
 from explainctl.io.uri import parse_uri
 from explainctl.jobs.masks import MaskReader
-from explainctl.jobs.table import batches, row
 from explainctl.spec.contracts import heatmap_top
 from explainctl.spec.errors import ExplainctlError, MissingDependency
 from explainctl.spec.results import ItemRecord
