@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from explainctl.cli.options import build_params, validated
+from explainctl.cli.options import build_params, model_spec_of, validated
 from explainctl.spec.contracts import DEFAULT_CHUNK_SIZE, GROUND_TRUTH, ModelSpec, Target
 from explainctl.spec.errors import InvalidInput, MissingDependency
 
@@ -63,12 +63,7 @@ def model_spec(
     name: str, weights: str | None = None, mean: Triple | None = None, std: Triple | None = None
 ) -> ModelSpec:
     """The ModelSpec of a spec string, as `--model/--weights/--mean/--std` build it."""
-    values: dict[str, Any] = {"name": name, "weights": weights}
-    if (parsed := _triple(mean, "mean")) is not None:
-        values["mean"] = parsed
-    if (parsed := _triple(std, "std")) is not None:
-        values["std"] = parsed
-    return validated(ModelSpec, values)
+    return model_spec_of(name, weights, _triple(mean, "mean"), _triple(std, "std"))
 
 
 def _labels(labels: str | os.PathLike | Sequence[str] | None) -> tuple[str, ...] | None:

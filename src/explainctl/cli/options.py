@@ -152,11 +152,18 @@ def params_from(method_flags: dict[str, Any]) -> ExplainParams:
 def build_model_spec(
     name: str, weights: str | None, mean: str | None, std: str | None
 ) -> ModelSpec:
+    """The ModelSpec of `--model/--weights/--mean/--std` as typed."""
+    return model_spec_of(name, weights, parse_triple(mean, "--mean"), parse_triple(std, "--std"))
+
+
+def model_spec_of(
+    name: str, weights: str | None, mean: tuple | None, std: tuple | None
+) -> ModelSpec:
+    """A checked ModelSpec; a mean or std left None is the model's own."""
     values: dict[str, Any] = {"name": name, "weights": weights}
-    if (parsed := parse_triple(mean, "--mean")) is not None:
-        values["mean"] = parsed
-    if (parsed := parse_triple(std, "--std")) is not None:
-        values["std"] = parsed
+    values.update(
+        {key: value for key, value in (("mean", mean), ("std", std)) if value is not None}
+    )
     return validated(ModelSpec, values)
 
 
