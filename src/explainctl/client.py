@@ -406,7 +406,7 @@ class Client:
             output = self._output_of(job_id)
             _, records = read_manifest(self.storage(output), job_id)
         else:
-            output = self.store.info(job_id).output
+            output = self.store.verified_info(job_id).output
             records = item_records(self.store, self.storage(output), job_id)
         return (derived(record, output, job_id) for record in records)
 
@@ -458,7 +458,10 @@ class Client:
         check_job_id(job_id)
         status = self.status(job_id)
         summary = {**status.as_json(), "info": status.info.model_dump(mode="json")}
-        output = status.info.output
+        # A live job's output is read (and the report written there) only as its sealed
+        # record says: an edit in Redis must not send the auditor's reads elsewhere.
+        live = self.store.live(job_id)
+        output = self.store.verified_info(job_id).output if live else status.info.output
         roots = self.settings.allowed_roots or None
 
         def original(uri: str) -> bytes:
@@ -512,7 +515,10 @@ class Client:
             self.store.mark_submitted(job_id)
         status = self.store.status(job_id)
         if status.counts.get("running", 0) == 0:
-            write_manifest(self.store, self.storage(status.info.output), job_id)
+            # Written only where the job's sealed record says (RecordTampered otherwise):
+            # the items are cancelled whatever, the manifest is not sent elsewhere.
+            output = self.store.verified_info(job_id).output
+            write_manifest(self.store, self.storage(output), job_id)
         return Cancelled(cancelled)
 
     def retry(self, job_id: str, failed_only: bool = False) -> int:

@@ -74,3 +74,37 @@ def test_download_writes_through_no_planted_symlink(tmp_path):
     assert (victim / "keep").read_text() == "mine"  # the link was replaced, not followed
     placed = tmp_path / "got" / "000000-cat" / "overlay.png"
     assert not placed.is_symlink() and placed.read_bytes() == b"worker's overlay.png"
+
+
+def test_a_live_jobs_output_edited_in_redis_is_never_read_or_written(tmp_path, redis_url):
+    """With signing keys, `results`, `report` and `cancel` take a live job's output from
+    its sealed record: an output edited in Redis sends no read and no write elsewhere."""
+    from explainctl.jobs.keys import job_key as redis_key
+    from explainctl.jobs.signing import SigningKeys
+    from explainctl.jobs.store import JobStore
+    from explainctl.spec.contracts import ChunkItem
+    from explainctl.spec.errors import RecordTampered
+
+    key = "audit-key-" + "k" * 24
+    store = JobStore.connect(redis_url, keys=SigningKeys((key.encode(),)))
+    output, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    job_id = new_job_id()
+    info = JobInfo(job_id=job_id, created=time.time(), model=ModelSpec(), params=ExplainParams(),
+                   output=str(output), queue="explain", chunk_size=2)  # fmt: skip
+    store.create(info)
+    store.add_chunk(job_id, [ChunkItem(index=0, uri="/in/a.png")])
+    store.mark_submitted(job_id)
+    settings = Settings.load(env={}, broker_url=redis_url, output=str(output), signing_keys=(key,))
+    client = Client(settings)
+    assert [r.index for r in client.results(job_id)] == [0]  # sealed as written: read
+
+    forged = info.model_copy(update={"output": str(elsewhere)}).model_dump_json()
+    store.redis.hset(redis_key(job_id, "meta"), "info", forged)
+    with pytest.raises(RecordTampered):
+        list(client.results(job_id))
+    with pytest.raises(RecordTampered):
+        client.report(job_id, str(tmp_path / "report.html"))
+    with pytest.raises(RecordTampered):
+        client.cancel(job_id)  # its items are cancelled; no manifest goes elsewhere
+    assert store.status(job_id).counts["cancelled"] == 1
+    assert not elsewhere.exists() and not (tmp_path / "report.html").exists()
