@@ -152,7 +152,7 @@ def explain_chunk_task(self, payload: dict) -> None:
         return
     started = time.time()
     queue = lease.delivered_queue(self.request, settings.queue)  # where a re-send goes
-    with lease.hold(context().store.redis, chunk, queue, settings.lease_seconds) as mine:
+    with lease.hold(context().store.redis, chunk, queue, settings.lease_seconds, payload) as mine:
         if not mine:
             log.info("job %s chunk %d runs elsewhere under a live lease", chunk.job_id, chunk.chunk)
             return

@@ -81,16 +81,23 @@ def _dead_holder(client: redis.Redis, runner: str) -> str:
 
 
 @contextlib.contextmanager
-def hold(client: redis.Redis, payload: ChunkPayload, queue: str, seconds: float) -> Iterator[bool]:
+def hold(
+    client: redis.Redis,
+    payload: ChunkPayload,
+    queue: str,
+    seconds: float,
+    message: dict | None = None,
+) -> Iterator[bool]:
     """Hold the chunk's lease while the block runs; yields False, holding nothing, when
     another copy of the chunk is running under a live lease (after a Redis restart kombu
     hands back the message of a chunk still running): that copy's lease covers it, and
     if its worker dies the reaper sends the chunk again. The lease is released only when
     the block finishes normally: after an exception it expires and the chunk is sent again,
     to `queue`: the one it was delivered on (`delivered_queue`). The attempt counts of
-    explainctl.jobs.store bound how often."""
+    explainctl.jobs.store bound how often. `message` is the chunk as it was received: the
+    reaper sends it again as it is, signature included (`payload` lost it in validation)."""
     key = _key(payload)
-    leases.put_payload(client, key, queue, payload.wire())
+    leases.put_payload(client, key, queue, payload.wire() if message is None else message)
     claim = _RUN.on(client)
     now = redis_now(client)
     runner = _runner_key(payload)

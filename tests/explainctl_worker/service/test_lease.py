@@ -145,3 +145,20 @@ def test_a_running_chunk_from_another_queue_is_sent_again_to_that_queue(
         assert json.loads(sent)["headers"]["task"] == "explainctl.explain_chunk"
     finally:
         client.delete(configured)
+
+
+def test_a_lost_chunk_goes_back_signed_as_it_came(setup):
+    """The lease keeps the message as received, signature included: a validated payload
+    has dropped it, and workers that hold keys refuse an unsigned chunk."""
+    from explainctl.jobs.queue import waiting_chunks
+    from explainctl.jobs.signing import SigningKeys
+
+    client, app, queue = setup
+    keys = SigningKeys((b"lease-test-key-" + b"k" * 20,))
+    payload = _payload()
+    received = keys.sign(payload.wire())
+    with pytest.raises(RuntimeError), lease.hold(client, payload, queue, 30, received):
+        raise RuntimeError("the worker died")
+    assert leases.reap(client, app, now=leases.redis_now(client) + 60) == 1
+    (sent,) = waiting_chunks(client, queue)
+    assert sent == received and keys.verify(sent) == "verified"
