@@ -42,18 +42,23 @@ def read_mask_file(uri: str) -> bytes:
     return read_uri(uri, max_bytes=cap)
 
 
+def _npy_shape(stream) -> tuple[int, ...]:
+    """The shape an .npy stream declares in its header, read before any of its data."""
+    version = np.lib.format.read_magic(stream)
+    header = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, _, _ = header(stream)
+    return shape
+
+
 def load_mask(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A mask.npy's array; ValueError for anything that is not a plain numeric array of at
     most `max_pixels` values (checked from its header, before its data is read)."""
     try:
-        stream = io.BytesIO(data)
-        version = np.lib.format.read_magic(stream)
-        header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, _, _ = header(stream)
+        shape = _npy_shape(io.BytesIO(data))
         if math.prod(shape) > max_pixels:
             raise ValueError(f"a mask of shape {shape}, above the limit of {max_pixels} values")
         array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -78,9 +83,18 @@ def encode(masks: Mapping[int, np.ndarray]) -> bytes | None:
     return buffer.getvalue()
 
 
-def decode(data: bytes) -> dict[int, np.ndarray]:
-    """A chunk file's masks by item index; ValueError for anything else."""
+def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> dict[int, np.ndarray]:
+    """A chunk file's masks by item index; ValueError for anything else. What it unpacks
+    to is checked before it is unpacked: a small compressed file may declare gigabytes."""
     try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for member in archive.infolist():
+                if member.file_size > CHUNK_MAX_BYTES:
+                    raise ValueError(f"{member.filename} unpacks to {member.file_size} bytes")
+            with archive.open("masks.npy") as stream:
+                shape = _npy_shape(stream)
+        if len(shape) != 3 or math.prod(shape[1:]) > max_pixels:
+            raise ValueError(f"masks of shape {shape}, above {max_pixels} values each")
         held = np.load(io.BytesIO(data), allow_pickle=False)
         if not isinstance(held, np.lib.npyio.NpzFile):
             raise ValueError("a single array")
@@ -133,7 +147,7 @@ class MaskReader:
         if owner:
             try:
                 self.fetched += 1
-                future.set_result(decode(self.read(uri)))
+                future.set_result(decode(self.read(uri), self.max_pixels))
             except BaseException as error:
                 future.set_exception(error)
         return future.result()

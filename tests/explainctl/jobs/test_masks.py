@@ -37,6 +37,22 @@ def test_anything_else_is_refused_in_one_line():
         decode(_npy(np.zeros((2, 2))))
 
 
+def test_a_small_compressed_file_of_huge_masks_is_refused_before_it_unpacks():
+    import io
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, index=np.arange(1), masks=np.zeros((1, 2000, 2000), np.float32))
+    bomb = buffer.getvalue()
+    assert len(bomb) < 100_000  # 16 MB of zeros, compressed
+    with pytest.raises(ValueError, match="above 1000 values each"):
+        decode(bomb, max_pixels=1000)
+    reader = MaskReader(lambda uri: bomb, max_pixels=1000)
+    record = ItemRecord(index=0, uri="/a.png", item="000000-a", state="done",
+                        mask_file="/out/job/masks/000000000-000000000-0000000-ab.npz")  # fmt: skip
+    with pytest.raises(ValueError):
+        reader.mask(record)
+
+
 def test_the_key_names_the_chunk_as_its_part_does():
     assert chunk_masks_key("J", 16, 31, 1, "ab12") == "J/masks/000000016-000000031-0000001-ab12.npz"
 
