@@ -37,10 +37,11 @@ from PIL import Image, ImageDraw
 from quality import HALF, MORE_SKIMAGE, SIZE, SKIMAGE, load_images, load_model, machine
 from variants import BEFORE, params_only, runner_for
 
+from explainctl.spec.contracts import heatmap_top
 from explainctl.spec.methods import ExplainParams
 from explainctl.spec.results import ItemResult
 from explainctl.spec.trust import NOT_REMOVED_RATIO, UNSTABLE_IOU
-from explainctl_worker.artifact import OVERLAY_PNG, heatmap_top, render
+from explainctl_worker.artifact import OVERLAY_PNG, render
 from explainctl_worker.engine.batch import explain_batch
 from explainctl_worker.engine.slots import jitter_rows
 from explainctl_worker.explain import measures_stability

@@ -171,7 +171,8 @@ def load_model(
             `module:callable` returning an nn.Module, and whatever other spec the CLI's
             `--model` takes.
         weights: a local state-dict file (offline machines), as `--weights`.
-        mean, std: the input normalisation (three numbers each); default ImageNet's.
+        mean, std: the input normalisation (three numbers each); default the model's own
+            (ImageNet's for a model without a configuration of its own).
         labels: class names, a list or a labels file (as `--labels`); default: the
             model's own, where it has them.
         device: `cpu`, `cuda[:N]` or None (CUDA when present).

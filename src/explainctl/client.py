@@ -199,7 +199,8 @@ class Client:
         # The records hold redacted URIs (io.uri.redacted): the inputs are matched on that
         # form, and the chunks recorded but not sent go with the URIs as given, so a
         # presigned input keeps its signature in the message.
-        skipped = list(itertools.islice(iterator, recorded))
+        # Their URIs only: a dataset row's item holds its image's bytes.
+        skipped = [item.uri for item in itertools.islice(iterator, recorded)]
         first_unsent = sent * size
         held = self.store.chunk_items(job_id, first_unsent, recorded)
         if held.tampered:  # not sent: the submission goes on without them
@@ -211,7 +212,7 @@ class Client:
             self.store.chunk_items(job_id, recorded - 1, recorded).items if recorded else []
         )
         if len(skipped) < recorded or any(
-            redacted(skipped[item.index].uri) != item.uri for item in checked
+            redacted(skipped[item.index]) != item.uri for item in checked
         ):
             self.store.release_submitter(job_id)
             raise InvalidInput(
@@ -220,7 +221,7 @@ class Client:
             )
         for number in range(sent, chunks):
             items = [
-                item.model_copy(update={"uri": skipped[item.index].uri})
+                item.model_copy(update={"uri": skipped[item.index]})
                 for item in held.items
                 if number * size <= item.index < (number + 1) * size
             ]

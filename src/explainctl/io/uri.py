@@ -59,7 +59,7 @@ def parse_uri(text: str) -> Location:
     if not isinstance(text, str) or not text.strip():
         raise ItemError("bad-uri", "empty URI")
     if "\x00" in text:
-        raise ItemError("bad-uri", f"URI contains a NUL byte: {one_line(repr(text))}")
+        raise ItemError("bad-uri", f"URI contains a NUL byte: {one_line(repr(redacted(text)))}")
     match = _SCHEME_RE.match(text)
     if match is None:
         return Location("file", None, os.path.abspath(text))
@@ -69,21 +69,23 @@ def parse_uri(text: str) -> Location:
     if scheme == "s3":
         bucket, _, key = rest.partition("/")
         if not bucket:
-            raise ItemError("bad-uri", f"S3 URI without a bucket: {one_line(text)}")
+            raise ItemError("bad-uri", f"S3 URI without a bucket: {one_line(redacted(text))}")
         return Location("s3", bucket, key)
     if scheme == "file":
         parts = urlsplit(text)
         if parts.netloc not in ("", "localhost"):
-            raise ItemError("bad-uri", f"file URI with a remote host: {one_line(text)}")
+            raise ItemError("bad-uri", f"file URI with a remote host: {one_line(redacted(text))}")
         path = unquote(parts.path)
         if not path.startswith("/"):
-            raise ItemError("bad-uri", f"file URI without an absolute path: {one_line(text)}")
+            raise ItemError(
+                "bad-uri", f"file URI without an absolute path: {one_line(redacted(text))}"
+            )
         if "\x00" in path:
-            raise ItemError("bad-uri", f"URI contains a NUL byte: {one_line(repr(text))}")
+            raise ItemError("bad-uri", f"URI contains a NUL byte: {one_line(repr(redacted(text)))}")
         return Location("file", None, os.path.abspath(path))
     if scheme in ("http", "https"):
         if not urlsplit(text).netloc:
-            raise ItemError("bad-uri", f"URL without a host: {one_line(text)}")
+            raise ItemError("bad-uri", f"URL without a host: {one_line(redacted(text))}")
         return Location("http", None, text)
     raise ItemError(
         "unsupported-scheme",
