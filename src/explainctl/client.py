@@ -8,7 +8,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,7 +23,7 @@ from explainctl.jobs import leases
 from explainctl.jobs.manifest import read_manifest, write_job_json, write_manifest
 from explainctl.jobs.queue import make_app, send_items, waiting_chunks, warn_exposure
 from explainctl.jobs.reconcile import reconcile
-from explainctl.jobs.records import derived, item_records
+from explainctl.jobs.records import derived, item_records, own_file
 from explainctl.jobs.signing import SigningKeys
 from explainctl.jobs.store import JobStatus, JobStore, redis_errors
 from explainctl.pages.report import Gallery, build_report
@@ -33,11 +33,13 @@ from explainctl.spec.contracts import (
     FINISHED_JOB_STATES,
     ITEM_NAME,
     REPORT_HTML,
+    STAGED_INPUTS,
     ChunkItem,
     JobInfo,
     JobState,
     ModelSpec,
     image_kind,
+    is_source_id,
     item_name,
     job_key,
 )
@@ -305,7 +307,7 @@ class Client:
                     )
                 else:
                     kind = image_kind(entry.data)
-                    staged = f"inputs/{item_name(index, entry.uri)}.{kind}"
+                    staged = f"{STAGED_INPUTS}/{item_name(index, entry.uri)}.{kind}"
                     media = "application/octet-stream" if kind == "bin" else f"image/{kind}"
                     uploads.append((job_key(info.job_id, staged), entry.data, media))
             items.append(ChunkItem(index=index, uri=entry.uri, target=entry.target,
@@ -463,20 +465,13 @@ class Client:
         # record says: an edit in Redis must not send the auditor's reads elsewhere.
         live = self.store.live(job_id)
         output = self.store.verified_info(job_id).output if live else status.info.output
-        roots = self.settings.allowed_roots or None
-
-        def original(uri: str) -> bytes:
-            # Where the input was is the record's say: read it only as a worker here would
-            # (its roots, its byte cap; never over http), nowhere else.
-            return read_uri(uri, max_bytes=self.settings.max_image_bytes, allowed_roots=roots)
-
         page = build_report(
             summary,
             _Records(self, job_id),
             lambda uri: read_uri(uri, max_bytes=ARTIFACT_MAX_BYTES),
             gallery or Gallery(),
             max_pixels=self.settings.max_pixels,
-            read_original=original,
+            read_original=self._originals(output, job_id),
         ).encode()
         if out:
             with open(out, "wb") as handle:
@@ -487,6 +482,23 @@ class Client:
         except ItemError as error:
             raise ServiceUnavailable(f"cannot write the report: {error.message}") from None
 
+    def _originals(self, output: str, job_id: str) -> Callable[[str], bytes]:
+        """How the auditor's machine reads an item's input image, named by a record: a
+        dataset row's staged image only where it is the job's own; any other input only as
+        a worker here would read it (EXPLAINCTL_ALLOWED_ROOTS, the byte cap, never over
+        http); a row's source id, nothing."""
+        roots = self.settings.allowed_roots or None
+        cap = self.settings.max_image_bytes
+
+        def read(uri: str) -> bytes:
+            if own_file(uri, output, job_id, STAGED_INPUTS) == uri:
+                return read_uri(uri, max_bytes=cap)
+            if is_source_id(uri):
+                raise ItemError("not-found", "a dataset row whose image was not staged")
+            return read_uri(uri, max_bytes=cap, allowed_roots=roots)
+
+        return read
+
     def export_fiftyone(self, job_id: str, dataset: str | None = None, media: str | None = None):
         """Create or extend a FiftyOne dataset (default `explainctl-<job>`) with the job's
         items; images not on this machine are downloaded to `media` (default
@@ -495,11 +507,14 @@ class Client:
 
         check_job_id(job_id)
         status = self.status(job_id)
+        live = self.store.live(job_id)
+        output = self.store.verified_info(job_id).output if live else self._output_of(job_id)
         return fiftyone_dataset.export(
             job_id,
             self.results(job_id),
             dataset or f"explainctl-{job_id}",
             media or str(self.settings.home_dir / "media"),
+            read_original=self._originals(output, job_id),
             heatmap_scale=status.info.params.heatmap_scale,
         )
 

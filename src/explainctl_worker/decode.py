@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from explainctl.config import Settings
-from explainctl.spec.contracts import INPUT_FORMATS
+from explainctl.spec.contracts import INPUT_FORMATS, MAX_JPEG_SCANS, jpeg_scans
 from explainctl.spec.errors import ItemError
 
 ALLOWED_FORMATS: tuple[str, ...] = INPUT_FORMATS
@@ -29,12 +29,6 @@ _WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _BMP_INFO_HEADER_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
 
 _MAX_DETAIL_CHARS = 160
-
-# A progressive JPEG is decoded once per scan over the whole image: a 40 kB file of 3,000
-# scans takes seconds at 1024 × 1024, minutes at the pixel cap. Encoders write about ten;
-# libjpeg's own tools suggest refusing a few hundred.
-MAX_JPEG_SCANS = 100
-_JPEG_SOS = b"\xff\xda"  # in entropy-coded data a 0xff byte is always stuffed: only markers
 
 
 @dataclass(frozen=True)
@@ -116,7 +110,7 @@ def _decode(data: bytes, limits: DecodeLimits) -> Image.Image:
             )
         if img.format == "PNG":
             _verify_png(data)
-        if img.format == "JPEG" and (scans := data.count(_JPEG_SOS)) > MAX_JPEG_SCANS:
+        if img.format == "JPEG" and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
             raise ItemError(
                 "unsupported-format",
                 f"a JPEG of {scans} scans; at most {MAX_JPEG_SCANS} are decoded",

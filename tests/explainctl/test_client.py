@@ -18,7 +18,7 @@ from explainctl.spec.contracts import (
     artifact_key,
     job_key,
 )
-from explainctl.spec.errors import InvalidInput
+from explainctl.spec.errors import InvalidInput, ItemError
 from explainctl.spec.ids import new_job_id
 from explainctl.spec.methods import ExplainParams
 
@@ -108,3 +108,23 @@ def test_a_live_jobs_output_edited_in_redis_is_never_read_or_written(tmp_path, r
         client.cancel(job_id)  # its items are cancelled; no manifest goes elsewhere
     assert store.status(job_id).counts["cancelled"] == 1
     assert not elsewhere.exists() and not (tmp_path / "report.html").exists()
+
+
+def test_originals_are_read_as_a_worker_would_and_staged_rows_only_where_they_are_the_jobs(
+    tmp_path,
+):
+    output = tmp_path / "out"
+    job_id = new_job_id()
+    own = open_storage(str(output)).put(job_key(job_id, "inputs/000000-test-0.png"), b"row")
+    other = open_storage(str(output)).put(job_key(new_job_id(), "inputs/000000-a.png"), b"no")
+    inside, outside = tmp_path / "photos" / "a.png", tmp_path / "private.png"
+    inside.parent.mkdir()
+    inside.write_bytes(b"photo")
+    outside.write_bytes(b"private")
+    settings = Settings.load(env={}, broker_url=os.environ["EXPLAINCTL_TEST_REDIS_URL"],
+                             output=str(output), allowed_roots=(str(inside.parent),))  # fmt: skip
+    read = Client(settings)._originals(str(output), job_id)
+    assert read(own) == b"row" and read(str(inside)) == b"photo"
+    for refused in (other, str(outside), "parquet:/d.parquet#row=0"):
+        with pytest.raises(ItemError):
+            read(refused)

@@ -5,9 +5,11 @@ again updates its samples in place (fields the auditor added, such as FiftyOne's
 mistakenness, stay) and never adds a second copy; several jobs can share one dataset.
 Each sample holds:
 
-    filepath           the image: local inputs where they are; s3:// (and any other
-                       readable) inputs downloaded once to MEDIA/<job>/<item><ext>, since
-                       open-source FiftyOne reads local media only
+    filepath           the image: local inputs where they are; s3:// inputs and dataset
+                       rows' staged images downloaded once to MEDIA/<job>/<item><ext>, since
+                       open-source FiftyOne reads local media only; each read as the
+                       client reads originals (its roots and caps, a staged image only
+                       where it is the job's own)
     explained          fo.Classification of the explained class, confidence p before
     prediction         the model's top-1 class (`predicted_name` where the record has it;
                        else the explained class where that was the top-1)
@@ -23,21 +25,20 @@ fiftyone is imported only here, when an export runs; it does not import torch.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from explainctl.exports.table import batches, row
 from explainctl.io.uri import parse_uri
 from explainctl.jobs.masks import MaskReader
-from explainctl.spec.contracts import heatmap_top
+from explainctl.spec.contracts import heatmap_top, is_source_id
 from explainctl.spec.errors import ExplainctlError, MissingDependency
 from explainctl.spec.results import ItemRecord
 
 KEY_FIELD = "explainctl_key"
 # Samples sent to the database at once.
 BATCH = 256
-IMAGE_MAX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -65,33 +66,40 @@ def key(job_id: str, index: int) -> str:
 
 
 class _Media:
-    """Where each item's image is on this machine, downloading what is not local."""
+    """Where each item's image is on this machine: a local input where it is, anything
+    else (an `s3://` input, a dataset row's staged image) downloaded to `folder`, each read
+    through `read` (the client's reader of originals: its roots and caps)."""
 
-    def __init__(self, folder: Path, job_id: str):
+    def __init__(self, folder: Path, job_id: str, read: Callable[[str], bytes]):
         self.folder = folder / job_id
+        self.read = read
         self.downloaded = 0
         self.missing = 0
 
     def path(self, record: ItemRecord) -> str:
-        location = parse_uri(record.uri)
-        if location.scheme in ("", "file") and Path(location.key).is_file():
-            return str(Path(location.key).resolve())
-        suffix = Path(location.key.split("?", 1)[0]).suffix.lower()[:8]
-        target = self.folder / f"{record.item}{suffix}"
-        if not target.is_file():
-            from explainctl.io.sources import read_uri
-
-            try:
-                data = read_uri(record.uri, max_bytes=IMAGE_MAX_BYTES)
-            except ExplainctlError:
-                self.missing += 1
-                return str(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(target.suffix + ".part")
-            partial.write_bytes(data)
-            partial.replace(target)
-            self.downloaded += 1
+        uri = record.staged or record.uri
+        target = self.folder / f"{record.item}{_suffix(uri)}"
+        try:
+            location = parse_uri(uri) if not is_source_id(uri) else None
+            local = location is not None and location.scheme in ("", "file")
+            if local and Path(location.key).is_file():
+                self.read(uri)  # allowed here, as a worker would read it
+                return str(Path(location.key).resolve())
+            if not target.is_file():
+                data = self.read(uri)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_suffix(target.suffix + ".part")
+                partial.write_bytes(data)
+                partial.replace(target)
+                self.downloaded += 1
+        except ExplainctlError:
+            self.missing += 1
         return str(target)
+
+
+def _suffix(uri: str) -> str:
+    tail = uri.split("?", 1)[0].split("#", 1)[0].rsplit("/", 1)[-1]
+    return Path(tail).suffix.lower()[:8]
 
 
 def _classification(fo, name: str | None, index: int | None, confidence: float | None = None):
@@ -132,6 +140,7 @@ def export(
     records: Iterable[ItemRecord],
     dataset_name: str,
     media: str | os.PathLike,
+    read_original: Callable[[str], bytes],
     heatmap_scale: str = "item",
     masks: MaskReader | None = None,
 ) -> Exported:
@@ -140,7 +149,7 @@ def export(
     fo = _fiftyone()
     masks = masks or MaskReader()
     folder = Path(media).expanduser().resolve()
-    where = _Media(folder, job_id)
+    where = _Media(folder, job_id, read_original)
     if dataset_name in fo.list_datasets():
         dataset = fo.load_dataset(dataset_name)
     else:

@@ -34,6 +34,7 @@ from explainctl.spec.contracts import (
     ARTIFACT_NAMES,
     MASKS,
     PARTS,
+    STAGED_INPUTS,
     artifact_key,
     chunk_masks_key,
     item_name,
@@ -128,13 +129,13 @@ def derived(record: ItemRecord, output: str, job_id: str) -> ItemRecord:
         "uri": redacted(record.uri),
         "item": item,
         "artifacts": artifacts,
-        "staged": _own(record.staged, output, job_id, "inputs"),
-        "mask_file": _own(record.mask_file, output, job_id, MASKS),
+        "staged": own_file(record.staged, output, job_id, STAGED_INPUTS),
+        "mask_file": own_file(record.mask_file, output, job_id, MASKS),
     }
     return record.model_copy(update=update)
 
 
-def _own(uri: str | None, output: str, job_id: str, folder: str) -> str | None:
+def own_file(uri: str | None, output: str, job_id: str, folder: str) -> str | None:
     """`uri` if it names a file of this job's own `folder` (a staged input, a chunk's
     masks), else None: a record may not send a reader anywhere else."""
     if uri is None:

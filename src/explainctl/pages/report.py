@@ -30,12 +30,14 @@ from explainctl.spec.contracts import (
     INPUT_FORMATS,
     ITEM_STATES,
     MASK_PNG,
+    MAX_JPEG_SCANS,
     MAX_PIXELS,
     OVERLAY_PNG,
     PERTURBED_PNG,
     THUMB_PARTS,
     THUMB_SIDE,
     THUMBS_WEBP,
+    jpeg_scans,
 )
 from explainctl.spec.errors import ExplainctlError, InvalidInput
 from explainctl.spec.results import SCORE_FIELDS, ItemRecord, field_views, sort_value
@@ -93,6 +95,8 @@ def _images(
         width, height = image.size
         if width * height > max_pixels:
             raise ValueError(f"{width}x{height} pixels, above the limit of {max_pixels}")
+        if image.format == "JPEG" and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+            raise ValueError(f"a JPEG of {scans} scans, above the limit of {MAX_JPEG_SCANS}")
         top = max(sizes)
         image.draft("RGB", (top * 2, top * 2))  # JPEG decodes at a reduced scale: fast
         full = ImageOps.exif_transpose(image).convert("RGB")

@@ -45,6 +45,17 @@ ARTIFACT_NAMES = frozenset((*ARTIFACT_FILES, MASKS_NPY))
 INPUT_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 ARTIFACT_FORMATS = ("PNG",)
 MAX_PIXELS = 50_000_000  # the default cap on width × height of any image decoded
+# A progressive JPEG is decoded once per scan over the whole image: a 40 kB file of 3,000
+# scans takes seconds at 1024 × 1024, minutes at the pixel cap. Encoders write about ten;
+# libjpeg's own tools suggest refusing a few hundred. Workers and the auditor's pages
+# refuse more than this.
+MAX_JPEG_SCANS = 100
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The scans of an encoded JPEG: its start-of-scan markers (in entropy-coded data a
+    0xff byte is always stuffed, so only markers match)."""
+    return data.count(b"\xff\xda")
 
 
 # On the item scale the heatmap's top colour is the item's strongest deletion, but never a
@@ -293,6 +304,8 @@ PARTS = "parts"
 # int64 and `masks` (N, h, w) float32, row i the mask.npy of item index[i]. Readers of
 # many masks (results --parquet --masks, compare, export) fetch one object per chunk.
 MASKS = "masks"
+# Where a client stages a dataset row's image, under its job (ChunkItem.staged).
+STAGED_INPUTS = "inputs"
 
 
 def chunk_masks_key(job_id: str, low: int, high: int, chunk: int, run: str) -> str:

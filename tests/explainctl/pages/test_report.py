@@ -416,6 +416,12 @@ def test_only_the_formats_workers_write_are_decoded_under_the_pixel_cap():
     assert images["perturbed"] is None  # a BMP where workers write PNG: not opened
     capped = build_report(_status("completed", 1, 0), [record], files.get, max_pixels=899)
     assert not any(_data(capped)["rows"][0]["images"].values())
+    # A progressive JPEG of thousands of scans: refused before its decode, as by workers.
+    from tests.support.hostile import many_scan_jpeg
+
+    files["/o/orig.tif"] = many_scan_jpeg(scans=300, side=32)
+    rows = _data(build_report(_status("completed", 1, 0), [record], files.get))["rows"]
+    assert rows[0]["images"]["original"] is None and rows[0]["images"]["overlay"]
 
 
 # --- with ground truth: right and wrong ---
