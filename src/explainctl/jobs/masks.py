@@ -101,7 +101,7 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> dict[int, np.ndarray]:
         with held:
             indices, masks = held["index"], held["masks"]
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as error:
-        raise ValueError(f"not a chunk masks file ({_line(error)})") from None
+        raise ValueError(f"not a chunk masks file ({error_line(error)})") from None
     if masks.ndim != 3 or indices.shape != (masks.shape[0],) or masks.dtype.kind != "f":
         raise ValueError(f"not a chunk masks file (masks {masks.shape}, index {indices.shape})")
     return {int(i): masks[row] for row, i in enumerate(indices)}
@@ -153,6 +153,7 @@ class MaskReader:
         return future.result()
 
 
-def _line(error: Exception) -> str:
+def error_line(error: Exception) -> str:
+    """An error's first line, for a one-line note (its type where it says nothing)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from explainctl.io.uri import redacted
-from explainctl.jobs.masks import MaskReader, read_mask_file
+from explainctl.jobs.masks import MaskReader, error_line, read_mask_file
 from explainctl.jobs.store import JobStatus
 from explainctl.pages.agreement import mask_agreement
 from explainctl.spec.contracts import MASK_NPY, MAX_PIXELS, OVERLAY_PNG
@@ -330,20 +330,15 @@ def measure(uri: str, a: Side, b: Side, masks: MaskReader) -> Pair:
         try:
             mask = masks.mask(side)
         except (ExplainctlError, OSError, ValueError) as error:
-            return Pair(uri, a, b, note=f"{MASK_NPY} of {name} unreadable: {_line(error)}")
+            return Pair(uri, a, b, note=f"{MASK_NPY} of {name} unreadable: {error_line(error)}")
         if mask is None:
             return Pair(uri, a, b, note=f"no {MASK_NPY} in {name}")
         pair.append(mask)
     try:
         iou, rank = mask_agreement(pair[0], pair[1])
     except ValueError as error:
-        return Pair(uri, a, b, note=_line(error))
+        return Pair(uri, a, b, note=error_line(error))
     return Pair(uri, a, b, iou=iou, rank=rank)
-
-
-def _line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 class Comparison:
